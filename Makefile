@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh clone: `make test` and `make bench`.
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.dpo-fast-installed
+# This CPU machine keeps a CPU build of torch 2.13.0 on disk; a GPU image brings its own torch.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test test-fast bench clean
+
+$(PYTHON):
+	$(PY) -m venv --system-site-packages $(VENV)
+
+# Reuse a torch that already imports (the GPU image's); otherwise install the pinned CPU build.
+$(STAMP): $(PYTHON) setup.py Makefile
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PYTHON) -m pytest tests -q -ra
+
+bench: install
+	$(PYTHON) -m benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

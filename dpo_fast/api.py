@@ -1,0 +1,278 @@
+"""Public functions: validate, drop ignored tokens, dispatch to a path, apply the loss table."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import validation as check
+from .chunked import DEFAULT_MEMORY_BUDGET, ChunkedEngine, PairChunkLoss, plan_pair_chunks
+from .function import TokenLogpsFunction
+from .layout import TokenLayout, build_layout
+from .logits_path import LogitsLogpsFunction
+from .losses import all_pair_local, pair_losses
+from .objective import DPOOutput, LossConfig, batch_loss, dpo_output, pair_terms
+from .rows import KEPT_ONLY, TokenStats, TorchRows, TritonRows, finish_stats, triton_runs_on
+from .transform import LogitTransform
+
+
+# ----------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """'auto' -> 'chunked' where Triton runs, else 'torch'. The fused path is chosen only on request
+    until a GPU measurement (benchmarks/RESULTS.md) shows it ahead."""
+    check.check_impl(impl)
+    if impl == "auto":
+        return "chunked" if triton_runs_on(device) else "torch"
+    if impl in ("chunked", "fused") and not triton_runs_on(device):
+        raise ValueError(f"impl={impl!r} needs Triton on a CUDA device (or TRITON_INTERPRET=1 for CPU tensors); "
+                         f"got a tensor on {device}: use impl='torch' or 'auto'")
+    return impl
+
+
+def make_engine(impl: str, memory_budget: Optional[int]):
+    budget = memory_budget or DEFAULT_MEMORY_BUDGET
+    if impl == "fused":
+        from .fused import FusedEngine
+
+        return FusedEngine()
+    return ChunkedEngine(TritonRows() if impl == "chunked" else TorchRows(), budget)
+
+
+@dataclass
+class _Prepared:
+    layout: TokenLayout
+    hidden: torch.Tensor  # [n, H] kept tokens, grouped by sequence
+    labels: torch.Tensor  # [n]
+    transform: LogitTransform
+    impl: str
+    engine: object
+
+
+def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl, sequence_ids,
+             cu_seqlens, memory_budget, check_finite) -> _Prepared:
+    check.check_hidden_inputs(hidden, weight, labels, bias, sequence_ids, cu_seqlens)
+    check.check_transform(temperature, logit_scale, softcap)
+    check.check_memory_budget(memory_budget)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    impl = resolve_impl(impl, hidden.device)
+    check.check_labels_range(labels, weight.shape[0], ignore_index)
+    if check_finite:
+        check.check_finite(hidden=hidden, weight=weight, bias=bias)
+    layout = build_layout(labels, ignore_index, sequence_ids, cu_seqlens)
+    kept_hidden = hidden.reshape(-1, hidden.shape[-1])[layout.kept_index]
+    transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
+    return _Prepared(layout, kept_hidden, layout.kept_labels.contiguous(), transform, impl,
+                     make_engine(impl, memory_budget))
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _kept_token_outputs(prep: _Prepared, weight, bias) -> TokenStats:
+    """Per-kept-token log-probs (differentiable) and metrics; forward-only when no grad is needed."""
+    if _needs_grad(prep.hidden, weight, bias):
+        logps, entropy, log_sum_sq, mean_logits, is_top1 = TokenLogpsFunction.apply(
+            prep.hidden, weight, bias, prep.labels, prep.engine, prep.transform)
+        return TokenStats(logps, None, entropy, log_sum_sq, mean_logits, is_top1)
+    with torch.no_grad():  # reference model: no saved tensors, no gradient work
+        stats = prep.engine.forward_stats(prep.hidden, weight, bias, prep.labels, prep.transform)
+        return finish_stats(stats, prep.labels, weight.shape[0], KEPT_ONLY)
+
+
+# ----------------------------------------------------------------------------------------
+# from hidden states
+# ----------------------------------------------------------------------------------------
+
+def token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
+                softcap=None, impl="auto", memory_budget=None, check_finite=False) -> torch.Tensor:
+    """Per-token log p(label) from hidden states and the lm_head weight, shaped like ``labels``.
+
+    float32, 0 where ``labels == ignore_index``; differentiable to hidden, weight and bias.
+    """
+    prep = _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl, None, None,
+                    memory_budget, check_finite)
+    return prep.layout.scatter(_kept_token_outputs(prep, weight, bias).logps)
+
+
+def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
+                   softcap=None, impl="auto", average=False, sequence_ids=None, cu_seqlens=None,
+                   memory_budget=None, check_finite=False) -> torch.Tensor:
+    """Sum (``average=True``: mean) of completion-token log-probs per sequence, shape ``[rows]``.
+
+    Under ``torch.no_grad()`` this is the forward-only path for reference-model log-probs.
+    """
+    prep = _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl,
+                    sequence_ids, cu_seqlens, memory_budget, check_finite)
+    sums = prep.layout.sequence_sum(_kept_token_outputs(prep, weight, bias).logps)
+    return sums / prep.layout.lengths.clamp(min=1).to(sums.dtype) if average else sums
+
+
+def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logps=None, beta=0.1,
+             loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.5, discopop_tau=0.05,
+             cpo_alpha=1.0, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0, softcap=None,
+             impl="auto", sequence_ids=None, cu_seqlens=None, memory_budget=None,
+             check_finite=False) -> DPOOutput:
+    """The DPO-family loss straight from hidden states: no ``[N, V]`` logits.
+
+    Sequences are ``[chosen_1..chosen_B, rejected_1..rejected_B]``; ``labels[i]`` is the
+    target of ``hidden[i]`` (already shifted). Reference log-probs of None mean 0
+    (reference-free). Returns the loss (mean over pairs) and detached metrics.
+    """
+    cfg = _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha,
+                       ref_chosen_logps is not None or ref_rejected_logps is not None)
+    prep = _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl,
+                    sequence_ids, cu_seqlens, memory_budget, check_finite)
+    layout = prep.layout
+    check.check_pairs(layout.num_sequences, ref_chosen_logps, ref_rejected_logps, hidden.device)
+    if check_finite:
+        check.check_finite(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+
+    chunks = _whole_pair_chunks(prep, weight, bias, cfg, memory_budget)
+    if chunks is not None:
+        loss, stats = _pair_chunk_route(prep, weight, bias, cfg, chunks, ref_chosen_logps, ref_rejected_logps)
+        out = finish_stats(stats, prep.labels, weight.shape[0], KEPT_ONLY)
+    else:
+        out = _kept_token_outputs(prep, weight, bias)
+        loss = batch_loss(layout.sequence_sum(out.logps), layout.lengths, ref_chosen_logps, ref_rejected_logps, cfg)
+    seq = layout.sequence_sum
+    return dpo_output(loss, seq(out.logps.detach()), layout.lengths, ref_chosen_logps, ref_rejected_logps, cfg,
+                      seq(out.mean_logits), seq(out.is_top1.float()), seq(out.entropy.detach()))
+
+
+def _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha, has_reference):
+    names, weights = check.normalize_loss_types(loss_type, loss_weights)
+    check.check_loss_settings(names, beta, label_smoothing, has_reference, discopop_tau)
+    for name, value in (("gamma", gamma), ("cpo_alpha", cpo_alpha)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+    return LossConfig(names, weights, float(beta), float(label_smoothing), float(gamma), float(discopop_tau),
+                      float(cpo_alpha))
+
+
+def _whole_pair_chunks(prep: _Prepared, weight, bias, cfg: LossConfig, memory_budget):
+    """Chunks of whole pairs for the 6NHV route, or None for the two-pass route.
+
+    Taken when gradients are needed, the path tiles with cuBLAS (chunked or torch), every
+    loss type is pair-local, and whole pairs fit the budget. Several chunks add into
+    grad_weight, which stays exact only for a float32 or frozen weight.
+    """
+    if prep.impl not in ("chunked", "torch") or not _needs_grad(prep.hidden, weight, bias):
+        return None
+    if not all_pair_local(cfg.loss_types):
+        return None
+    lengths = prep.layout.lengths_host
+    pairs = len(lengths) // 2
+    tokens = [lengths[p] + lengths[p + pairs] for p in range(pairs)]
+    chunks = plan_pair_chunks(tokens, weight.shape[0], prep.hidden.element_size(),
+                              memory_budget or DEFAULT_MEMORY_BUDGET)
+    if chunks is None:
+        return None
+    if len(chunks) > 1 and weight.requires_grad and weight.dtype != torch.float32:
+        return None
+    return chunks
+
+
+def _pair_chunk_route(prep: _Prepared, weight, bias, cfg: LossConfig, chunks, ref_chosen, ref_rejected):
+    layout = prep.layout
+    spans = list(layout.sequence_slices())
+    pairs = len(spans) // 2
+    tokens_by_pair = [(spans[p], spans[p + pairs]) for p in range(pairs)]
+    lengths = layout.lengths
+    total_chosen = float(sum(layout.lengths_host[:pairs]))
+
+    def chunk_loss(chunk, chosen, rejected):
+        index = torch.tensor(chunk, device=lengths.device)
+        terms = pair_terms(chosen, rejected, None if ref_chosen is None else ref_chosen[index],
+                           None if ref_rejected is None else ref_rejected[index], lengths[index],
+                           lengths[index + pairs], cfg, total_chosen, pairs)
+        return pair_losses(terms, cfg.loss_types, cfg.loss_weights).sum() / pairs
+
+    return PairChunkLoss.apply(prep.hidden, weight, bias, prep.labels, prep.engine.rows, prep.transform,
+                               tokens_by_pair, chunks, chunk_loss)
+
+
+class DPOLoss(torch.nn.Module):
+    """:func:`dpo_loss` with its settings held by a module."""
+
+    def __init__(self, beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.5,
+                 discopop_tau=0.05, cpo_alpha=1.0, ignore_index=-100, temperature=1.0, logit_scale=1.0,
+                 softcap=None, impl="auto", memory_budget=None, check_finite=False):
+        super().__init__()
+        self.settings = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
+                             label_smoothing=label_smoothing, gamma=gamma, discopop_tau=discopop_tau,
+                             cpo_alpha=cpo_alpha, ignore_index=ignore_index, temperature=temperature,
+                             logit_scale=logit_scale, softcap=softcap, impl=impl, memory_budget=memory_budget,
+                             check_finite=check_finite)
+        # Fail at construction, not at the first batch.
+        _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha, True)
+        check.check_transform(temperature, logit_scale, softcap)
+        check.check_impl(impl)
+
+    def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, bias=None,
+                sequence_ids=None, cu_seqlens=None) -> DPOOutput:
+        return dpo_loss(hidden, weight, labels, ref_chosen_logps=ref_chosen_logps,
+                        ref_rejected_logps=ref_rejected_logps, bias=bias, sequence_ids=sequence_ids,
+                        cu_seqlens=cu_seqlens, **self.settings)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.settings.items() if v is not None)
+
+
+# ----------------------------------------------------------------------------------------
+# from logits a trainer already holds
+# ----------------------------------------------------------------------------------------
+
+def _logits_outputs(logits, labels, ignore_index, temperature, inplace, impl):
+    check.check_logits_inputs(logits, labels)
+    check.check_transform(temperature, 1.0, None)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    impl = resolve_impl(impl, logits.device)
+    if impl == "fused":
+        raise ValueError("impl='fused' works from hidden states; for logits use impl='chunked', 'torch' or 'auto'")
+    check.check_labels_range(labels, logits.shape[-1], ignore_index)
+    rows = TritonRows() if impl == "chunked" else TorchRows()
+    transform = LogitTransform(temperature=float(temperature))
+    outputs = LogitsLogpsFunction.apply(logits, labels, rows, transform, ignore_index, bool(inplace))
+    return [o.view(labels.shape) for o in outputs]
+
+
+def token_logps_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, inplace=False,
+                            impl="auto") -> torch.Tensor:
+    """log_softmax(logits / temperature) gathered at ``labels``: float32, shaped like labels, 0 where ignored.
+
+    ``inplace=True`` lets backward overwrite ``logits`` with its gradient (no second [N, V]
+    buffer); only use it when nothing reads those logits afterwards.
+    """
+    return _logits_outputs(logits, labels, ignore_index, temperature, inplace, impl)[0]
+
+
+def sequence_logps_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, inplace=False,
+                               impl="auto") -> torch.Tensor:
+    """Per-row sums of :func:`token_logps_from_logits` over the last label dim: ``[rows]``."""
+    return token_logps_from_logits(logits, labels, ignore_index=ignore_index, temperature=temperature,
+                                   inplace=inplace, impl=impl).sum(-1)
+
+
+def dpo_loss_from_logits(logits, labels, *, ref_chosen_logps=None, ref_rejected_logps=None, beta=0.1,
+                         loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.5, discopop_tau=0.05,
+                         cpo_alpha=1.0, ignore_index=-100, temperature=1.0, inplace=False, impl="auto") -> DPOOutput:
+    """DPO loss from logits ``[2B, T, V]`` and labels ``[2B, T]`` (chosen rows first)."""
+    cfg = _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha,
+                       ref_chosen_logps is not None or ref_rejected_logps is not None)
+    check.check_logits_inputs(logits, labels)
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [rows, seq] (a sequence per row), got shape {tuple(labels.shape)}")
+    check.check_pairs(labels.shape[0], ref_chosen_logps, ref_rejected_logps, logits.device)
+    logps, entropy, _, mean_logits, is_top1 = _logits_outputs(logits, labels, ignore_index, temperature, inplace,
+                                                              impl)
+    lengths = (labels != ignore_index).sum(-1)
+    sequence = logps.sum(-1)
+    loss = batch_loss(sequence, lengths, ref_chosen_logps, ref_rejected_logps, cfg)
+    return dpo_output(loss, sequence, lengths, ref_chosen_logps, ref_rejected_logps, cfg, mean_logits.sum(-1),
+                      is_top1.float().sum(-1), entropy.sum(-1))

@@ -1,0 +1,188 @@
+"""One table of DPO-family loss formulas on per-sequence log-probs.
+
+Every execution path and the float64 reference call :func:`pair_losses`, so a formula is
+written once. Definitions follow TRL's ``DPOTrainer`` (``ipo`` and ``sigmoid_norm``
+divide by completion length; ``sft`` is the mean NLL over chosen tokens) and its
+``CPOTrainer`` for the reference-free ``simpo`` and ``cpo``.
+
+A formula maps :class:`PairTerms` (tensors of shape ``[pairs]``) to a per-pair loss.
+The batch loss is ``sum_k weight_k * mean_pairs(loss_k)``. ``pair_local`` formulas give
+pair ``p`` a loss that depends on pair ``p`` alone (batch-wide constants such as the
+chosen token count are passed in), which lets the chunked path finish whole pairs
+inside one chunk and compute logits once.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PairTerms:
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    ref_chosen_logps: torch.Tensor
+    ref_rejected_logps: torch.Tensor
+    chosen_lengths: torch.Tensor  # completion tokens per chosen sequence
+    rejected_lengths: torch.Tensor
+    beta: float
+    label_smoothing: float
+    gamma: float  # SimPO target margin
+    discopop_tau: float
+    cpo_alpha: float
+    total_chosen_tokens: float  # over the whole batch, for the token-mean NLL terms
+    num_pairs: int  # over the whole batch
+
+    @property
+    def chosen_logratios(self):
+        return self.chosen_logps - self.ref_chosen_logps
+
+    @property
+    def rejected_logratios(self):
+        return self.rejected_logps - self.ref_rejected_logps
+
+    @property
+    def delta(self):
+        return self.chosen_logratios - self.rejected_logratios
+
+    def chosen_nll_share(self):
+        """Per-pair share of the batch's mean chosen-token NLL (sums to it after mean)."""
+        return -self.chosen_logps * (self.num_pairs / max(self.total_chosen_tokens, 1.0))
+
+
+def _smoothed_logsigmoid(x, eps):
+    """Conservative DPO: -(1 - eps) logsigmoid(x) - eps logsigmoid(-x)."""
+    loss = -F.logsigmoid(x)
+    return loss * (1 - eps) - F.logsigmoid(-x) * eps if eps else loss
+
+
+def _sigmoid(t: PairTerms):
+    return _smoothed_logsigmoid(t.beta * t.delta, t.label_smoothing)
+
+
+def _hinge(t):
+    return torch.relu(1 - t.beta * t.delta)
+
+
+def _ipo(t):
+    delta = t.chosen_logratios / t.chosen_lengths.clamp(min=1) - t.rejected_logratios / t.rejected_lengths.clamp(min=1)
+    return (delta - 1 / (2 * t.beta)) ** 2
+
+
+def _exo_pair(t):
+    eps = t.label_smoothing
+    x = t.beta * t.delta
+    return (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps))
+            + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
+
+
+def _nca_pair(t):
+    chosen, rejected = t.beta * t.chosen_logratios, t.beta * t.rejected_logratios
+    return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
+
+
+def _robust(t):
+    x, eps = t.beta * t.delta, t.label_smoothing
+    return (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
+
+
+def _bco_pair(t):
+    return -F.logsigmoid(t.beta * t.chosen_logratios) - F.logsigmoid(-t.beta * t.rejected_logratios)
+
+
+def _sppo_hard(t):
+    return (t.chosen_logratios - 0.5 / t.beta) ** 2 + (t.rejected_logratios + 0.5 / t.beta) ** 2
+
+
+def _aot(t):
+    policy, _ = torch.sort(t.chosen_logps - t.rejected_logps, dim=0)
+    reference, _ = torch.sort(t.ref_chosen_logps - t.ref_rejected_logps, dim=0)
+    return _smoothed_logsigmoid(t.beta * (policy - reference), t.label_smoothing)
+
+
+def _aot_unpaired(t):
+    chosen, _ = torch.sort(t.chosen_logratios, dim=0)
+    rejected, _ = torch.sort(t.rejected_logratios, dim=0)
+    return _smoothed_logsigmoid(t.beta * (chosen - rejected), t.label_smoothing)
+
+
+def _apo_zero(t):
+    return 1 - torch.sigmoid(t.beta * t.chosen_logratios) + torch.sigmoid(t.beta * t.rejected_logratios)
+
+
+def _apo_down(t):
+    return torch.sigmoid(t.beta * t.chosen_logratios) + 1 - torch.sigmoid(t.beta * t.delta)
+
+
+def _discopop(t):
+    x = t.beta * t.delta
+    mix = torch.sigmoid(x / t.discopop_tau)
+    return -F.logsigmoid(x) * (1 - mix) + torch.exp(-x) * mix
+
+
+def _sft(t):
+    return t.chosen_nll_share()
+
+
+def _sigmoid_norm(t):
+    delta = t.chosen_logratios / t.chosen_lengths.clamp(min=1) - t.rejected_logratios / t.rejected_lengths.clamp(min=1)
+    return -F.logsigmoid(t.beta * delta)
+
+
+def _simpo(t):
+    # Reference-free, length-normalized, with a target margin gamma (Meng et al. 2024).
+    delta = t.chosen_logps / t.chosen_lengths.clamp(min=1) - t.rejected_logps / t.rejected_lengths.clamp(min=1)
+    return _smoothed_logsigmoid(t.beta * delta - t.gamma, t.label_smoothing)
+
+
+def _cpo(t):
+    # Reference-free sigmoid on the policy log-ratio plus cpo_alpha times the chosen NLL.
+    return (_smoothed_logsigmoid(t.beta * (t.chosen_logps - t.rejected_logps), t.label_smoothing)
+            + t.cpo_alpha * t.chosen_nll_share())
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    formula: Callable[[PairTerms], torch.Tensor]
+    needs_reference: bool = False  # meaningless without the reference model's log-probs
+    pair_local: bool = True  # pair p's loss depends on pair p only
+    reference_free: bool = False  # ignores reference log-probs entirely
+
+
+LOSSES: Dict[str, LossSpec] = {
+    "sigmoid": LossSpec(_sigmoid),
+    "hinge": LossSpec(_hinge),
+    "ipo": LossSpec(_ipo),
+    "exo_pair": LossSpec(_exo_pair),
+    "nca_pair": LossSpec(_nca_pair, needs_reference=True),
+    "robust": LossSpec(_robust),
+    "bco_pair": LossSpec(_bco_pair, needs_reference=True),
+    "sppo_hard": LossSpec(_sppo_hard, needs_reference=True),
+    "aot": LossSpec(_aot, needs_reference=True, pair_local=False),
+    "aot_unpaired": LossSpec(_aot_unpaired, pair_local=False),
+    "apo_zero": LossSpec(_apo_zero, needs_reference=True),
+    "apo_down": LossSpec(_apo_down, needs_reference=True),
+    "discopop": LossSpec(_discopop),
+    "sft": LossSpec(_sft),
+    "sigmoid_norm": LossSpec(_sigmoid_norm),
+    "simpo": LossSpec(_simpo, reference_free=True),
+    "cpo": LossSpec(_cpo, reference_free=True),
+}
+
+
+def pair_losses(terms: PairTerms, loss_types, loss_weights) -> torch.Tensor:
+    """Weighted sum over loss types of per-pair losses, shape ``[pairs]``.
+
+    ``pair_losses(...).mean()`` over the whole batch is the training loss.
+    """
+    total = 0.0
+    for name, weight in zip(loss_types, loss_weights):
+        total = total + weight * LOSSES[name].formula(terms)
+    return total
+
+
+def all_pair_local(loss_types) -> bool:
+    return all(LOSSES[name].pair_local for name in loss_types)

@@ -1,0 +1,167 @@
+"""Row work over logits tiles: Triton kernels or their PyTorch twin, and the statistics they fill.
+
+Both backends fold a ``[rows, cols]`` tile of raw logits into the float32 statistics of
+``dpo_fast.kernels.stats_layout`` and write the softmax gradient of a tile (in place when
+``out is tile``). The chunked and logits paths take either backend, so the GEMM tiling
+and the autograd plumbing are written once.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from dpo_fast.kernels.stats_layout import (
+    NUM_STATS, STAT_ARGMAX, STAT_MAX, STAT_SQEXP, STAT_SUMEXP, STAT_TARGET, STAT_ZEXP, STAT_ZSUM,
+)
+from .transform import LogitTransform
+
+try:  # Triton is optional: CPU wheels of some platforms have none.
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised where triton is missing
+    HAS_TRITON = False
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Triton kernels run on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1``."""
+    if not HAS_TRITON:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Ignore index for tensors of kept tokens only: their labels lie in [0, V), never here.
+KEPT_ONLY = -1
+
+
+def init_stats(num_rows: int, device) -> torch.Tensor:
+    stats = torch.zeros(NUM_STATS, num_rows, dtype=torch.float32, device=device)
+    stats[STAT_MAX] = float("-inf")
+    return stats
+
+
+@dataclass
+class TokenStats:
+    """Per-token results finished from the statistics (all float32 but ``is_top1``)."""
+
+    logps: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor
+    log_sum_sq_probs: torch.Tensor
+    mean_logits: torch.Tensor
+    is_top1: torch.Tensor
+
+    def index(self, idx) -> "TokenStats":
+        return TokenStats(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+
+def finish_stats(stats: torch.Tensor, labels: torch.Tensor, vocab_size: int, ignore_index: int) -> TokenStats:
+    """Turn folded statistics into log-probs and metrics; ignored rows give zeros."""
+    active = labels != ignore_index
+    sum_exp = stats[STAT_SUMEXP]
+    lse = stats[STAT_MAX] + torch.log(sum_exp)
+    with torch.no_grad():
+        safe_sum = torch.where(sum_exp > 0, sum_exp, torch.ones_like(sum_exp))
+        entropy = lse - stats[STAT_ZEXP] / safe_sum
+        log_sum_sq = torch.log(stats[STAT_SQEXP]) - 2 * torch.log(sum_exp)
+    zero = torch.zeros_like(lse)
+    return TokenStats(
+        logps=torch.where(active, stats[STAT_TARGET] - lse, zero),
+        lse=lse,
+        entropy=torch.where(active, entropy, zero),
+        log_sum_sq_probs=torch.where(active, log_sum_sq, zero),
+        mean_logits=torch.where(active, stats[STAT_ZSUM] / vocab_size, zero),
+        is_top1=active & (stats[STAT_ARGMAX] == labels.to(torch.float32)),
+    )
+
+
+class TritonRows:
+    """Row work through ``dpo_fast.kernels.logsoftmax_gather``."""
+
+    name = "triton"
+
+    def stats(self, tile, labels, stats, *, vocab_start, ignore_index, transform: LogitTransform):
+        from dpo_fast.kernels import logsoftmax_gather
+
+        logsoftmax_gather.row_stats(tile, labels, stats, vocab_start=vocab_start, ignore_index=ignore_index,
+                                    **transform.kernel_args())
+
+    def grad(self, tile, labels, lse, grad_logp, out, *, vocab_start, ignore_index, transform: LogitTransform,
+             entropy=None, grad_entropy=None):
+        from dpo_fast.kernels import logsoftmax_gather
+
+        logsoftmax_gather.row_grad(tile, labels, lse, grad_logp, out, vocab_start=vocab_start,
+                                   ignore_index=ignore_index, entropy=entropy, grad_entropy=grad_entropy,
+                                   **transform.kernel_args())
+
+
+class TorchRows:
+    """The same row work in PyTorch, a slab of rows at a time so float32 copies stay bounded."""
+
+    name = "torch"
+
+    def __init__(self, slab_elements: int = 1 << 22):
+        self.slab_elements = slab_elements
+
+    def _slabs(self, rows: int, cols: int):
+        step = max(1, self.slab_elements // max(cols, 1))
+        for start in range(0, rows, step):
+            yield start, min(rows, start + step)
+
+    def stats(self, tile, labels, stats, *, vocab_start, ignore_index, transform: LogitTransform):
+        rows, cols = tile.shape
+        for r0, r1 in self._slabs(rows, cols):
+            z = transform.apply(tile[r0:r1].float())
+            active = labels[r0:r1] != ignore_index
+            st = stats[:, r0:r1]
+            old_max = st[STAT_MAX]
+            block_arg = z.argmax(dim=1)  # first maximum, like the kernel
+            block_max = z.gather(1, block_arg[:, None]).squeeze(1)
+            new_max = torch.maximum(old_max, block_max)
+            shift = torch.where(new_max == float("-inf"), torch.zeros_like(new_max), new_max)
+            rescale = torch.exp(old_max - shift)
+            e = torch.exp(z - shift[:, None])
+            local = labels[r0:r1] - vocab_start
+            has_target = (local >= 0) & (local < cols)
+            target = z.gather(1, local.clamp(0, cols - 1)[:, None]).squeeze(1)
+            updated = torch.stack([
+                new_max,
+                st[STAT_SUMEXP] * rescale + e.sum(1),
+                st[STAT_ZEXP] * rescale + (e * torch.where(e > 0, z, torch.zeros_like(z))).sum(1),
+                st[STAT_SQEXP] * rescale * rescale + (e * e).sum(1),
+                st[STAT_ZSUM] + z.sum(1),
+                torch.where(block_max > old_max, (block_arg + vocab_start).float(), st[STAT_ARGMAX]),
+                torch.where(has_target, target, st[STAT_TARGET]),
+            ])
+            st.copy_(torch.where(active, updated, st))
+
+    def grad(self, tile, labels, lse, grad_logp, out, *, vocab_start, ignore_index, transform: LogitTransform,
+             entropy=None, grad_entropy=None):
+        rows, cols = tile.shape
+        for r0, r1 in self._slabs(rows, cols):
+            z, dz = transform.apply_with_derivative(tile[r0:r1].float())
+            row_lse = lse[r0:r1]
+            ignored = (labels[r0:r1] == ignore_index) | (row_lse == float("-inf"))
+            row_lse = torch.where(ignored, torch.zeros_like(row_lse), row_lse)[:, None]
+            p = torch.exp(z - row_lse)
+            local = (labels[r0:r1] - vocab_start)[:, None]
+            onehot = (torch.arange(cols, device=tile.device)[None, :] == local).float()
+            g = torch.where(ignored, torch.zeros_like(row_lse[:, 0]), grad_logp[r0:r1])[:, None]
+            grad = g * (onehot - p)
+            if grad_entropy is not None:
+                ge = torch.where(ignored, torch.zeros_like(g[:, 0]), grad_entropy[r0:r1])[:, None]
+                h = entropy[r0:r1][:, None]
+                grad = grad - torch.where(p > 0, ge * p * (z - row_lse + h), torch.zeros_like(p))
+            grad = torch.where(ignored[:, None], torch.zeros_like(grad), grad * dz)
+            out[r0:r1] = grad.to(out.dtype)
+
+
+def rows_for(device: torch.device, backend: Optional[str] = None):
+    """``backend`` 'triton' or 'torch'; None picks Triton wherever it can run."""
+    if backend == "torch" or (backend is None and not triton_runs_on(device)):
+        return TorchRows()
+    return TritonRows()

@@ -1,0 +1,45 @@
+"""Logit post-processing shared by every path: scale, then softcap, then temperature.
+
+This is the order Hugging Face models apply (Cohere's ``logit_scale``, Gemma-2's
+``final_logit_softcapping``), followed by the trainer's sampling temperature. The
+Triton kernels carry the same three numbers into registers (``kernels/``).
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    scale: float = 1.0
+    softcap: Optional[float] = None
+    temperature: float = 1.0
+
+    @property
+    def inv_temperature(self) -> float:
+        return 1.0 / self.temperature
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None and self.temperature == 1.0
+
+    def kernel_args(self) -> dict:
+        """Keyword arguments for the row kernels in ``dpo_fast.kernels``."""
+        return dict(scale=self.scale, softcap=self.softcap, inv_temperature=self.inv_temperature)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """z = softcap * tanh(logits * scale / softcap) / temperature, differentiable."""
+        z = logits * self.scale if self.scale != 1.0 else logits
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z / self.temperature if self.temperature != 1.0 else z
+
+    def apply_with_derivative(self, logits: torch.Tensor):
+        """(z, dz/dlogits) elementwise, for hand-written backward passes."""
+        u = logits * self.scale
+        if self.softcap is not None:
+            t = torch.tanh(u / self.softcap)
+            return self.softcap * t / self.temperature, self.scale * (1 - t * t) / self.temperature
+        return u / self.temperature, torch.full_like(u, self.scale / self.temperature)

@@ -1,0 +1,206 @@
+"""Argument checks for every public entry point, in one place.
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong
+shape or value) naming the argument and what was expected, before any kernel runs.
+"""
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .losses import LOSSES
+
+IMPLS = ("auto", "chunked", "fused", "torch")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _float_tensor(name, x):
+    _tensor(name, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got dtype {x.dtype}")
+
+
+def _int_labels(name, labels):
+    _tensor(name, labels)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"{name} must be an integer tensor of token ids, got dtype {labels.dtype}")
+
+
+def _positive_finite(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def _same_device(**tensors):
+    named = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}: "
+                             f"all tensors must be on one device")
+
+
+def check_transform(temperature, logit_scale, softcap):
+    _positive_finite("temperature", temperature)
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale):
+        raise TypeError(f"logit_scale must be a finite number, got {logit_scale!r}")
+    if logit_scale == 0:
+        raise ValueError("logit_scale must be non-zero (every logit would be 0)")
+    if softcap is not None:
+        _positive_finite("softcap", softcap)
+
+
+def check_impl(impl):
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def check_labels_range(labels, vocab_size, ignore_index):
+    if labels.numel() == 0:
+        return
+    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if bool(bad.any()):
+        value = labels[bad].reshape(-1)[0].item()
+        raise ValueError(f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+                         f"found {value}")
+
+
+def check_hidden_inputs(hidden, weight, labels, bias=None, sequence_ids=None, cu_seqlens=None):
+    """hidden [R, T, H] with labels [R, T], or hidden [N, H] with labels [N]; weight [V, H]."""
+    _float_tensor("hidden", hidden)
+    _float_tensor("weight", weight)
+    _int_labels("labels", labels)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [vocab, hidden], got shape {tuple(weight.shape)}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [rows, seq, hidden] or [tokens, hidden], got shape {tuple(hidden.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden's last dim ({hidden.shape[-1]}) must equal weight.shape[1] ({weight.shape[1]})")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without its last dim), "
+                         f"got {tuple(labels.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    if bias is not None:
+        _float_tensor("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias ({bias.dtype}) must have weight's dtype ({weight.dtype})")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row")
+    _same_device(hidden=hidden, weight=weight, labels=labels, bias=bias, sequence_ids=sequence_ids,
+                 cu_seqlens=cu_seqlens)
+    check_packing(labels, sequence_ids, cu_seqlens)
+
+
+def check_packing(labels, sequence_ids, cu_seqlens):
+    if sequence_ids is not None and cu_seqlens is not None:
+        raise ValueError("pass sequence_ids or cu_seqlens, not both")
+    if labels.dim() == 2 and (sequence_ids is not None or cu_seqlens is not None):
+        raise ValueError("sequence_ids/cu_seqlens are for packed 1-D labels; labels [rows, seq] already "
+                         "give one sequence per row")
+    if sequence_ids is not None:
+        _int_labels("sequence_ids", sequence_ids)
+        if tuple(sequence_ids.shape) != tuple(labels.shape):
+            raise ValueError(f"sequence_ids must have labels' shape {tuple(labels.shape)}, "
+                             f"got {tuple(sequence_ids.shape)}")
+        if sequence_ids.numel() and int(sequence_ids.min()) < 0:
+            raise ValueError("sequence_ids must be >= 0")
+    if cu_seqlens is not None:
+        _int_labels("cu_seqlens", cu_seqlens)
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != labels.numel():
+            raise ValueError(f"cu_seqlens must start at 0 and end at the token count {labels.numel()}, "
+                             f"got {int(cu_seqlens[0])}..{int(cu_seqlens[-1])}")
+        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+
+
+def check_logits_inputs(logits, labels):
+    _float_tensor("logits", logits)
+    _int_labels("labels", labels)
+    if logits.dim() < 1:
+        raise ValueError("logits must have a vocabulary dimension [..., V]")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} (logits without the vocab dim), "
+                         f"got {tuple(labels.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a non-empty vocabulary dimension")
+    _same_device(logits=logits, labels=labels)
+
+
+def normalize_loss_types(loss_type, loss_weights):
+    """``loss_type`` str or list; ``loss_weights`` None or a list of the same length."""
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type) if isinstance(loss_type, (list, tuple)) else None
+    if not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"loss_type must be a name or a non-empty list of names, got {loss_type!r}")
+    for name in names:
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss_type {name!r}; expected one of {sorted(LOSSES)}")
+    if loss_weights is None:
+        weights = [1.0] * len(names)
+    else:
+        if not isinstance(loss_weights, (list, tuple)) or len(loss_weights) != len(names):
+            raise ValueError(f"loss_weights must be a list with one weight per loss_type ({len(names)}), "
+                             f"got {loss_weights!r}")
+        weights = [float(w) for w in loss_weights]
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"loss_weights must be finite, got {loss_weights!r}")
+    return names, weights
+
+
+def check_loss_settings(loss_types: Sequence[str], beta, label_smoothing, has_reference: bool, discopop_tau=0.05):
+    _positive_finite("beta", beta)
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+            or not (0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+    _positive_finite("discopop_tau", discopop_tau)
+    if "robust" in loss_types and label_smoothing >= 0.5:
+        raise ValueError(f"label_smoothing must be < 0.5 for loss_type 'robust', got {label_smoothing}")
+    if "exo_pair" in loss_types and label_smoothing <= 0:
+        raise ValueError("loss_type 'exo_pair' needs label_smoothing in (0, 1) (e.g. 1e-3)")
+    if not has_reference:
+        needing = [n for n in loss_types if LOSSES[n].needs_reference]
+        if needing:
+            raise ValueError(f"loss_type {needing} needs ref_chosen_logps and ref_rejected_logps "
+                             f"(log-probs of the reference model)")
+
+
+def check_pairs(num_sequences: int, ref_chosen_logps, ref_rejected_logps, device):
+    if num_sequences == 0 or num_sequences % 2:
+        raise ValueError(f"a paired loss needs an even, non-zero number of sequences "
+                         f"[chosen_1..chosen_B, rejected_1..rejected_B]; got {num_sequences}")
+    pairs = num_sequences // 2
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
+    for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if ref is None:
+            continue
+        _float_tensor(name, ref)
+        if tuple(ref.shape) != (pairs,):
+            raise ValueError(f"{name} must have shape ({pairs},) (one per pair), got {tuple(ref.shape)}")
+        if ref.device != device:
+            raise ValueError(f"{name} is on {ref.device} but hidden is on {device}")
+
+
+def check_finite(**tensors):
+    for name, t in tensors.items():
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
+
+
+def check_memory_budget(memory_budget: Optional[int]):
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget <= 0):
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")

@@ -1,0 +1,35 @@
+"""Test set-up: without a GPU, Triton kernels run through its interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here, at
+collection time, ahead of every test module.
+"""
+
+import os
+import shutil
+
+if not shutil.which("nvidia-smi") and os.environ.get("TRITON_INTERPRET") is None:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    # Fresh random inputs every run, reproducible from the printed seed when a test fails.
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    yield seed
+
+
+def pytest_report_header(config):
+    return f"dpo-fast tests on {DEVICE} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"
