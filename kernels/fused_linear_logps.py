@@ -1,0 +1,514 @@
+"""Fully fused linear + log-softmax kernels: logits live only in registers.
+
+Each program computes ``tl.dot`` tiles of ``hidden[BLOCK_N, H] @ weight[BLOCK_V, H]^T``
+(float32 accumulation over ``BLOCK_K`` slices of H), adds the bias, post-processes the
+tile in registers exactly like the row kernels (``logsoftmax_gather._post_process``) and
+uses it at once. No logits tile, softmax or logits gradient is ever written to memory.
+
+- Forward (2NHV): grid over (token blocks, vocabulary splits). A program walks its
+  split's vocabulary tiles and folds them into the per-token statistics of
+  ``stats_layout`` (online log-sum-exp, first-max argmax, target logit). Splits write
+  ``partial[split, stat, token]``; a small kernel merges them in split order.
+- Backward: two kernels, each recomputing the logits it needs (2NHV each) and forming
+  ``d loss / d raw logit`` in registers:
+  * ``grad_hidden``: grid over (token blocks, vocabulary splits); a program loops over
+    its vocabulary tiles and adds ``dz @ W`` into its own float32 rows of grad_hidden.
+  * ``grad_weight`` / ``grad_bias``: grid over vocabulary blocks; a program loops over
+    all tokens and adds ``dz^T @ h`` into its own float32 rows of grad_weight.
+  Backward with both gradients costs 8NHV (4 of them recompute), 4NHV for a frozen head.
+
+Determinism: every float32 accumulator has exactly one owning program, which updates it
+in a fixed loop order; split partials are reduced in split order. No atomics or locks,
+so two runs with the same tile configuration give identical bits. (Autotuning picks the
+configuration per shape; set ``DPO_FAST_FUSED_AUTOTUNE=0`` to pin the first one across
+processes.)
+
+Offsets that scale with N*V, N*H or V*H are computed in int64.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import stats_layout
+from .logsoftmax_gather import _post_process
+
+STAT_MAX = tl.constexpr(stats_layout.STAT_MAX)
+STAT_SUMEXP = tl.constexpr(stats_layout.STAT_SUMEXP)
+STAT_ZEXP = tl.constexpr(stats_layout.STAT_ZEXP)
+STAT_SQEXP = tl.constexpr(stats_layout.STAT_SQEXP)
+STAT_ZSUM = tl.constexpr(stats_layout.STAT_ZSUM)
+STAT_ARGMAX = tl.constexpr(stats_layout.STAT_ARGMAX)
+STAT_TARGET = tl.constexpr(stats_layout.STAT_TARGET)
+NUM_STATS = stats_layout.NUM_STATS
+NUM_STATS_C = tl.constexpr(NUM_STATS)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter's tl.dot multiplies the raw bits of 16-bit floats: it gets float32 operands.
+UPCAST_DOT_OPERANDS = tl.constexpr(INTERPRETED)
+
+
+# ----------------------------------------------------------------------------------------
+# tile configurations
+# ----------------------------------------------------------------------------------------
+
+def _config(block_n, block_v, block_k, warps, stages):
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_K": block_k},
+                         num_warps=warps, num_stages=stages)
+
+
+def _configs(gpu_configs):
+    # The interpreter runs programs one by one in numpy: one small tile, no benchmarking.
+    if INTERPRETED:
+        return [_config(32, 64, 32, 1, 1)]
+    if os.environ.get("DPO_FAST_FUSED_AUTOTUNE", "1") == "0":
+        return gpu_configs[:1]
+    return gpu_configs
+
+
+# (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages); the first entry is the pinned default.
+# Shared memory per stage is (BLOCK_N + BLOCK_V) * BLOCK_K * element size: configs that do
+# not fit for float32 inputs are dropped by the autotuner as out of resources.
+_TOKEN_MAJOR = [  # forward and grad_hidden: programs own token rows
+    _config(128, 128, 64, 8, 3),
+    _config(64, 128, 64, 4, 3),
+    _config(128, 256, 64, 8, 3),
+    _config(64, 256, 64, 8, 3),
+    _config(128, 128, 32, 4, 4),
+    _config(64, 64, 64, 4, 3),
+    _config(32, 128, 64, 4, 3),
+]
+_VOCAB_MAJOR = [  # grad_weight: programs own vocabulary rows
+    _config(128, 128, 64, 8, 3),
+    _config(128, 64, 64, 4, 3),
+    _config(256, 128, 64, 8, 3),
+    _config(64, 128, 64, 4, 4),
+    _config(128, 128, 32, 4, 4),
+    _config(64, 64, 64, 4, 3),
+]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles far wider than the problem (a 128-token tile for 20 tokens wastes 84%)."""
+    hidden = named_args["H"]
+    tokens = named_args["n_bucket"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(hidden))
+            and c.kwargs["BLOCK_N"] <= max(32, tokens)]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"])]
+
+
+def _token_bucket(n: int) -> int:
+    """Autotune key for the token count: powers of two up to 2^16."""
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
+
+
+# ----------------------------------------------------------------------------------------
+# shared tile math
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _operand(x):
+    # float64 inputs are multiplied in float32 (tl.dot has no float64 path with a float32 accumulator).
+    # Under the interpreter 16-bit values are widened exactly, so products stay those of the GPU.
+    if (x.dtype == tl.float64) or UPCAST_DOT_OPERANDS:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _logits_tile(h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, rows, row_ok, cols, col_ok, H,
+                 HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Raw logits s[rows, cols] = hidden[rows] . weight[cols] (+ bias), float32, never stored."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    h_rows = h_ptr + rows[:, None] * stride_hn
+    w_cols = w_ptr + cols[None, :] * stride_wv
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        a = tl.load(h_rows + ks[None, :] * stride_hk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(_operand(a), _operand(b), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _row_inputs(labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr, grad_entropy_ptr, rows, row_ok,
+                HAS_ENTROPY_GRAD: tl.constexpr):
+    """Per-token backward inputs; rows outside the batch or without a distribution get g = 0."""
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    dead = (~row_ok) | (lse == float("-inf"))
+    g = tl.where(dead, 0.0, tl.load(grad_logp_ptr + rows, mask=row_ok, other=0.0))
+    lse = tl.where(dead, 0.0, lse)
+    g_entropy = g * 0.0
+    entropy = g * 0.0
+    if HAS_ENTROPY_GRAD:
+        g_entropy = tl.where(dead, 0.0, tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0))
+        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
+    return label, lse, g, entropy, g_entropy
+
+
+@triton.jit
+def _logits_grad(s, cols, col_ok, row_ok, label, lse, g, entropy, g_entropy, scale, softcap, inv_temperature,
+                 HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr):
+    """(d loss / d raw logit, d loss / d z) of a tile, float32, zero outside the batch and vocabulary.
+
+    d log p_label / dz = onehot - p;  d entropy / dz = -p (z - lse + entropy).
+    """
+    z, dz_ds = _post_process(s, scale, softcap, inv_temperature, HAS_SOFTCAP)
+    p = tl.exp(z - lse[:, None])
+    onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
+    grad_z = g[:, None] * (onehot - p)
+    if HAS_ENTROPY_GRAD:
+        grad_z -= tl.where(p > 0, g_entropy[:, None] * p * (z - lse[:, None] + entropy[:, None]), 0.0)
+    grad_z = tl.where(row_ok[:, None] & col_ok[None, :], grad_z, 0.0)
+    return grad_z * dz_ds, grad_z
+
+
+@triton.jit
+def _split_range(split, V, num_splits, BLOCK_V: tl.constexpr):
+    """Whole BLOCK_V tiles per split so no tile straddles two splits; trailing splits may be empty."""
+    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), num_splits)
+    v_begin = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
+    return v_begin, v_end
+
+
+# ----------------------------------------------------------------------------------------
+# forward: per-token statistics
+# ----------------------------------------------------------------------------------------
+
+@triton.autotune(configs=_configs(_TOKEN_MAJOR), key=["H", "V", "n_bucket"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _forward_kernel(
+    h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, labels_ptr, partial_ptr,
+    n, V, H, num_splits, n_bucket, scale, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    split = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    sum_exp = tl.zeros((BLOCK_N,), tl.float32)
+    z_exp = tl.zeros((BLOCK_N,), tl.float32)
+    sq_exp = tl.zeros((BLOCK_N,), tl.float32)
+    z_sum = tl.zeros((BLOCK_N,), tl.float32)
+    arg = tl.zeros((BLOCK_N,), tl.float32)
+    target = tl.zeros((BLOCK_N,), tl.float32)
+    v_begin, v_end = _split_range(split, V, num_splits, BLOCK_V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_ok = cols < v_end
+        s = _logits_tile(h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, rows, row_ok, cols,
+                         col_ok, H, HAS_BIAS, BLOCK_K, BLOCK_N, BLOCK_V, DOT_PRECISION)
+        z, _ = _post_process(s, scale, softcap, inv_temperature, HAS_SOFTCAP)
+        # The label lies in exactly one tile of one split: the other tiles add exact zeros.
+        target += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
+        z_sum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        tile_max = tl.max(z, axis=1)
+        # Tiles come in vocabulary order and only a strictly larger max moves the argmax:
+        # the first maximum wins, as in torch.argmax.
+        tile_arg = tl.argmax(z, axis=1).to(tl.float32) + v0
+        arg = tl.where(tile_max > m, tile_arg, arg)
+        new_m = tl.maximum(m, tile_max)
+        shift = tl.where(new_m == float("-inf"), 0.0, new_m)
+        rescale = tl.exp(m - shift)
+        e = tl.exp(z - shift[:, None])
+        sum_exp = sum_exp * rescale + tl.sum(e, axis=1)
+        z_exp = z_exp * rescale + tl.sum(e * tl.where(e > 0, z, 0.0), axis=1)
+        sq_exp = sq_exp * rescale * rescale + tl.sum(e * e, axis=1)
+        m = new_m
+    out = partial_ptr + split.to(tl.int64) * NUM_STATS_C * n + rows
+    tl.store(out + STAT_MAX * n, m, mask=row_ok)
+    tl.store(out + STAT_SUMEXP * n, sum_exp, mask=row_ok)
+    tl.store(out + STAT_ZEXP * n, z_exp, mask=row_ok)
+    tl.store(out + STAT_SQEXP * n, sq_exp, mask=row_ok)
+    tl.store(out + STAT_ZSUM * n, z_sum, mask=row_ok)
+    tl.store(out + STAT_ARGMAX * n, arg, mask=row_ok)
+    tl.store(out + STAT_TARGET * n, target, mask=row_ok)
+
+
+
+@triton.jit
+def _merge_splits_kernel(partial_ptr, stats_ptr, n, num_splits, BLOCK: tl.constexpr):
+    """stats[:, rows] = fold of partial[0..num_splits-1, :, rows], in split order."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    sum_exp = tl.zeros((BLOCK,), tl.float32)
+    z_exp = tl.zeros((BLOCK,), tl.float32)
+    sq_exp = tl.zeros((BLOCK,), tl.float32)
+    z_sum = tl.zeros((BLOCK,), tl.float32)
+    arg = tl.zeros((BLOCK,), tl.float32)
+    target = tl.zeros((BLOCK,), tl.float32)
+    part = partial_ptr + rows
+    for _split in range(0, num_splits):
+        part_m = tl.load(part + STAT_MAX * n, mask=row_ok, other=float("-inf"))
+        new_m = tl.maximum(m, part_m)
+        shift = tl.where(new_m == float("-inf"), 0.0, new_m)
+        rescale = tl.exp(m - shift)
+        part_rescale = tl.exp(part_m - shift)
+        sum_exp = sum_exp * rescale + tl.load(part + STAT_SUMEXP * n, mask=row_ok, other=0.0) * part_rescale
+        z_exp = z_exp * rescale + tl.load(part + STAT_ZEXP * n, mask=row_ok, other=0.0) * part_rescale
+        sq_exp = (sq_exp * rescale * rescale
+                  + tl.load(part + STAT_SQEXP * n, mask=row_ok, other=0.0) * part_rescale * part_rescale)
+        z_sum += tl.load(part + STAT_ZSUM * n, mask=row_ok, other=0.0)
+        # Splits cover increasing vocabulary ranges: a tie keeps the earlier split's index.
+        arg = tl.where(part_m > m, tl.load(part + STAT_ARGMAX * n, mask=row_ok, other=0.0), arg)
+        target += tl.load(part + STAT_TARGET * n, mask=row_ok, other=0.0)
+        m = new_m
+        part += NUM_STATS_C * n
+    tl.store(stats_ptr + STAT_MAX * n + rows, m, mask=row_ok)
+    tl.store(stats_ptr + STAT_SUMEXP * n + rows, sum_exp, mask=row_ok)
+    tl.store(stats_ptr + STAT_ZEXP * n + rows, z_exp, mask=row_ok)
+    tl.store(stats_ptr + STAT_SQEXP * n + rows, sq_exp, mask=row_ok)
+    tl.store(stats_ptr + STAT_ZSUM * n + rows, z_sum, mask=row_ok)
+    tl.store(stats_ptr + STAT_ARGMAX * n + rows, arg, mask=row_ok)
+    tl.store(stats_ptr + STAT_TARGET * n + rows, target, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------
+
+@triton.autotune(configs=_configs(_TOKEN_MAJOR), key=["H", "V", "n_bucket"],
+                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["dh_ptr"])
+@triton.jit
+def _grad_hidden_kernel(
+    h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr,
+    labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr, grad_entropy_ptr, dh_ptr,
+    n, V, H, num_splits, n_bucket, scale, softcap, inv_temperature, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, FILTER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dh[split, rows, :] += sum over the split's vocabulary of dz[rows, v] * W[v, :] (float32)."""
+    split = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n
+    label, lse, g, entropy, g_entropy = _row_inputs(labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr,
+                                                    grad_entropy_ptr, rows, row_ok, HAS_ENTROPY_GRAD)
+    dh_rows = dh_ptr + split.to(tl.int64) * n * H + rows[:, None] * H
+    v_begin, v_end = _split_range(split, V, num_splits, BLOCK_V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_ok = cols < v_end
+        s = _logits_tile(h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, rows, row_ok, cols,
+                         col_ok, H, HAS_BIAS, BLOCK_K, BLOCK_N, BLOCK_V, DOT_PRECISION)
+        grad_s, grad_z = _logits_grad(s, cols, col_ok, row_ok, label, lse, g, entropy, g_entropy, scale, softcap,
+                                      inv_temperature, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
+        useful = True
+        if FILTER:
+            useful = tl.max(tl.max(tl.abs(grad_z), axis=1), axis=0) >= filter_eps
+        if useful:
+            # dz is rounded to the weight dtype, as the chunked path's in-place tile is.
+            dz = _operand(grad_s.to(w_ptr.dtype.element_ty))
+            w_rows = w_ptr + cols[:, None] * stride_wv
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < H
+                w = _operand(tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :],
+                                     other=0.0))
+                out = dh_rows + ks[None, :]
+                out_ok = row_ok[:, None] & k_ok[None, :]
+                acc = tl.load(out, mask=out_ok, other=0.0)
+                acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+                tl.store(out, acc, mask=out_ok)
+        # The next tile re-reads these rows, possibly from other threads of this program.
+        tl.debug_barrier()
+
+
+@triton.autotune(configs=_configs(_VOCAB_MAJOR), key=["H", "V", "n_bucket"],
+                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["dw_ptr", "db_ptr"])
+@triton.jit
+def _grad_weight_kernel(
+    h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr,
+    labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr, grad_entropy_ptr, dw_ptr, db_ptr,
+    n, V, H, v_start, v_end, n_bucket, scale, softcap, inv_temperature, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, FILTER: tl.constexpr,
+    NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """For vocabulary rows in [v_start, v_end): dw[v - v_start, :] += sum over tokens of dz[t, v] h[t, :]
+    and db[v] = sum over tokens of dz[t, v] (both float32)."""
+    cols = v_start + tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < v_end
+    dw_rows = dw_ptr + (cols - v_start)[:, None] * H
+    db = tl.zeros((BLOCK_V,), tl.float32)
+    for t0 in range(0, n, BLOCK_N):
+        rows = t0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_ok = rows < n
+        label, lse, g, entropy, g_entropy = _row_inputs(labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr,
+                                                        grad_entropy_ptr, rows, row_ok, HAS_ENTROPY_GRAD)
+        s = _logits_tile(h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, rows, row_ok, cols,
+                         col_ok, H, HAS_BIAS, BLOCK_K, BLOCK_N, BLOCK_V, DOT_PRECISION)
+        grad_s, grad_z = _logits_grad(s, cols, col_ok, row_ok, label, lse, g, entropy, g_entropy, scale, softcap,
+                                      inv_temperature, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
+        useful = True
+        if FILTER:
+            useful = tl.max(tl.max(tl.abs(grad_z), axis=1), axis=0) >= filter_eps
+        if useful:
+            if NEED_BIAS:
+                db += tl.sum(grad_s, axis=0)
+            if NEED_WEIGHT:
+                dz_t = _operand(tl.trans(grad_s).to(h_ptr.dtype.element_ty))
+                h_rows = h_ptr + rows[:, None] * stride_hn
+                for k0 in range(0, H, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = ks < H
+                    h = _operand(tl.load(h_rows + ks[None, :] * stride_hk, mask=row_ok[:, None] & k_ok[None, :],
+                                         other=0.0))
+                    out = dw_rows + ks[None, :]
+                    out_ok = col_ok[:, None] & k_ok[None, :]
+                    acc = tl.load(out, mask=out_ok, other=0.0)
+                    acc = tl.dot(dz_t, h, acc, input_precision=DOT_PRECISION)
+                    tl.store(out, acc, mask=out_ok)
+        tl.debug_barrier()
+    if NEED_BIAS:
+        tl.store(db_ptr + cols, db, mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------
+
+DEFAULT_WORKSPACE_BYTES = 512 * 2**20  # float32 split partials of grad_hidden and weight-gradient scratch
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # tl.dot defaults to TF32 for float32 operands on NVIDIA GPUs: exact float32 needs "ieee".
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _vocab_splits(n: int, vocab: int, device, requested) -> int:
+    """Enough (token block x vocabulary split) programs to fill the GPU twice, each split >= 512 columns."""
+    if requested is not None:
+        return max(1, min(int(requested), vocab))
+    token_blocks = triton.cdiv(max(n, 1), 64)
+    wanted = triton.cdiv(2 * _multiprocessors(device), token_blocks)
+    return max(1, min(wanted, triton.cdiv(vocab, 512), 64))
+
+
+def _common(hidden, weight, bias, scale, softcap, inv_temperature):
+    return dict(
+        args=(hidden, hidden.stride(0), hidden.stride(1), weight, weight.stride(0), weight.stride(1),
+              weight if bias is None else bias),
+        consts=dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+                    DOT_PRECISION=_dot_precision(hidden.dtype)),
+        transform=(float(scale), float(softcap or 1.0), float(inv_temperature)),
+    )
+
+
+def forward_stats(hidden, weight, bias, labels, *, scale=1.0, softcap=None, inv_temperature=1.0,
+                  num_splits=None) -> torch.Tensor:
+    """Per-token statistics ``stats[NUM_STATS, n]`` (float32) of ``hidden @ weight.T + bias``.
+
+    ``labels`` (int, [n]) must all lie in [0, V). ``num_splits`` vocabulary splits (None:
+    from the device) only change the order of float32 sums, never the memory bound.
+    """
+    n, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    if n == 0:
+        return torch.empty(NUM_STATS, 0, dtype=torch.float32, device=hidden.device)
+    splits = _vocab_splits(n, vocab, hidden.device, num_splits)
+    partial = torch.empty(splits, NUM_STATS, n, dtype=torch.float32, device=hidden.device)
+    c = _common(hidden, weight, bias, scale, softcap, inv_temperature)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+    _forward_kernel[grid](*c["args"], labels, partial, n, vocab, hidden_size, splits, _token_bucket(n),
+                          *c["transform"], **c["consts"])
+    if splits == 1:
+        return partial[0]
+    stats = torch.empty(NUM_STATS, n, dtype=torch.float32, device=hidden.device)
+    block = 128 if not INTERPRETED else 64
+    _merge_splits_kernel[(triton.cdiv(n, block),)](partial, stats, n, splits, BLOCK=block)
+    return stats
+
+
+def backward(hidden, weight, bias, labels, lse, grad_logp, *, entropy=None, grad_entropy=None, need_hidden=True,
+             need_weight=True, need_bias=True, scale=1.0, softcap=None, inv_temperature=1.0, filter_eps=0.0,
+             num_splits=None, workspace_bytes=DEFAULT_WORKSPACE_BYTES):
+    """Gradients of ``sum(grad_logp * logp + grad_entropy * entropy)`` to (hidden, weight, bias).
+
+    ``lse`` and ``entropy`` come from the forward statistics. Returns grad_hidden in hidden's
+    dtype, grad_weight and grad_bias in weight's dtype (None where not needed), all summed
+    in float32. ``filter_eps > 0`` skips a (tokens x vocabulary) tile whose every
+    ``|d loss / d z|`` is below it: approximate, off by default.
+    """
+    n, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    need_bias = need_bias and bias is not None
+    device = hidden.device
+    grad_logp = grad_logp.float().contiguous()
+    has_entropy_grad = grad_entropy is not None
+    grad_entropy = grad_entropy.float().contiguous() if has_entropy_grad else grad_logp
+    entropy = entropy.float().contiguous() if has_entropy_grad else grad_logp
+    lse = lse.float().contiguous()
+    labels = labels.contiguous()
+    # Contiguous outputs: the kernels address float32 rows as row * H.
+    grad_hidden = torch.zeros(n, hidden_size, dtype=hidden.dtype, device=device) if need_hidden else None
+    grad_weight = torch.zeros(vocab, hidden_size, dtype=weight.dtype, device=device) if need_weight else None
+    grad_bias = torch.zeros(vocab, dtype=bias.dtype, device=device) if need_bias else None
+    if n == 0 or not (need_hidden or need_weight or need_bias):
+        return grad_hidden, grad_weight, grad_bias
+    c = _common(hidden, weight, bias, scale, softcap, inv_temperature)
+    row_args = (labels, lse, grad_logp, entropy, grad_entropy)
+    filter_on = filter_eps > 0
+    consts = dict(c["consts"], HAS_ENTROPY_GRAD=has_entropy_grad, FILTER=filter_on)
+    tail = (*c["transform"], float(filter_eps))
+
+    if need_hidden:
+        splits = _vocab_splits(n, vocab, device, num_splits)
+        # Every split needs its own float32 rows; stay within the workspace (one split always runs).
+        splits = max(1, min(splits, workspace_bytes // max(1, 4 * n * hidden_size)))
+        direct = splits == 1 and hidden.dtype == torch.float32
+        acc = grad_hidden if direct else torch.zeros(splits, n, hidden_size, dtype=torch.float32, device=device)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+        _grad_hidden_kernel[grid](*c["args"], *row_args, acc, n, vocab, hidden_size, splits, _token_bucket(n),
+                                  *tail, **consts)
+        if not direct:
+            total = acc[0]
+            for split in range(1, splits):  # fixed order: deterministic
+                total += acc[split]
+            grad_hidden.copy_(total)
+
+    if need_weight or need_bias:
+        # Unused outputs point at a throwaway buffer: the autotuner zeroes output arguments.
+        unused = torch.zeros(1, dtype=torch.float32, device=device)
+        bias_acc = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else unused
+        if not need_weight:
+            scratch, group = unused, vocab
+        elif weight.dtype == torch.float32:
+            scratch, group = grad_weight, vocab
+        else:
+            # A float32 scratch for a group of vocabulary rows, not a V x H float32 copy.
+            group = max(256, workspace_bytes // (4 * hidden_size))
+            group = min(vocab, group - group % 256)
+            scratch = torch.empty(group, hidden_size, dtype=torch.float32, device=device)
+        for v0 in range(0, vocab, group):
+            v1 = min(vocab, v0 + group)
+            if need_weight and scratch is not grad_weight:
+                scratch.zero_()
+            grid = lambda meta: (triton.cdiv(v1 - v0, meta["BLOCK_V"]),)  # noqa: E731
+            _grad_weight_kernel[grid](*c["args"], *row_args, scratch, bias_acc, n, vocab, hidden_size, v0, v1,
+                                      _token_bucket(n), *tail, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias,
+                                      **consts)
+            if need_weight and scratch is not grad_weight:
+                grad_weight[v0:v1].copy_(scratch[: v1 - v0])
+        if need_bias:
+            grad_bias.copy_(bias_acc)
+    return grad_hidden, grad_weight, grad_bias

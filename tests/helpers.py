@@ -1,0 +1,58 @@
+"""Shared test utilities: input makers, error measures, an allocation recorder."""
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def rel_err(actual, expected) -> float:
+    """max |actual - expected| / max(max |expected|, tiny), in float64."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = expected.abs().max().clamp(min=1e-30) if expected.numel() else torch.tensor(1.0)
+    return float((actual - expected).abs().max() / scale) if expected.numel() else 0.0
+
+
+def abs_or_rel_err(actual, expected) -> float:
+    """Relative error on a scale of at least 1 (absolute for values near zero)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp(min=1.0))
+
+
+def make_batch(pairs, seq, hidden, vocab, dtype=torch.float32, device="cpu", prompt=2, empty_rows=(), scale=1.0,
+               bias=False):
+    """Hidden [2B, T, H], weight [V, H], labels [2B, T] with a prompt of ignored tokens and ragged ends."""
+    rows = 2 * pairs
+    h = (torch.randn(rows, seq, hidden, device=device) * scale).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, device=device) / hidden ** 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(vocab, device=device) * 0.1).to(dtype).requires_grad_() if bias else None
+    labels = torch.randint(0, vocab, (rows, seq), device=device)
+    labels[:, :prompt] = -100
+    for r in range(rows):  # ragged completions: padding at the end
+        cut = int(torch.randint(prompt + 1, seq + 1, ()).item())
+        labels[r, cut:] = -100
+    for r in empty_rows:
+        labels[r] = -100
+    return h, w, b, labels
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records every new storage an op allocates (forward and backward): (elements, bytes per element, op).
+
+    Views and in-place ops share an input's storage and are not counted.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append((t.untyped_storage().nbytes() // t.element_size(), t.element_size(), str(func)))
+        return out
+
+    def largest(self):
+        return max(self.sizes, default=(0, 0, ""))
