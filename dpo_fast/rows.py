@@ -146,7 +146,8 @@ class TorchRows:
             z, dz = transform.apply_with_derivative(tile[r0:r1].float())
             row_lse = lse[r0:r1]
             ignored = (labels[r0:r1] == ignore_index) | (row_lse == float("-inf"))
-            row_lse = torch.where(ignored, torch.zeros_like(row_lse), row_lse)[:, None]
+            # +inf makes p exactly 0 on rows without gradient, with no overflow in exp().
+            row_lse = torch.where(ignored, torch.full_like(row_lse, float("inf")), row_lse)[:, None]
             p = torch.exp(z - row_lse)
             local = (labels[r0:r1] - vocab_start)[:, None]
             onehot = (torch.arange(cols, device=tile.device)[None, :] == local).float()

@@ -31,11 +31,17 @@ STAT_TARGET = tl.constexpr(stats_layout.STAT_TARGET)
 def _post_process(s, scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
     """Raw logit -> (z, dz/ds) in float32."""
     u = s * scale
+    # One return statement: the GPU compiler type-checks every return, even under a
+    # constexpr branch, and the two branches' dz/ds differ in shape (block vs scalar).
     if HAS_SOFTCAP:
         # tanh(x) = 2 sigmoid(2x) - 1: tl has no tanh on every backend and the interpreter.
         t = 2.0 * tl.sigmoid(2.0 * u / softcap) - 1.0
-        return softcap * t * inv_temperature, scale * (1.0 - t * t) * inv_temperature
-    return u * inv_temperature, scale * inv_temperature
+        z = softcap * t * inv_temperature
+        dz_ds = scale * (1.0 - t * t) * inv_temperature
+    else:
+        z = u * inv_temperature
+        dz_ds = scale * inv_temperature
+    return z, dz_ds
 
 
 @triton.jit
@@ -59,6 +65,9 @@ def _row_stats_kernel(
     if label == ignore_index:
         return
     row_ptr = tile_ptr + row * tile_row_stride
+    # STAT_TARGET * stats_stride passes 2^31 from ~358M tokens on: multiply in int64.
+    # (tl.cast, not .to: a stride of 1 may arrive as a constexpr.)
+    stats_stride = tl.cast(stats_stride, tl.int64)
     m = tl.load(stats_ptr + STAT_MAX * stats_stride + row)
     sum_exp = tl.load(stats_ptr + STAT_SUMEXP * stats_stride + row)
     z_exp = tl.load(stats_ptr + STAT_ZEXP * stats_stride + row)
@@ -127,9 +136,11 @@ def _row_grad_kernel(
     label = tl.load(labels_ptr + row).to(tl.int64)
     ignored = label == ignore_index
     lse = tl.load(lse_ptr + row)
-    # A row whose logits are all -inf has no distribution: it gets no gradient.
-    g = tl.where(ignored | (lse == float("-inf")), 0.0, tl.load(grad_logp_ptr + row))
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    # Ignored rows, and rows whose logits are all -inf (no distribution), get no gradient:
+    # an lse of +inf makes every p exactly 0 without overflowing exp().
+    no_grad = ignored | (lse == float("-inf"))
+    g = tl.where(no_grad, 0.0, tl.load(grad_logp_ptr + row))
+    lse = tl.where(no_grad, float("inf"), lse)
     if HAS_ENTROPY_GRAD:
         g_entropy = tl.where(ignored, 0.0, tl.load(grad_entropy_ptr + row))
         entropy = tl.load(entropy_ptr + row)
