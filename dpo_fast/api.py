@@ -5,8 +5,10 @@ from typing import Optional
 
 import torch
 
+from . import ops as _ops  # torch.compile: the public functions below become custom ops while tracing
 from . import validation as check
 from .chunked import DEFAULT_MEMORY_BUDGET, ChunkedEngine, PairChunkLoss, plan_pair_chunks
+from .distributed import gathers_head, two_pass_only, wrap_engine
 from .function import TokenLogpsFunction
 from .layout import TokenLayout, build_layout
 from .logits_path import LogitsLogpsFunction
@@ -32,12 +34,12 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def make_engine(impl: str, memory_budget: Optional[int]):
+def make_engine(impl: str, memory_budget: Optional[int], filter_eps: float = 0.0):
     budget = memory_budget or DEFAULT_MEMORY_BUDGET
     if impl == "fused":
         from .fused import FusedEngine
 
-        return FusedEngine()
+        return FusedEngine(filter_eps=filter_eps, memory_budget=memory_budget)
     return ChunkedEngine(TritonRows() if impl == "chunked" else TorchRows(), budget)
 
 
@@ -49,24 +51,28 @@ class _Prepared:
     transform: LogitTransform
     impl: str
     engine: object
+    vocab_size: int  # rows of the full head: all shards together under a process_group
+    two_pass_only: bool  # vocabulary-parallel, or a ZeRO-3 head this call gathered (distributed.py)
 
 
 def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl, sequence_ids,
-             cu_seqlens, memory_budget, check_finite) -> _Prepared:
+             cu_seqlens, memory_budget, check_finite, process_group=None, filter_eps=0.0) -> _Prepared:
     check.check_hidden_inputs(hidden, weight, labels, bias, sequence_ids, cu_seqlens)
     check.check_transform(temperature, logit_scale, softcap)
     check.check_memory_budget(memory_budget)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check.check_ignore_index(ignore_index, labels.dtype)
     impl = resolve_impl(impl, hidden.device)
-    check.check_labels_range(labels, weight.shape[0], ignore_index)
+    check.check_filter_eps(filter_eps, impl)
+    engine = wrap_engine(make_engine(impl, memory_budget, filter_eps), weight, bias, process_group)
+    vocab_size = weight.shape[0] if process_group is None else engine.shard(weight.shape[0], weight.device).vocab_size
+    check.check_labels_range(labels, vocab_size, ignore_index)
     if check_finite:
         check.check_finite(hidden=hidden, weight=weight, bias=bias)
     layout = build_layout(labels, ignore_index, sequence_ids, cu_seqlens)
     kept_hidden = hidden.reshape(-1, hidden.shape[-1])[layout.kept_index]
     transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
-    return _Prepared(layout, kept_hidden, layout.kept_labels.contiguous(), transform, impl,
-                     make_engine(impl, memory_budget))
+    return _Prepared(layout, kept_hidden, layout.kept_labels.contiguous(), transform, impl, engine, vocab_size,
+                     two_pass_only(weight, bias, process_group))
 
 
 def _needs_grad(*tensors) -> bool:
@@ -81,42 +87,52 @@ def _kept_token_outputs(prep: _Prepared, weight, bias) -> TokenStats:
         return TokenStats(logps, None, entropy, log_sum_sq, mean_logits, is_top1)
     with torch.no_grad():  # reference model: no saved tensors, no gradient work
         stats = prep.engine.forward_stats(prep.hidden, weight, bias, prep.labels, prep.transform)
-        return finish_stats(stats, prep.labels, weight.shape[0], KEPT_ONLY)
+        return finish_stats(stats, prep.labels, prep.vocab_size, KEPT_ONLY)
 
 
 # ----------------------------------------------------------------------------------------
 # from hidden states
 # ----------------------------------------------------------------------------------------
 
+@gathers_head
+@_ops.routes_when_compiling("token_logps")
 def token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
-                softcap=None, impl="auto", memory_budget=None, check_finite=False) -> torch.Tensor:
+                softcap=None, impl="auto", memory_budget=None, check_finite=False,
+                process_group=None, filter_eps=0.0) -> torch.Tensor:
     """Per-token log p(label) from hidden states and the lm_head weight, shaped like ``labels``.
 
     float32, 0 where ``labels == ignore_index``; differentiable to hidden, weight and bias.
+    ``process_group``: the head is sharded by vocabulary rows across it (this rank passes its
+    rows; labels stay global ids); see :mod:`dpo_fast.distributed`. ``filter_eps`` (impl="fused" only):
+    approximate gradients that skip tiles whose every |d logp / d logit| is below it; 0 is exact.
     """
     prep = _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl, None, None,
-                    memory_budget, check_finite)
+                    memory_budget, check_finite, process_group, filter_eps=filter_eps)
     return prep.layout.scatter(_kept_token_outputs(prep, weight, bias).logps)
 
 
+@gathers_head
+@_ops.routes_when_compiling("sequence_logps")
 def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
                    softcap=None, impl="auto", average=False, sequence_ids=None, cu_seqlens=None,
-                   memory_budget=None, check_finite=False) -> torch.Tensor:
+                   memory_budget=None, check_finite=False, process_group=None, filter_eps=0.0) -> torch.Tensor:
     """Sum (``average=True``: mean) of completion-token log-probs per sequence, shape ``[rows]``.
 
     Under ``torch.no_grad()`` this is the forward-only path for reference-model log-probs.
     """
     prep = _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl,
-                    sequence_ids, cu_seqlens, memory_budget, check_finite)
+                    sequence_ids, cu_seqlens, memory_budget, check_finite, process_group, filter_eps=filter_eps)
     sums = prep.layout.sequence_sum(_kept_token_outputs(prep, weight, bias).logps)
     return sums / prep.layout.lengths.clamp(min=1).to(sums.dtype) if average else sums
 
 
+@gathers_head
+@_ops.routes_when_compiling("dpo_loss")
 def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logps=None, beta=0.1,
              loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.5, discopop_tau=0.05,
              cpo_alpha=1.0, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0, softcap=None,
              impl="auto", sequence_ids=None, cu_seqlens=None, memory_budget=None,
-             check_finite=False) -> DPOOutput:
+             check_finite=False, process_group=None, filter_eps=0.0) -> DPOOutput:
     """The DPO-family loss straight from hidden states: no ``[N, V]`` logits.
 
     Sequences are ``[chosen_1..chosen_B, rejected_1..rejected_B]``; ``labels[i]`` is the
@@ -126,7 +142,7 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
     cfg = _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha,
                        ref_chosen_logps is not None or ref_rejected_logps is not None)
     prep = _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl,
-                    sequence_ids, cu_seqlens, memory_budget, check_finite)
+                    sequence_ids, cu_seqlens, memory_budget, check_finite, process_group, filter_eps=filter_eps)
     layout = prep.layout
     check.check_pairs(layout.num_sequences, ref_chosen_logps, ref_rejected_logps, hidden.device)
     if check_finite:
@@ -135,7 +151,7 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
     chunks = _whole_pair_chunks(prep, weight, bias, cfg, memory_budget)
     if chunks is not None:
         loss, stats = _pair_chunk_route(prep, weight, bias, cfg, chunks, ref_chosen_logps, ref_rejected_logps)
-        out = finish_stats(stats, prep.labels, weight.shape[0], KEPT_ONLY)
+        out = finish_stats(stats, prep.labels, prep.vocab_size, KEPT_ONLY)
     else:
         out = _kept_token_outputs(prep, weight, bias)
         loss = batch_loss(layout.sequence_sum(out.logps), layout.lengths, ref_chosen_logps, ref_rejected_logps, cfg)
@@ -148,8 +164,7 @@ def _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop
     names, weights = check.normalize_loss_types(loss_type, loss_weights)
     check.check_loss_settings(names, beta, label_smoothing, has_reference, discopop_tau)
     for name, value in (("gamma", gamma), ("cpo_alpha", cpo_alpha)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {value!r}")
+        check.check_finite_number(name, value)
     return LossConfig(names, weights, float(beta), float(label_smoothing), float(gamma), float(discopop_tau),
                       float(cpo_alpha))
 
@@ -162,6 +177,10 @@ def _whole_pair_chunks(prep: _Prepared, weight, bias, cfg: LossConfig, memory_bu
     grad_weight, which stays exact only for a float32 or frozen weight.
     """
     if prep.impl not in ("chunked", "torch") or not _needs_grad(prep.hidden, weight, bias):
+        return None
+    if prep.two_pass_only:
+        return None
+    if prep.layout.num_kept == 0:  # every token ignored: no logits to tile (an empty workspace cannot be viewed)
         return None
     if not all_pair_local(cfg.loss_types):
         return None
@@ -212,6 +231,8 @@ class DPOLoss(torch.nn.Module):
         _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha, True)
         check.check_transform(temperature, logit_scale, softcap)
         check.check_impl(impl)
+        check.check_ignore_index(ignore_index)
+        check.check_memory_budget(memory_budget)
 
     def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, bias=None,
                 sequence_ids=None, cu_seqlens=None) -> DPOOutput:
@@ -227,41 +248,46 @@ class DPOLoss(torch.nn.Module):
 # from logits a trainer already holds
 # ----------------------------------------------------------------------------------------
 
-def _logits_outputs(logits, labels, ignore_index, temperature, inplace, impl):
+def _logits_outputs(logits, labels, ignore_index, temperature, inplace, impl, check_finite=False):
     check.check_logits_inputs(logits, labels)
     check.check_transform(temperature, 1.0, None)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check.check_ignore_index(ignore_index, labels.dtype)
     impl = resolve_impl(impl, logits.device)
     if impl == "fused":
         raise ValueError("impl='fused' works from hidden states; for logits use impl='chunked', 'torch' or 'auto'")
     check.check_labels_range(labels, logits.shape[-1], ignore_index)
+    if check_finite:
+        check.check_finite(logits=logits)
     rows = TritonRows() if impl == "chunked" else TorchRows()
     transform = LogitTransform(temperature=float(temperature))
     outputs = LogitsLogpsFunction.apply(logits, labels, rows, transform, ignore_index, bool(inplace))
     return [o.view(labels.shape) for o in outputs]
 
 
+@_ops.routes_when_compiling("token_logps_from_logits")
 def token_logps_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, inplace=False,
-                            impl="auto") -> torch.Tensor:
+                            impl="auto", check_finite=False) -> torch.Tensor:
     """log_softmax(logits / temperature) gathered at ``labels``: float32, shaped like labels, 0 where ignored.
 
     ``inplace=True`` lets backward overwrite ``logits`` with its gradient (no second [N, V]
     buffer); only use it when nothing reads those logits afterwards.
     """
-    return _logits_outputs(logits, labels, ignore_index, temperature, inplace, impl)[0]
+    return _logits_outputs(logits, labels, ignore_index, temperature, inplace, impl, check_finite)[0]
 
 
+@_ops.routes_when_compiling("sequence_logps_from_logits")
 def sequence_logps_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, inplace=False,
-                               impl="auto") -> torch.Tensor:
+                               impl="auto", check_finite=False) -> torch.Tensor:
     """Per-row sums of :func:`token_logps_from_logits` over the last label dim: ``[rows]``."""
     return token_logps_from_logits(logits, labels, ignore_index=ignore_index, temperature=temperature,
-                                   inplace=inplace, impl=impl).sum(-1)
+                                   inplace=inplace, impl=impl, check_finite=check_finite).sum(-1)
 
 
+@_ops.routes_when_compiling("dpo_loss_from_logits")
 def dpo_loss_from_logits(logits, labels, *, ref_chosen_logps=None, ref_rejected_logps=None, beta=0.1,
                          loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.5, discopop_tau=0.05,
-                         cpo_alpha=1.0, ignore_index=-100, temperature=1.0, inplace=False, impl="auto") -> DPOOutput:
+                         cpo_alpha=1.0, ignore_index=-100, temperature=1.0, inplace=False, impl="auto",
+                         check_finite=False) -> DPOOutput:
     """DPO loss from logits ``[2B, T, V]`` and labels ``[2B, T]`` (chosen rows first)."""
     cfg = _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha,
                        ref_chosen_logps is not None or ref_rejected_logps is not None)
@@ -269,8 +295,10 @@ def dpo_loss_from_logits(logits, labels, *, ref_chosen_logps=None, ref_rejected_
     if labels.dim() != 2:
         raise ValueError(f"labels must be [rows, seq] (a sequence per row), got shape {tuple(labels.shape)}")
     check.check_pairs(labels.shape[0], ref_chosen_logps, ref_rejected_logps, logits.device)
+    if check_finite:
+        check.check_finite(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     logps, entropy, _, mean_logits, is_top1 = _logits_outputs(logits, labels, ignore_index, temperature, inplace,
-                                                              impl)
+                                                              impl, check_finite)
     lengths = (labels != ignore_index).sum(-1)
     sequence = logps.sum(-1)
     loss = batch_loss(sequence, lengths, ref_chosen_logps, ref_rejected_logps, cfg)

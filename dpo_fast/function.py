@@ -21,7 +21,8 @@ class TokenLogpsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, engine, transform):
         ctx.set_materialize_grads(False)
         stats = engine.forward_stats(hidden, weight, bias, labels, transform)
-        out = finish_stats(stats, labels, weight.shape[0], KEPT_ONLY)
+        # A vocabulary-parallel engine knows the full head's size; others see it whole.
+        out = finish_stats(stats, labels, getattr(engine, "vocab_size", weight.shape[0]), KEPT_ONLY)
         ctx.save_for_backward(hidden, weight, bias, labels, out.lse, out.entropy)
         ctx.engine, ctx.transform = engine, transform
         ctx.mark_non_differentiable(out.log_sum_sq_probs, out.mean_logits, out.is_top1)

@@ -31,9 +31,9 @@ class TokenLayout:
 
     def sequence_sum(self, values: torch.Tensor) -> torch.Tensor:
         """[n] kept-token values -> [R] per-sequence sums, in a fixed order."""
+        # No early exit when no token is kept: the empty gather below keeps the sums in the
+        # autograd graph, so a loss over a fully ignored batch still backpropagates (zeros).
         longest = max(self.lengths_host, default=0)
-        if longest == 0:
-            return values.new_zeros(self.num_sequences)
         starts = torch.cumsum(self.lengths, 0) - self.lengths
         offsets = torch.arange(longest, device=values.device)
         index = starts[:, None] + offsets[None, :]

@@ -33,7 +33,7 @@ class PairTerms:
     gamma: float  # SimPO target margin
     discopop_tau: float
     cpo_alpha: float
-    total_chosen_tokens: float  # over the whole batch, for the token-mean NLL terms
+    total_chosen_tokens: float  # over the whole batch, for the token-mean NLL terms (a 0-d tensor under compile)
     num_pairs: int  # over the whole batch
 
     @property
@@ -50,7 +50,9 @@ class PairTerms:
 
     def chosen_nll_share(self):
         """Per-pair share of the batch's mean chosen-token NLL (sums to it after mean)."""
-        return -self.chosen_logps * (self.num_pairs / max(self.total_chosen_tokens, 1.0))
+        total = self.total_chosen_tokens
+        total = total.clamp(min=1.0) if torch.is_tensor(total) else max(total, 1.0)
+        return -self.chosen_logps * (self.num_pairs / total)
 
 
 def _smoothed_logsigmoid(x, eps):
@@ -120,7 +122,9 @@ def _apo_down(t):
 def _discopop(t):
     x = t.beta * t.delta
     mix = torch.sigmoid(x / t.discopop_tau)
-    return -F.logsigmoid(x) * (1 - mix) + torch.exp(-x) * mix
+    # exp(-x) * mix as one exponent: for x below about -88, exp(-x) overflows float32 while mix
+    # underflows to 0, and inf * 0 gives NaN where the loss is ~|x|.
+    return -F.logsigmoid(x) * (1 - mix) + torch.exp(F.logsigmoid(x / t.discopop_tau) - x)
 
 
 def _sft(t):

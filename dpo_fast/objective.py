@@ -56,7 +56,9 @@ def pair_terms(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logp
         gamma=cfg.gamma,
         discopop_tau=cfg.discopop_tau,
         cpo_alpha=cfg.cpo_alpha,
-        total_chosen_tokens=float(total_chosen_tokens),
+        # A 0-d tensor stays one: under torch.compile the count is not known on the host (ops.py).
+        total_chosen_tokens=(total_chosen_tokens if torch.is_tensor(total_chosen_tokens)
+                             else float(total_chosen_tokens)),
         num_pairs=num_pairs,
     )
 

@@ -30,18 +30,51 @@ def _float_tensor(name, x):
 def _int_labels(name, labels):
     _tensor(name, labels)
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
-        raise TypeError(f"{name} must be an integer tensor of token ids, got dtype {labels.dtype}")
+        raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+
+
+def _token_ids(name, labels):
+    """Token ids must be int64 or int32: in a narrower dtype ignore_index (-100) wraps around
+    (a uint8 label 156 compares equal to -100), and gathers want 32/64-bit indices."""
+    _int_labels(name, labels)
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 or int32 tensor of token ids, got dtype {labels.dtype}")
+
+
+def _finite(value) -> bool:
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float setting read
+    # from a default or an attribute arrives as a SymFloat, which math.isfinite cannot trace.
+    return -math.inf < value < math.inf  # False for NaN too
+
+
+def _number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+
+
+def check_finite_number(name, value):
+    _number(name, value)
+    if not _finite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
 
 
 def _positive_finite(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
+    _number(name, value)
+    if not _finite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
+def check_ignore_index(ignore_index, labels_dtype=torch.int64):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    info = torch.iinfo(labels_dtype)
+    if not info.min <= ignore_index <= info.max:
+        raise ValueError(f"ignore_index={ignore_index} does not fit labels' dtype {labels_dtype}")
+
+
 def _same_device(**tensors):
-    named = [(k, v) for k, v in tensors.items() if v is not None]
+    # Non-tensors are left to the type checks that name them.
+    named = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
     first_name, first = named[0]
     for name, t in named[1:]:
         if t.device != first.device:
@@ -51,8 +84,7 @@ def _same_device(**tensors):
 
 def check_transform(temperature, logit_scale, softcap):
     _positive_finite("temperature", temperature)
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale):
-        raise TypeError(f"logit_scale must be a finite number, got {logit_scale!r}")
+    check_finite_number("logit_scale", logit_scale)
     if logit_scale == 0:
         raise ValueError("logit_scale must be non-zero (every logit would be 0)")
     if softcap is not None:
@@ -74,11 +106,15 @@ def check_labels_range(labels, vocab_size, ignore_index):
                          f"found {value}")
 
 
-def check_hidden_inputs(hidden, weight, labels, bias=None, sequence_ids=None, cu_seqlens=None):
-    """hidden [R, T, H] with labels [R, T], or hidden [N, H] with labels [N]; weight [V, H]."""
+def check_hidden_inputs(hidden, weight, labels, bias=None, sequence_ids=None, cu_seqlens=None, inspect_values=True):
+    """hidden [R, T, H] with labels [R, T], or hidden [N, H] with labels [N]; weight [V, H].
+
+    ``inspect_values=False`` checks metadata only (shapes, dtypes, devices): what a
+    torch.compile trace can check without reading tensor values (``ops.py``).
+    """
     _float_tensor("hidden", hidden)
     _float_tensor("weight", weight)
-    _int_labels("labels", labels)
+    _token_ids("labels", labels)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [vocab, hidden], got shape {tuple(weight.shape)}")
     if hidden.dim() not in (2, 3):
@@ -98,12 +134,14 @@ def check_hidden_inputs(hidden, weight, labels, bias=None, sequence_ids=None, cu
             raise TypeError(f"bias ({bias.dtype}) must have weight's dtype ({weight.dtype})")
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one vocabulary row")
+    if weight.shape[1] == 0:
+        raise ValueError("weight must have a non-empty hidden dimension (weight.shape[1] > 0)")
     _same_device(hidden=hidden, weight=weight, labels=labels, bias=bias, sequence_ids=sequence_ids,
                  cu_seqlens=cu_seqlens)
-    check_packing(labels, sequence_ids, cu_seqlens)
+    check_packing(labels, sequence_ids, cu_seqlens, inspect_values)
 
 
-def check_packing(labels, sequence_ids, cu_seqlens):
+def check_packing(labels, sequence_ids, cu_seqlens, inspect_values=True):
     if sequence_ids is not None and cu_seqlens is not None:
         raise ValueError("pass sequence_ids or cu_seqlens, not both")
     if labels.dim() == 2 and (sequence_ids is not None or cu_seqlens is not None):
@@ -114,12 +152,14 @@ def check_packing(labels, sequence_ids, cu_seqlens):
         if tuple(sequence_ids.shape) != tuple(labels.shape):
             raise ValueError(f"sequence_ids must have labels' shape {tuple(labels.shape)}, "
                              f"got {tuple(sequence_ids.shape)}")
-        if sequence_ids.numel() and int(sequence_ids.min()) < 0:
+        if inspect_values and sequence_ids.numel() and int(sequence_ids.min()) < 0:
             raise ValueError("sequence_ids must be >= 0")
     if cu_seqlens is not None:
         _int_labels("cu_seqlens", cu_seqlens)
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+        if not inspect_values:
+            return
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != labels.numel():
             raise ValueError(f"cu_seqlens must start at 0 and end at the token count {labels.numel()}, "
                              f"got {int(cu_seqlens[0])}..{int(cu_seqlens[-1])}")
@@ -129,7 +169,7 @@ def check_packing(labels, sequence_ids, cu_seqlens):
 
 def check_logits_inputs(logits, labels):
     _float_tensor("logits", logits)
-    _int_labels("labels", labels)
+    _token_ids("labels", labels)
     if logits.dim() < 1:
         raise ValueError("logits must have a vocabulary dimension [..., V]")
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
@@ -154,6 +194,9 @@ def normalize_loss_types(loss_type, loss_weights):
         if not isinstance(loss_weights, (list, tuple)) or len(loss_weights) != len(names):
             raise ValueError(f"loss_weights must be a list with one weight per loss_type ({len(names)}), "
                              f"got {loss_weights!r}")
+        for w in loss_weights:
+            if isinstance(w, bool) or not isinstance(w, (int, float)):
+                raise TypeError(f"loss_weights must hold numbers, got {loss_weights!r}")
         weights = [float(w) for w in loss_weights]
         if not all(math.isfinite(w) for w in weights):
             raise ValueError(f"loss_weights must be finite, got {loss_weights!r}")
@@ -162,8 +205,8 @@ def normalize_loss_types(loss_type, loss_weights):
 
 def check_loss_settings(loss_types: Sequence[str], beta, label_smoothing, has_reference: bool, discopop_tau=0.05):
     _positive_finite("beta", beta)
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
-            or not (0.0 <= label_smoothing < 1.0):
+    _number("label_smoothing", label_smoothing)
+    if not (0.0 <= label_smoothing < 1.0):
         raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
     _positive_finite("discopop_tau", discopop_tau)
     if "robust" in loss_types and label_smoothing >= 0.5:
@@ -179,8 +222,9 @@ def check_loss_settings(loss_types: Sequence[str], beta, label_smoothing, has_re
 
 def check_pairs(num_sequences: int, ref_chosen_logps, ref_rejected_logps, device):
     if num_sequences == 0 or num_sequences % 2:
-        raise ValueError(f"a paired loss needs an even, non-zero number of sequences "
-                         f"[chosen_1..chosen_B, rejected_1..rejected_B]; got {num_sequences}")
+        raise ValueError(f"labels must hold an even, non-zero number of sequences (rows, or packed sequences "
+                         f"of sequence_ids/cu_seqlens) for a paired loss: [chosen_1..chosen_B, "
+                         f"rejected_1..rejected_B]; got {num_sequences}")
     pairs = num_sequences // 2
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
@@ -200,7 +244,18 @@ def check_finite(**tensors):
             raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
 
 
+def check_filter_eps(filter_eps, impl: str):
+    """Gradient filtering (approximate) exists only in the fused kernels."""
+    if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) or not _finite(filter_eps):
+        raise TypeError(f"filter_eps must be a finite number, got {filter_eps!r}")
+    if filter_eps < 0:
+        raise ValueError(f"filter_eps must be >= 0, got {filter_eps}")
+    if filter_eps > 0 and impl != "fused":
+        raise ValueError(f"filter_eps applies to impl='fused' only (got impl={impl!r}); leave it 0 elsewhere")
+
+
 def check_memory_budget(memory_budget: Optional[int]):
-    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
-                                      or memory_budget <= 0):
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)):
+        raise TypeError(f"memory_budget must be None or an int number of bytes, got {memory_budget!r}")
+    if memory_budget is not None and memory_budget <= 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")

@@ -15,7 +15,13 @@ uses it at once. No logits tile, softmax or logits gradient is ever written to m
     its vocabulary tiles and adds ``dz @ W`` into its own float32 rows of grad_hidden.
   * ``grad_weight`` / ``grad_bias``: grid over vocabulary blocks; a program loops over
     all tokens and adds ``dz^T @ h`` into its own float32 rows of grad_weight.
-  Backward with both gradients costs 8NHV (4 of them recompute), 4NHV for a frozen head.
+  Backward with both gradients costs 8NHV (half of it recompute), so a training step is
+  10NHV against the chunked path's 8NHV; with a frozen head it is 4NHV (6NHV a step).
+  A bias gradient alone still runs the vocabulary-major kernel (its sum is over tokens).
+
+Operands go to ``tl.dot`` in their own dtype (bf16/fp16 on tensor cores; float32 as
+3xTF32, see ``FLOAT32_DOT_PRECISION``); the logits gradient is rounded to that dtype before
+its two GEMMs, as the chunked path's in-place tile is. Every sum is float32.
 
 Determinism: every float32 accumulator has exactly one owning program, which updates it
 in a fixed loop order; split partials are reduced in split order. No atomics or locks,
@@ -140,12 +146,16 @@ def _logits_tile(h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr
 @triton.jit
 def _row_inputs(labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr, grad_entropy_ptr, rows, row_ok,
                 HAS_ENTROPY_GRAD: tl.constexpr):
-    """Per-token backward inputs; rows outside the batch or without a distribution get g = 0."""
+    """Per-token backward inputs; rows outside the batch or without a distribution get g = 0.
+
+    Their lse becomes +inf, as in the row kernels: every p is then exactly 0, and exp()
+    never overflows into an inf * 0 = NaN.
+    """
     label = tl.load(labels_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     dead = (~row_ok) | (lse == float("-inf"))
     g = tl.where(dead, 0.0, tl.load(grad_logp_ptr + rows, mask=row_ok, other=0.0))
-    lse = tl.where(dead, 0.0, lse)
+    lse = tl.where(dead, float("inf"), lse)
     g_entropy = g * 0.0
     entropy = g * 0.0
     if HAS_ENTROPY_GRAD:
@@ -162,11 +172,14 @@ def _logits_grad(s, cols, col_ok, row_ok, label, lse, g, entropy, g_entropy, sca
     d log p_label / dz = onehot - p;  d entropy / dz = -p (z - lse + entropy).
     """
     z, dz_ds = _post_process(s, scale, softcap, inv_temperature, HAS_SOFTCAP)
+    z = tl.where(col_ok[None, :], z, float("-inf"))  # columns past the vocabulary: p = 0
     p = tl.exp(z - lse[:, None])
     onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
     grad_z = g[:, None] * (onehot - p)
     if HAS_ENTROPY_GRAD:
-        grad_z -= tl.where(p > 0, g_entropy[:, None] * p * (z - lse[:, None] + entropy[:, None]), 0.0)
+        # Where p is 0 (masked columns, dead rows) z - lse may be -inf: use 0 to keep 0 * inf out.
+        log_p = tl.where(p > 0, z - lse[:, None], 0.0)
+        grad_z -= g_entropy[:, None] * p * (log_p + entropy[:, None])
     grad_z = tl.where(row_ok[:, None] & col_ok[None, :], grad_z, 0.0)
     return grad_z * dz_ds, grad_z
 
@@ -384,9 +397,16 @@ def _grad_weight_kernel(
 DEFAULT_WORKSPACE_BYTES = 512 * 2**20  # float32 split partials of grad_hidden and weight-gradient scratch
 
 
+# tl.dot rounds float32 operands to TF32 (10-bit mantissa) by default on NVIDIA GPUs. "tf32x3"
+# splits each operand into two TF32 parts and keeps the three leading products: float32-level
+# error on tensor cores (about 2^-22 per product against 2^-24 for "ieee", which runs on the
+# much slower FMA units). Set DPO_FAST_FUSED_FP32_DOT=ieee for plain float32 products.
+FLOAT32_DOT_PRECISION = os.environ.get("DPO_FAST_FUSED_FP32_DOT", "tf32x3")
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
-    # tl.dot defaults to TF32 for float32 operands on NVIDIA GPUs: exact float32 needs "ieee".
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    # 16-bit operands are multiplied exactly whatever this says; "tf32" is tl.dot's default.
+    return FLOAT32_DOT_PRECISION if dtype in (torch.float32, torch.float64) else "tf32"
 
 
 def _multiprocessors(device: torch.device) -> int:

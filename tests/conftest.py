@@ -33,3 +33,8 @@ def _fresh_seed():
 
 def pytest_report_header(config):
     return f"dpo-fast tests on {DEVICE} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"
+
+
+def pytest_configure(config):
+    # `-m "not slow"` skips them locally; CI runs everything.
+    config.addinivalue_line("markers", "slow: loads a real pretrained model (tests/test_smollm2.py)")

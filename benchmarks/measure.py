@@ -1,0 +1,92 @@
+"""Measure one method on one case: warm-up, peak memory, error against the oracle, timings.
+
+Order matters: the warm-up call compiles and allocates persistent workspaces (cuBLAS,
+torch.compile caches) so they are not charged to the loss; the memory call runs once
+from a clean state with no gradients held, its loss and gradients are scored against
+the float64 oracle and its time is the first forward+backward sample; the other timed
+calls come last.
+
+"forward" is the training forward: the loss with autograd recording (for Liger, whose
+forward also computes the gradients, it is most of the work). "forward+backward" adds
+``loss.backward()`` into fresh ``.grad`` tensors.
+"""
+
+import gc
+import math
+import traceback
+
+import torch
+
+from .oracle import Oracle
+from .timing import clock_for, median_ms, peak_for
+
+
+def relative_max_error(value, expected) -> float:
+    if value is None:
+        return math.nan
+    scale = float(expected.abs().max())
+    err = float((value.to(expected.dtype) - expected).abs().max())
+    return err / scale if scale > 0 else err
+
+
+def _clear_grads(inputs):
+    inputs.hidden.grad = None
+    inputs.weight.grad = None
+
+
+def run_method(method, inputs, oracle: Oracle, device: torch.device, repeats: int, budget_s: float) -> dict:
+    """Result dict for ``method`` on ``inputs``; status 'ok', 'skipped' (with reason) or 'error'."""
+    clock, peak = clock_for(device), peak_for(device)
+    result = dict(method=method.name, exact=method.exact, summary=method.summary)
+    try:
+        loss_fn = method.build(inputs)
+    except Exception as exc:  # typically an ImportError: the peer is installed but broken here
+        return dict(result, status="skipped", reason=f"could not set up: {type(exc).__name__}: "
+                                                      f"{str(exc).splitlines()[0][:200]}")
+
+    if getattr(loss_fn, "note", None):
+        result["note"] = loss_fn.note
+
+    def forward():
+        loss_fn()
+
+    def forward_backward():
+        _clear_grads(inputs)
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach()
+
+    try:
+        forward_backward()  # warm-up: compilation, autotuning, workspaces
+        clock.sync()
+        _clear_grads(inputs)
+
+        peak.start()
+        losses = []
+        first_ms = clock(lambda: losses.append(forward_backward()))
+        result["peak_bytes"] = peak.stop()
+
+        loss = losses.pop()
+        result["loss"] = float(loss)
+        result["loss_err"] = abs(float(loss) - oracle.loss)
+        result["grad_hidden_err"] = relative_max_error(inputs.hidden.grad, oracle.grad_hidden)
+        result["grad_weight_err"] = relative_max_error(inputs.weight.grad, oracle.grad_weight)
+        del loss
+        _clear_grads(inputs)
+
+        result["fwd_ms"], result["fwd_reps"] = median_ms(forward, clock, repeats, budget_s / 3)
+        result["fwd_bwd_ms"], result["fwd_bwd_reps"] = median_ms(forward_backward, clock, repeats, budget_s,
+                                                                 samples=[first_ms])
+        result["status"] = "ok"
+    except torch.cuda.OutOfMemoryError:
+        result.update(status="error", reason="out of memory")
+    except Exception as exc:  # a peer failing on this shape/version is a result, not a crash
+        result.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                      traceback=traceback.format_exc(limit=4))
+    finally:
+        _clear_grads(inputs)
+        del loss_fn
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result

@@ -1,0 +1,272 @@
+"""The methods under test, each computing the same sigmoid DPO loss on a ``cases.Inputs``.
+
+A method is a name, whether it is exact, a check that says why it cannot run here (None
+when it can), and a builder returning a zero-argument loss function differentiable with
+respect to ``inputs.hidden`` and ``inputs.weight``. Peers that return per-token
+log-probs (or NLLs) are summed per sequence and fed to ``dpo_fast.objective.batch_loss``,
+so every method ends in the same loss formula.
+"""
+
+import importlib
+import importlib.util
+import sys
+import types
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from dpo_fast import reference
+from dpo_fast.objective import LossConfig, batch_loss
+
+from .cases import BETA, Case, Inputs
+
+IGNORE = -100
+CONFIG = LossConfig(beta=BETA)
+# Largest N*V the Triton interpreter gets through in a few seconds on CPU (the tiny case).
+INTERPRETER_MAX_LOGITS = 1 << 18
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    exact: bool
+    summary: str
+    unavailable: Callable[[Case, torch.device], Optional[str]]  # the reason it cannot run, or None
+    build: Callable[[Inputs], Callable[[], torch.Tensor]]  # may set a ``note`` attribute on what it returns
+    triton_interpreter: bool = False  # needs TRITON_INTERPRET=1 on CPU
+
+
+def dpo_from_token_logps(token_logps: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+    """Per-token log-probs shaped like (or flattened from) the labels -> the shared DPO loss."""
+    labels = inputs.labels
+    sequence = token_logps.reshape(labels.shape).float().sum(-1)
+    return batch_loss(sequence, (labels != IGNORE).sum(-1), inputs.ref_chosen_logps, inputs.ref_rejected_logps,
+                      CONFIG)
+
+
+def _missing(module: str) -> Optional[str]:
+    """Why ``module`` cannot be found, or None. Only locates it: importing a peer can take seconds, so
+    a peer that is present but fails to import is reported by the run itself (as skipped)."""
+    top = module.split(".")[0]
+    if importlib.util.find_spec(top) is None:
+        return f"{top} is not installed"
+    if top == "dpo_fast" and importlib.util.find_spec(module) is None:
+        return f"{module} does not exist yet"
+    return None
+
+
+def _needs_cuda(device: torch.device, what: str) -> Optional[str]:
+    return None if device.type == "cuda" else f"{what} needs a CUDA device"
+
+
+# ---------------------------------------------------------------------------------------
+# naive PyTorch: materialize [N, V] logits, log_softmax in float32, gather
+# ---------------------------------------------------------------------------------------
+
+def _naive_loss(hidden, weight, labels, ref_chosen, ref_rejected, transform):
+    return reference.dpo_loss(hidden, weight, labels, transform=transform, ref_chosen_logps=ref_chosen,
+                              ref_rejected_logps=ref_rejected, cfg=CONFIG, dtype=None).loss
+
+
+def _naive_token_outputs(hidden, weight, labels, transform):
+    return reference.token_outputs(hidden, weight, labels, transform=transform, dtype=None)
+
+
+def _build_naive(inputs: Inputs):
+    return lambda: _naive_loss(inputs.hidden, inputs.weight, inputs.labels, inputs.ref_chosen_logps,
+                               inputs.ref_rejected_logps, inputs.transform)
+
+
+def _build_naive_compiled(inputs: Inputs):
+    # The token part (logits, log_softmax, gather, the same metrics) is compiled; the per-sequence
+    # sums and the loss stay eager, as in the reference (Inductor's CPU codegen rejects its index_add).
+    token_outputs = torch.compile(_naive_token_outputs, dynamic=False)
+
+    def fn():
+        logps, metrics = token_outputs(inputs.hidden, inputs.weight, inputs.labels, inputs.transform)
+        return reference.dpo_loss_from_token_outputs(logps, metrics, inputs.labels, ignore_index=IGNORE,
+                                                     ref_chosen_logps=inputs.ref_chosen_logps,
+                                                     ref_rejected_logps=inputs.ref_rejected_logps,
+                                                     cfg=CONFIG).loss
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------------
+# TRL >= 1.15: cuBLAS tiles + Triton online-LSE fold, backward recomputes (8NHV)
+# ---------------------------------------------------------------------------------------
+
+TRL_OUTPUTS = ("entropy", "mean_logits", "is_top1")  # what DPOTrainer asks for besides log-probs
+
+
+def _trl_unavailable(case, device):
+    return _missing("trl")
+
+
+def _trl_backward_imports() -> Optional[str]:
+    """The backward imports trl.trainer.utils (accelerate, datasets, pandas...) for a ZeRO-3 helper.
+
+    Where that stack is missing, the helper (a null context outside ZeRO-3) is provided
+    here, so the kernel itself can still be measured; the note says so.
+    """
+    try:
+        importlib.import_module("trl.trainer.utils")
+        return None
+    except Exception as exc:  # e.g. datasets missing or too new for the image's pyarrow
+        shim = types.ModuleType("trl.trainer.utils")
+        shim.maybe_gather_lm_head_ctx = lambda *params: nullcontext()
+        sys.modules["trl.trainer.utils"] = shim
+        return (f"trl.trainer.utils not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:80]}); "
+                f"its ZeRO-3 gather helper (a null context outside ZeRO-3) replaced by a no-op")
+
+
+def _build_trl(inputs: Inputs):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    shimmed = _trl_backward_imports()
+    chunk = getattr(sys.modules["trl.trainer.utils"], "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)  # TRL 1.16's value
+    labels, softcap = inputs.labels, inputs.case.softcap
+
+    def fn():
+        mask = labels != IGNORE
+        logps = ChunkedLogProbFunction.apply(inputs.hidden[mask], inputs.weight, None, labels[mask], 1.0, chunk,
+                                             softcap, 1.0, TRL_OUTPUTS)[0]
+        return dpo_from_token_logps(logps.new_zeros(labels.shape).masked_scatter(mask, logps), inputs)
+
+    fn.note = shimmed
+    return fn
+
+
+# ---------------------------------------------------------------------------------------
+# Liger: one pair per chunk, gradients computed in forward with torch.func (6NHV)
+# ---------------------------------------------------------------------------------------
+
+def _liger_unavailable(case, device):
+    if case.softcap is not None:
+        return "LigerFusedLinearDPOLoss has no logit softcapping"
+    return _missing("liger_kernel")
+
+
+def _build_liger(inputs: Inputs):
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    # Liger takes no precomputed reference log-probs: it recomputes them from the reference
+    # model's hidden states (an extra forward-only 2NHV), as its DPO users run it.
+    loss = LigerFusedLinearDPOLoss(ignore_index=IGNORE, beta=BETA, use_ref_model=True,
+                                   compiled=inputs.hidden.device.type == "cuda")
+    return lambda: loss(inputs.weight, inputs.hidden, inputs.labels, ref_input=inputs.ref_hidden,
+                        ref_weight=inputs.weight.detach())[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Cut Cross-Entropy: fused Triton kernels; "cce" skips small gradient entries
+# ---------------------------------------------------------------------------------------
+
+def _cce_unavailable(case, device):
+    return _needs_cuda(device, "Cut Cross-Entropy's Triton kernels") or _missing("cut_cross_entropy")
+
+
+def _cce_compile_unavailable(case, device):
+    if device.type == "cuda":
+        return "same design as naive-compile (full logits under torch.compile); run on CPU only"
+    return _missing("cut_cross_entropy")
+
+
+def _build_cce(inputs: Inputs, impl: str, filter_eps="high"):
+    from cut_cross_entropy import linear_cross_entropy
+
+    kwargs = dict(filter_eps=filter_eps) if impl == "cce" else {}
+
+    def fn():
+        nll = linear_cross_entropy(inputs.hidden, inputs.weight, inputs.labels, ignore_index=IGNORE,
+                                   softcap=inputs.case.softcap, reduction="none", impl=impl, **kwargs)
+        return dpo_from_token_logps(-nll, inputs)
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------------
+# PyTorch's own F.linear_cross_entropy (chunked when given LinearCrossEntropyOptions)
+# ---------------------------------------------------------------------------------------
+
+def _torch_lce_unavailable(case, device):
+    if not (hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
+        return f"torch {torch.__version__} has no F.linear_cross_entropy with LinearCrossEntropyOptions"
+    if case.softcap is not None:
+        return "F.linear_cross_entropy has no logit softcapping"
+    return None
+
+
+def _build_torch_lce(inputs: Inputs):
+    F = torch.nn.functional
+    options = torch.nn.LinearCrossEntropyOptions()
+    H = inputs.case.hidden_size
+
+    def fn():
+        nll = F.linear_cross_entropy(inputs.hidden.reshape(-1, H), inputs.weight, inputs.labels.reshape(-1),
+                                     reduction="none", ignore_index=IGNORE, options=options)
+        return dpo_from_token_logps(-nll, inputs)
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------------
+# dpo-fast
+# ---------------------------------------------------------------------------------------
+
+def _dpo_fast_unavailable(impl):
+    def check(case, device):
+        if impl == "fused":
+            missing = _missing("dpo_fast.fused")
+            if missing:
+                return missing
+        if impl in ("chunked", "fused") and device.type != "cuda":
+            if _missing("triton"):
+                return "Triton is not installed"
+            if case.num_tokens * case.vocab_size > INTERPRETER_MAX_LOGITS:
+                return "Triton interpreter on CPU: run at the tiny case only"
+        return None
+
+    return check
+
+
+def _build_dpo_fast(inputs: Inputs, impl: str):
+    import dpo_fast
+
+    return lambda: dpo_fast.dpo_loss(inputs.hidden, inputs.weight, inputs.labels,
+                                     ref_chosen_logps=inputs.ref_chosen_logps,
+                                     ref_rejected_logps=inputs.ref_rejected_logps, beta=BETA,
+                                     softcap=inputs.case.softcap, impl=impl).loss
+
+
+METHODS: List[Method] = [
+    Method("naive-eager", True, "full logits, float32 log_softmax, gather, metrics (dpo_fast.reference, dtype=None)",
+           lambda case, device: None, _build_naive),
+    Method("naive-compile", True, "the naive token log-probs and metrics under torch.compile",
+           lambda case, device: None, _build_naive_compiled),
+    Method("trl-chunked", True, "TRL ChunkedLogProbFunction: cuBLAS tiles, online LSE, recompute in backward",
+           _trl_unavailable, _build_trl),
+    Method("liger-dpo", True, "Liger LigerFusedLinearDPOLoss: pair chunks, grads in forward, +ref forward",
+           _liger_unavailable, _build_liger),
+    Method("cce", False, "Cut Cross-Entropy impl=cce, gradient filtering (filter_eps='high')",
+           _cce_unavailable, lambda inputs: _build_cce(inputs, "cce")),
+    Method("cce-exact", True, "Cut Cross-Entropy impl=cce, filter_eps=None (no filtering)",
+           _cce_unavailable, lambda inputs: _build_cce(inputs, "cce", None)),
+    Method("cce-compile", True, "Cut Cross-Entropy impl=torch_compile",
+           _cce_compile_unavailable, lambda inputs: _build_cce(inputs, "torch_compile")),
+    Method("torch-lce", True, "F.linear_cross_entropy(reduction='none', options=LinearCrossEntropyOptions())",
+           _torch_lce_unavailable, _build_torch_lce),
+    Method("dpo-fast-torch", True, "dpo_fast.dpo_loss impl='torch'",
+           _dpo_fast_unavailable("torch"), lambda inputs: _build_dpo_fast(inputs, "torch")),
+    Method("dpo-fast-chunked", True, "dpo_fast.dpo_loss impl='chunked' (cuBLAS tiles + Triton rows)",
+           _dpo_fast_unavailable("chunked"), lambda inputs: _build_dpo_fast(inputs, "chunked"),
+           triton_interpreter=True),
+    Method("dpo-fast-fused", True, "dpo_fast.dpo_loss impl='fused' (one Triton kernel family)",
+           _dpo_fast_unavailable("fused"), lambda inputs: _build_dpo_fast(inputs, "fused"),
+           triton_interpreter=True),
+]
+
+BY_NAME: Dict[str, Method] = {m.name: m for m in METHODS}
+BASELINE = "naive-eager"

@@ -1,0 +1,387 @@
+"""Past one device: vocabulary-parallel heads, and the lm_head under DDP, FSDP2 and ZeRO-3.
+
+Vocabulary-parallel head (tensor parallel, Megatron's layout): rank ``r`` of a process
+group holds rows ``[offset_r, offset_r + V_r)`` of the head. :class:`VocabParallelEngine`
+wraps any engine (``chunked.ChunkedEngine``, ...): the inner engine folds the local shard
+into per-token statistics, three small collectives merge them into those of the full
+vocabulary, and the backward runs locally with the global log-sum-exp; only the
+``grad_hidden`` partial sums cross ranks. No rank ever holds more than its shard. The
+whole-pair (6NHV) route is not taken: a vocabulary-parallel call runs two-pass (8NHV).
+
+Data-parallel wrappers: a fused loss reads ``lm_head.weight`` without calling the module,
+so the wrapper's hooks never fire for it.
+
+- DDP: nothing to do as long as the loss runs inside the wrapped module's ``forward``.
+- FSDP2: inside the root module's forward the head's parameters are plain tensors; a
+  head sharded on its own stays a ``DTensor`` unless the call goes through that module
+  (``register_fsdp_forward_method``). :func:`gathers_head` refuses a ``DTensor`` with that
+  advice instead of failing deep inside a matmul.
+- DeepSpeed ZeRO-3: inside the wrapped module's forward DeepSpeed gathers the head on
+  access (and again for backward). Outside, the public functions gather it for the call
+  (:func:`gathers_head`) and again in backward, which recomputes logits
+  (:class:`GatherInBackward`). Holding :func:`gathered` around the policy and reference
+  calls makes them share one gather.
+"""
+
+import contextlib
+import contextvars
+import functools
+import sys
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from dpo_fast.kernels.stats_layout import (
+    STAT_ARGMAX, STAT_MAX, STAT_SQEXP, STAT_SUMEXP, STAT_TARGET, STAT_ZEXP, STAT_ZSUM,
+)
+
+
+# ----------------------------------------------------------------------------------------
+# vocabulary-parallel head
+# ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VocabShard:
+    """Where this rank's rows sit in the full vocabulary."""
+
+    offset: int  # first global row held here
+    rows: int  # rows held here
+    vocab_size: int  # rows of the full head, all ranks together
+
+    def local_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Global label ids -> ids in this shard.
+
+        A label held elsewhere becomes ``rows`` (one past the shard): the row kernels gather
+        a target only for ``0 <= label - vocab_start < cols``, so it is never found. It must
+        not become negative: -1 is the kept-token ignore index, which would skip the row.
+        """
+        owned = (labels >= self.offset) & (labels < self.offset + self.rows)
+        return torch.where(owned, labels - self.offset, torch.full_like(labels, self.rows))
+
+
+def vocab_shard(local_rows: int, process_group, device) -> VocabShard:
+    """Offsets from every rank's row count (one all_reduce); shards may differ in size."""
+    sizes = torch.zeros(dist.get_world_size(process_group), dtype=torch.int64, device=device)
+    rank = dist.get_rank(process_group)
+    sizes[rank] = local_rows
+    dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=process_group)
+    sizes = sizes.tolist()
+    return VocabShard(offset=sum(sizes[:rank]), rows=local_rows, vocab_size=sum(sizes))
+
+
+# Rows of the statistics that add up across shards once rescaled to the global max.
+_SUMMED = (STAT_SUMEXP, STAT_ZEXP, STAT_SQEXP, STAT_ZSUM, STAT_TARGET)
+
+
+def merge_vocab_shards(stats: torch.Tensor, shard: VocabShard, process_group) -> torch.Tensor:
+    """Per-token statistics of this shard -> those of the full vocabulary, on every rank.
+
+    Expects ARGMAX in local ids and TARGET filled only where this shard holds the label
+    (zero elsewhere). Three all_reduces (max; rescaled sums; first argmax), the only
+    collectives every backend supports on device tensors.
+    """
+    local_max = stats[STAT_MAX]
+    global_max = local_max.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=process_group)
+    shift = torch.where(global_max == float("-inf"), torch.zeros_like(global_max), global_max)
+    rescale = torch.exp(local_max - shift)  # 0 for a shard whose logits are all -inf
+    sums = torch.stack([
+        stats[STAT_SUMEXP] * rescale,
+        stats[STAT_ZEXP] * rescale,
+        stats[STAT_SQEXP] * rescale * rescale,  # a sum of exp(2 (z - max))
+        stats[STAT_ZSUM],
+        stats[STAT_TARGET],
+    ])
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=process_group)
+    # Shards lie in rank order, so the smallest global id among the shards that hold the
+    # maximum is the first maximum of the full row, the one torch.argmax picks.
+    first_arg = torch.where(local_max == global_max, stats[STAT_ARGMAX] + float(shard.offset),
+                            torch.full_like(local_max, float("inf")))
+    dist.all_reduce(first_arg, op=dist.ReduceOp.MIN, group=process_group)
+
+    merged = stats.clone()
+    merged[STAT_MAX] = global_max
+    merged[STAT_ARGMAX] = torch.where(torch.isinf(first_arg), torch.zeros_like(first_arg), first_arg)
+    for row, values in zip(_SUMMED, sums):
+        merged[row] = values
+    return merged
+
+
+class VocabParallelEngine:
+    """An engine over a head sharded by vocabulary rows across ``process_group``.
+
+    Every rank passes the same hidden states and global labels and its own rows of the
+    weight (and bias). Forward statistics come out as if computed over the full head;
+    backward returns the full ``grad_hidden`` on every rank (already summed: do not reduce
+    it again across this group) and this rank's rows of ``grad_weight``/``grad_bias``.
+    """
+
+    def __init__(self, inner, process_group):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("process_group given but torch.distributed is not initialized: call "
+                               "torch.distributed.init_process_group first")
+        self.inner = inner
+        self.process_group = process_group
+        self._shard: Optional[VocabShard] = None
+
+    def shard(self, local_rows: int, device="cpu") -> VocabShard:
+        # One all_reduce of the row counts per call of the public API (the engine lives for one call).
+        if self._shard is None or self._shard.rows != local_rows:
+            self._shard = vocab_shard(local_rows, self.process_group, device)
+        return self._shard
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the full head (known once :meth:`shard` has run)."""
+        if self._shard is None:
+            raise RuntimeError("vocab_size is known after shard() or forward_stats()")
+        return self._shard.vocab_size
+
+    def forward_stats(self, hidden, weight, bias, labels, transform) -> torch.Tensor:
+        shard = self.shard(weight.shape[0], weight.device)
+        stats = self.inner.forward_stats(hidden, weight, bias, shard.local_labels(labels), transform)
+        owned = (labels >= shard.offset) & (labels < shard.offset + shard.rows)
+        stats[STAT_TARGET] = torch.where(owned, stats[STAT_TARGET], torch.zeros_like(stats[STAT_TARGET]))
+        return merge_vocab_shards(stats, shard, self.process_group)
+
+    def backward(self, hidden, weight, bias, labels, transform, lse, grad_logp, entropy=None, grad_entropy=None,
+                 needs=(True, True, True)):
+        # Softmax over the full vocabulary restricted to this shard's columns: the global lse
+        # and entropy make every local term exact.
+        shard = self.shard(weight.shape[0], weight.device)
+        grad_hidden, grad_weight, grad_bias = self.inner.backward(
+            hidden, weight, bias, shard.local_labels(labels), transform, lse, grad_logp, entropy=entropy,
+            grad_entropy=grad_entropy, needs=needs)
+        if grad_hidden is not None:
+            # Sum in float32 so 16-bit partials are rounded once, after the sum.
+            total = grad_hidden.float()
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.process_group)
+            grad_hidden = total.to(grad_hidden.dtype)
+        return grad_hidden, grad_weight, grad_bias
+
+
+# ----------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3
+# ----------------------------------------------------------------------------------------
+#
+# Inside the forward of a module DeepSpeed wraps, reading ``lm_head.weight`` already gathers
+# it: DeepSpeed registers it as an external parameter of the running module and gathers it
+# again for that module's backward. Then everything below is a no-op. Outside such a forward
+# (loss computed on hidden states a trainer got back) the head is an empty partition: the
+# public functions gather it for the call, and the backward, which recomputes the logits,
+# gathers it again and keeps it until autograd has accumulated its gradient (autograd checks
+# the gradient against the parameter's shape at that moment).
+
+def is_zero3_param(x) -> bool:
+    """A parameter that DeepSpeed ZeRO-3 partitions (its ``.data`` is empty outside a gather)."""
+    return x is not None and hasattr(x, "ds_id")
+
+
+def _needs_gather(x) -> bool:
+    if not is_zero3_param(x):
+        return False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return x.ds_status == ZeroParamStatus.NOT_AVAILABLE
+
+
+def _to_gather(items) -> List[torch.Tensor]:
+    params = []
+    for item in items:
+        if isinstance(item, torch.nn.Module):
+            params.extend(item.parameters(recurse=False))
+        elif item is not None:
+            params.append(item)
+    todo, seen = [], set()
+    for p in params:  # a tied or shared parameter is gathered once
+        if id(p) not in seen and _needs_gather(p):
+            seen.add(id(p))
+            todo.append(p)
+    return todo
+
+
+@contextlib.contextmanager
+def gathered(*params_or_modules):
+    """Gather the ZeRO-3 partitions among ``params_or_modules`` (modules: their own parameters) for the block.
+
+    Yields the parameters it gathered. Parameters that are not ZeRO-3's, or are already
+    gathered (an enclosing ``gathered``, a ``GatheredParameters``, DeepSpeed's own hooks),
+    are left alone, so the context nests, and a head shared by policy and reference is
+    gathered once when it wraps both calls. Read-only: nothing is broadcast back on exit.
+    """
+    todo = _to_gather(params_or_modules)
+    if not todo:
+        yield []
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(todo, modifier_rank=None):
+        yield todo
+
+
+def _gather_now(params) -> List[torch.Tensor]:
+    """Gather the partitioned ones among ``params`` until :func:`_release`; returns them."""
+    todo = _to_gather(params)
+    if todo:
+        todo[0].all_gather(param_list=todo)
+    return todo
+
+
+def _release(params) -> None:
+    """Partition ``params`` again, except those a DeepSpeed submodule is using right now (a
+    head tied to the input embedding, during the embedding's backward): DeepSpeed frees
+    those itself when that submodule is done."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    free = [p for p in params
+            if p.ds_status == ZeroParamStatus.AVAILABLE and not getattr(p, "ds_active_sub_modules", None)]
+    if free:
+        free[0].partition(param_list=free, has_been_updated=False)
+
+
+def _release_after_accumulation(params: List[torch.Tensor]) -> None:
+    """:func:`_release` ``params`` once autograd has accumulated a gradient into each."""
+    pending = {id(p) for p in params}
+    handles = []
+
+    def accumulated(param):
+        pending.discard(id(param))
+        if not pending:
+            for handle in handles:
+                handle.remove()
+            _release(params)
+
+    handles.extend(p.register_post_accumulate_grad_hook(accumulated) for p in params)
+
+
+class GatherInBackward:
+    """Wraps an engine whose weight/bias are ZeRO-3 parameters: gathers them for its work.
+
+    Other attributes (``rows``, ``vocab_size``, ``shard``) are the inner engine's.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward_stats(self, hidden, weight, bias, labels, transform):
+        with gathered(weight, bias):
+            return self.inner.forward_stats(hidden, weight, bias, labels, transform)
+
+    def backward(self, hidden, weight, bias, labels, transform, lse, grad_logp, entropy=None, grad_entropy=None,
+                 needs=(True, True, True)):
+        held = _gather_now([weight, bias])
+        try:
+            grads = self.inner.backward(hidden, weight, bias, labels, transform, lse, grad_logp, entropy=entropy,
+                                        grad_entropy=grad_entropy, needs=needs)
+        except BaseException:
+            _release(held)
+            raise
+        with_grad = {id(p) for p, g in ((weight, grads[1]), (bias, grads[2])) if g is not None}
+        _release([p for p in held if id(p) not in with_grad])
+        accumulating = [p for p in held if id(p) in with_grad]
+        if accumulating:
+            _release_after_accumulation(accumulating)
+        return grads
+
+
+# ----------------------------------------------------------------------------------------
+# FSDP2 DTensor
+# ----------------------------------------------------------------------------------------
+
+def is_dtensor(x) -> bool:
+    # No DTensor can exist before its module is imported: avoid importing it here.
+    module = sys.modules.get("torch.distributed.tensor")
+    return x is not None and module is not None and isinstance(x, module.DTensor)
+
+
+FSDP2_ADVICE = (
+    "is an FSDP2 DTensor shard: the lm_head was read outside the forward that unshards it. Compute the loss "
+    "inside the forward of the module fully_shard() wrapped around the head (for a head sharded on its own: "
+    "define the loss as a method of that module and call torch.distributed.fsdp.register_fsdp_forward_method"
+    "(module, 'method_name')), so the head's parameters are plain tensors during the call. Calling "
+    ".full_tensor() instead bypasses FSDP2's own unshard and its mixed-precision cast."
+)
+
+
+def check_not_dtensor(**tensors) -> None:
+    for name, x in tensors.items():
+        if is_dtensor(x):
+            raise TypeError(f"{name} {FSDP2_ADVICE}")
+
+
+# ----------------------------------------------------------------------------------------
+# what the public API uses
+# ----------------------------------------------------------------------------------------
+
+# ids of the ZeRO-3 parameters the running public call gathered itself (not DeepSpeed's hooks).
+_GATHERED_BY_CALL: contextvars.ContextVar = contextvars.ContextVar("dpo_fast_gathered_by_call", default=frozenset())
+
+
+def gathers_head(fn):
+    """Decorator for ``fn(hidden, weight, labels, *, bias=None, ...)``.
+
+    Refuses FSDP2 ``DTensor`` inputs with advice, and runs ``fn`` with ZeRO-3 partitioned
+    weight/bias gathered; the call is untouched otherwise.
+    """
+
+    @functools.wraps(fn)
+    def call(hidden, weight, labels, *args, **kwargs):
+        bias = kwargs.get("bias")
+        check_not_dtensor(hidden=hidden, weight=weight, bias=bias)
+        if not (is_zero3_param(weight) or is_zero3_param(bias)):
+            return fn(hidden, weight, labels, *args, **kwargs)
+        with gathered(weight, bias) as held:
+            token = _GATHERED_BY_CALL.set(frozenset(id(p) for p in held))
+            try:
+                return fn(hidden, weight, labels, *args, **kwargs)
+            finally:
+                _GATHERED_BY_CALL.reset(token)
+
+    return call
+
+
+def wrap_engine(engine, weight, bias, process_group):
+    """The engine a call runs: vocabulary-parallel under ``process_group``; gathering ZeRO-3 params."""
+    if process_group is not None:
+        engine = VocabParallelEngine(engine, process_group)
+    if is_zero3_param(weight) or is_zero3_param(bias):
+        engine = GatherInBackward(engine)
+    return engine
+
+
+def two_pass_only(weight, bias, process_group) -> bool:
+    """Whether the whole-pair (6NHV) route is out for this call.
+
+    Its gradients are made in forward and handed to autograd with no engine call in
+    backward, so there is no place to run the vocabulary-parallel reduction, nor to gather
+    a head this call had to gather itself (outside DeepSpeed's forward) before autograd
+    accumulates its gradient.
+    """
+    if process_group is not None:
+        return True
+    ours = _GATHERED_BY_CALL.get()
+    return any(p is not None and p.requires_grad and id(p) in ours for p in (weight, bias))
+
+
+def head_params(head: torch.nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(weight, bias)`` of an lm_head (or of a model's ``get_output_embeddings()``) for the loss.
+
+    Call it inside the forward of the wrapped model. Under DDP and FSDP2 (root-wrapped head)
+    these are the plain tensors the wrapper tracks; an FSDP2 ``DTensor`` raises with advice.
+    A ZeRO-3 parameter is returned as is: the dpo_fast functions gather it themselves.
+    """
+    if hasattr(head, "get_output_embeddings") and not hasattr(head, "weight"):
+        head = head.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    check_not_dtensor(weight=weight, bias=bias)
+    return weight, bias
+
+
+def head_weight(head: torch.nn.Module) -> torch.Tensor:
+    """The weight of :func:`head_params`."""
+    return head_params(head)[0]
