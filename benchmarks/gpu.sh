@@ -64,7 +64,8 @@ fi
 import importlib
 from importlib import metadata
 import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", device)
 for name in ("triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy", "datasets", "dpo-fast"):
     try:
         print(name, metadata.version(name))
@@ -83,7 +84,8 @@ PYEOF
 # 3. The test suite on the GPU, bounded.
 if [ "$RUN_TESTS" = 1 ]; then
   log "pytest tests (at most ${TESTS_S}s)"
-  timeout --kill-after=10 "$TESTS_S" "${RUN[@]}" -m pytest tests -x -q -ra -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+  timeout --kill-after=10 "$TESTS_S" "${RUN[@]}" -m pytest tests -x -q -ra -p no:cacheprovider \
+    > "$OUT/gpu_tests.log" 2>&1
   rc=$?
   tail -n 15 "$OUT/gpu_tests.log"
   [ "$rc" = 124 ] && log "pytest stopped at ${TESTS_S}s (timeout)" || log "pytest exit code $rc"

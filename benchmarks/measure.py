@@ -2,9 +2,8 @@
 
 Order matters: the warm-up call compiles and allocates persistent workspaces (cuBLAS,
 torch.compile caches) so they are not charged to the loss; the memory call runs once
-from a clean state with no gradients held, its loss and gradients are scored against
-the float64 oracle and its time is the first forward+backward sample; the other timed
-calls come last.
+from a clean state with no gradients held, and its loss and gradients are scored
+against the float64 oracle; the timed calls come last.
 
 "forward" is the training forward: the loss with autograd recording (for Liger, whose
 forward also computes the gradients, it is most of the work). "forward+backward" adds
@@ -36,16 +35,32 @@ def _clear_grads(inputs):
 
 def run_method(method, inputs, oracle: Oracle, device: torch.device, repeats: int, budget_s: float) -> dict:
     """Result dict for ``method`` on ``inputs``; status 'ok', 'skipped' (with reason) or 'error'."""
-    clock, peak = clock_for(device), peak_for(device)
     result = dict(method=method.name, exact=method.exact, summary=method.summary)
     try:
         loss_fn = method.build(inputs)
     except Exception as exc:  # typically an ImportError: the peer is installed but broken here
         return dict(result, status="skipped", reason=f"could not set up: {type(exc).__name__}: "
                                                       f"{str(exc).splitlines()[0][:200]}")
-
     if getattr(loss_fn, "note", None):
         result["note"] = loss_fn.note
+    try:
+        result.update(_measure(loss_fn, inputs, oracle, device, repeats, budget_s), status="ok")
+    except torch.cuda.OutOfMemoryError:
+        result.update(status="error", reason="out of memory")
+    except Exception as exc:  # a peer failing on this shape/version is a result, not a crash
+        result.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                      traceback=traceback.format_exc(limit=4))
+    _clear_grads(inputs)
+    del loss_fn  # compiled graphs and workspaces go before the next method is measured
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _measure(loss_fn, inputs, oracle: Oracle, device, repeats: int, budget_s: float) -> dict:
+    clock, peak = clock_for(device), peak_for(device)
+    out = {}
 
     def forward():
         loss_fn()
@@ -56,37 +71,20 @@ def run_method(method, inputs, oracle: Oracle, device: torch.device, repeats: in
         loss.backward()
         return loss.detach()
 
-    try:
-        forward_backward()  # warm-up: compilation, autotuning, workspaces
-        clock.sync()
-        _clear_grads(inputs)
+    forward_backward()  # warm-up: compilation, autotuning, workspaces
+    clock.sync()
+    _clear_grads(inputs)
 
-        peak.start()
-        losses = []
-        first_ms = clock(lambda: losses.append(forward_backward()))
-        result["peak_bytes"] = peak.stop()
+    peak.start()
+    loss = float(forward_backward())
+    out["peak_bytes"] = peak.stop()
 
-        loss = losses.pop()
-        result["loss"] = float(loss)
-        result["loss_err"] = abs(float(loss) - oracle.loss)
-        result["grad_hidden_err"] = relative_max_error(inputs.hidden.grad, oracle.grad_hidden)
-        result["grad_weight_err"] = relative_max_error(inputs.weight.grad, oracle.grad_weight)
-        del loss
-        _clear_grads(inputs)
+    out["loss"] = loss
+    out["loss_err"] = abs(loss - oracle.loss)
+    out["grad_hidden_err"] = relative_max_error(inputs.hidden.grad, oracle.grad_hidden)
+    out["grad_weight_err"] = relative_max_error(inputs.weight.grad, oracle.grad_weight)
+    _clear_grads(inputs)
 
-        result["fwd_ms"], result["fwd_reps"] = median_ms(forward, clock, repeats, budget_s / 3)
-        result["fwd_bwd_ms"], result["fwd_bwd_reps"] = median_ms(forward_backward, clock, repeats, budget_s,
-                                                                 samples=[first_ms])
-        result["status"] = "ok"
-    except torch.cuda.OutOfMemoryError:
-        result.update(status="error", reason="out of memory")
-    except Exception as exc:  # a peer failing on this shape/version is a result, not a crash
-        result.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
-                      traceback=traceback.format_exc(limit=4))
-    finally:
-        _clear_grads(inputs)
-        del loss_fn
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return result
+    out["fwd_ms"], out["fwd_reps"] = median_ms(forward, clock, repeats, budget_s / 3)
+    out["fwd_bwd_ms"], out["fwd_bwd_reps"] = median_ms(forward_backward, clock, repeats, budget_s)
+    return out

@@ -212,7 +212,7 @@ def _run_cpu(cases, methods, device, repeats, entries, deadline, bar, say, check
 def _run_worker(method, paths, cases, repeats, by_name, bar, say, timeout_per_case=300):
     """One process for ``method`` over ``paths``; results stream back one line per case."""
     # ROOT goes last on the path: a dpo-fast copy placed ahead of it (gpu.sh's fallback) must win.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(torch.get_num_threads()),
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()),
                PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p))
     if method.triton_interpreter:
         env["TRITON_INTERPRET"] = "1"

@@ -1,7 +1,7 @@
 """CPU worker: one process per method, measuring it on each case file it is given.
 
 Run by ``benchmarks.sweep`` as ``python -m benchmarks.worker --method NAME CASE_FILE...``
-with ``MALLOC_MMAP_THRESHOLD_`` set (and ``TRITON_INTERPRET=1`` for Triton paths); prints
+(with ``TRITON_INTERPRET=1`` for Triton paths and the sweep's thread count); prints
 one ``BENCH_RESULT {json}`` line per case. A separate process keeps one method's
 imports, compiled code and allocator state from touching another's peak memory.
 """
