@@ -9,6 +9,7 @@ from .api import (
     token_logps,
     token_logps_from_logits,
 )
+from . import ops  # noqa: F401  (registers the torch.compile twins of the public functions)
 from .losses import LOSSES
 from .objective import DPOOutput, LossConfig
 

@@ -1,11 +1,11 @@
 """Public functions: validate, drop ignored tokens, dispatch to a path, apply the loss table."""
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from . import ops as _ops  # torch.compile: the public functions below become custom ops while tracing
 from . import validation as check
 from .chunked import DEFAULT_MEMORY_BUDGET, ChunkedEngine, PairChunkLoss, plan_pair_chunks
 from .distributed import gathers_head, two_pass_only, wrap_engine
@@ -16,6 +16,25 @@ from .losses import all_pair_local, pair_losses
 from .objective import DPOOutput, LossConfig, batch_loss, dpo_output, pair_terms
 from .rows import KEPT_ONLY, TokenStats, TorchRows, TritonRows, finish_stats, triton_runs_on
 from .transform import LogitTransform
+
+
+# torch.compile: dpo_fast/ops.py (which sits above this module) registers here a custom-op twin of
+# each public function; while torch.compile traces, the public function calls its twin, an opaque op
+# with fake shapes, so a compiled step has no graph break.
+COMPILE_TWINS = {}
+
+
+def _routes_when_compiling(name: str):
+    def wrap(eager):
+        @functools.wraps(eager)
+        def call(*args, **kwargs):
+            if torch.compiler.is_compiling() and kwargs.get("process_group") is None and name in COMPILE_TWINS:
+                return COMPILE_TWINS[name](*args, **kwargs)
+            return eager(*args, **kwargs)
+
+        return call
+
+    return wrap
 
 
 # ----------------------------------------------------------------------------------------
@@ -95,7 +114,7 @@ def _kept_token_outputs(prep: _Prepared, weight, bias) -> TokenStats:
 # ----------------------------------------------------------------------------------------
 
 @gathers_head
-@_ops.routes_when_compiling("token_logps")
+@_routes_when_compiling("token_logps")
 def token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
                 softcap=None, impl="auto", memory_budget=None, check_finite=False,
                 process_group=None, filter_eps=0.0) -> torch.Tensor:
@@ -112,7 +131,7 @@ def token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, tempera
 
 
 @gathers_head
-@_ops.routes_when_compiling("sequence_logps")
+@_routes_when_compiling("sequence_logps")
 def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
                    softcap=None, impl="auto", average=False, sequence_ids=None, cu_seqlens=None,
                    memory_budget=None, check_finite=False, process_group=None, filter_eps=0.0) -> torch.Tensor:
@@ -127,7 +146,7 @@ def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temp
 
 
 @gathers_head
-@_ops.routes_when_compiling("dpo_loss")
+@_routes_when_compiling("dpo_loss")
 def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logps=None, beta=0.1,
              loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.5, discopop_tau=0.05,
              cpo_alpha=1.0, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0, softcap=None,
@@ -264,7 +283,7 @@ def _logits_outputs(logits, labels, ignore_index, temperature, inplace, impl, ch
     return [o.view(labels.shape) for o in outputs]
 
 
-@_ops.routes_when_compiling("token_logps_from_logits")
+@_routes_when_compiling("token_logps_from_logits")
 def token_logps_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, inplace=False,
                             impl="auto", check_finite=False) -> torch.Tensor:
     """log_softmax(logits / temperature) gathered at ``labels``: float32, shaped like labels, 0 where ignored.
@@ -275,7 +294,7 @@ def token_logps_from_logits(logits, labels, *, ignore_index=-100, temperature=1.
     return _logits_outputs(logits, labels, ignore_index, temperature, inplace, impl, check_finite)[0]
 
 
-@_ops.routes_when_compiling("sequence_logps_from_logits")
+@_routes_when_compiling("sequence_logps_from_logits")
 def sequence_logps_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, inplace=False,
                                impl="auto", check_finite=False) -> torch.Tensor:
     """Per-row sums of :func:`token_logps_from_logits` over the last label dim: ``[rows]``."""
@@ -283,7 +302,7 @@ def sequence_logps_from_logits(logits, labels, *, ignore_index=-100, temperature
                                    inplace=inplace, impl=impl, check_finite=check_finite).sum(-1)
 
 
-@_ops.routes_when_compiling("dpo_loss_from_logits")
+@_routes_when_compiling("dpo_loss_from_logits")
 def dpo_loss_from_logits(logits, labels, *, ref_chosen_logps=None, ref_rejected_logps=None, beta=0.1,
                          loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.5, discopop_tau=0.05,
                          cpo_alpha=1.0, ignore_index=-100, temperature=1.0, inplace=False, impl="auto",

@@ -2,7 +2,7 @@
 
 Dynamo cannot trace what the eager functions do on the host: drop ignored tokens
 (``nonzero``), read per-sequence lengths (``.tolist()``), check label ranges, launch Triton
-kernels. So while compiling, each public function (see :func:`routes_when_compiling`)
+kernels. So while compiling, each public function (routed through ``api.COMPILE_TWINS``)
 becomes a metadata-only check (shapes, dtypes, devices, settings) plus one opaque op:
 
 - ``dpo_fast::sequence_outputs`` runs the eager preparation (every value check included)
@@ -23,7 +23,6 @@ autograd) cannot; ``inplace=True`` of the logits functions is ignored (an op may
 overwrite a saved input); a ``process_group`` call stays eager (graph breaks).
 """
 
-import functools
 from types import SimpleNamespace
 from typing import Optional, Tuple
 
@@ -38,23 +37,6 @@ from .rows import TorchRows, TritonRows
 from .transform import LogitTransform
 
 Tensor = torch.Tensor
-
-
-def routes_when_compiling(name: str):
-    """Decorator for a public function: while torch.compile traces, call this module's ``name`` instead."""
-
-    def wrap(eager):
-        traced = globals()[name]  # this module is fully loaded when api.py applies the decorator
-
-        @functools.wraps(eager)
-        def call(*args, **kwargs):
-            if torch.compiler.is_compiling() and kwargs.get("process_group") is None:
-                return traced(*args, **kwargs)
-            return eager(*args, **kwargs)
-
-        return call
-
-    return wrap
 
 
 # ----------------------------------------------------------------------------------------
@@ -346,3 +328,9 @@ def dpo_loss_from_logits(logits, labels, *, ref_chosen_logps=None, ref_rejected_
     lengths = (labels != ignore_index).sum(-1)
     return _pair_loss_output(logps.sum(-1), lengths, ref_chosen_logps, ref_rejected_logps, cfg, mean_logits.sum(-1),
                              top1.float().sum(-1), entropy.sum(-1))
+
+
+# Register the twins with the public functions (api.py routes to them while torch.compile traces).
+api.COMPILE_TWINS.update({name: globals()[name] for name in (
+    "token_logps", "sequence_logps", "dpo_loss", "token_logps_from_logits", "sequence_logps_from_logits",
+    "dpo_loss_from_logits")})

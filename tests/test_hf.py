@@ -137,7 +137,10 @@ def compare(model, reference_model, impl="torch", temperature=1.0, loss_type="si
                   "rejected_logits_mean", "entropy"):
         torch.testing.assert_close(getattr(out, field).double(), getattr(expected, field).double(), rtol=1e-5,
                                    atol=1e-4, msg=field)
-    torch.testing.assert_close(out.token_accuracy.double(), expected.token_accuracy.double())
+    # A float32 argmax may break a near-tie (softcapped logits crowd at the cap) differently from
+    # float64: allow one chosen token of difference, no more.
+    chosen_tokens = int((labels[: labels.shape[0] // 2, 1:] != -100).sum())
+    assert abs(float(out.token_accuracy) - float(expected.token_accuracy)) <= 1.0 / chosen_tokens + 1e-9
     worst = 0.0
     for name, g in plain.items():
         if g is None:  # frozen
@@ -296,21 +299,33 @@ def test_peft_lora_on_head_is_refused():
         hf.dpo_forward(wrapped, input_ids, attention_mask, labels, impl="torch")
 
 
-def test_autocast_matches_naive_under_autocast():
+def test_autocast_no_worse_than_naive_under_autocast():
     """bfloat16 autocast over float32 weights: the head runs in bfloat16 like the model's own lm_head call
-    (Cohere: its logit scale is applied to bfloat16 logits, which the one-time check must not mistake)."""
+    (Cohere: its logit scale is applied to bfloat16 logits, which the one-time check must not mistake).
+
+    Both bfloat16 computations are compared with the float32 one: the DPO loss is a small difference of
+    large sequence sums, so two bfloat16 answers can differ by several percent from each other while each
+    stays close to the exact value. dpo-fast must be no further from it than the naive path, plus a
+    small tolerance."""
     model, reference_model = build("cohere-logit_scale")
     input_ids, attention_mask, labels = batch()
     cfg = LossConfig(beta=0.2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = hf.dpo_forward(model, input_ids, attention_mask, labels, ref_model=reference_model, beta=0.2,
-                             impl="torch")
-    out.loss.backward()
-    fused = model.lm_head.weight.grad.clone()
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = naive(model, reference_model, input_ids, attention_mask, labels, cfg)
-    expected.loss.backward()
-    assert fused.dtype == torch.float32  # the master weight's gradient
-    torch.testing.assert_close(out.loss.double(), expected.loss, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(fused, model.lm_head.weight.grad, rtol=5e-2, atol=5e-2 * float(fused.abs().max()))
+
+    def run(autocast, fused):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                out = hf.dpo_forward(model, input_ids, attention_mask, labels, ref_model=reference_model,
+                                     beta=0.2, impl="torch")
+            else:
+                out = naive(model, reference_model, input_ids, attention_mask, labels, cfg)
+        out.loss.backward()
+        return out.loss.detach().double(), model.lm_head.weight.grad.clone()
+
+    exact_loss, exact_grad = run(autocast=False, fused=False)
+    ours_loss, ours_grad = run(autocast=True, fused=True)
+    naive_loss, naive_grad = run(autocast=True, fused=False)
+    assert ours_grad.dtype == torch.float32  # the master weight's gradient
+    scale = float(exact_grad.abs().max())
+    assert abs(ours_loss - exact_loss) <= abs(naive_loss - exact_loss) + 1e-2 * abs(exact_loss)
+    assert float((ours_grad - exact_grad).abs().max()) <= float((naive_grad - exact_grad).abs().max()) + 1e-2 * scale
