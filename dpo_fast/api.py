@@ -206,7 +206,7 @@ def _whole_pair_chunks(prep: _Prepared, weight, bias, cfg: LossConfig, memory_bu
     lengths = prep.layout.lengths_host
     pairs = len(lengths) // 2
     tokens = [lengths[p] + lengths[p + pairs] for p in range(pairs)]
-    chunks = plan_pair_chunks(tokens, weight.shape[0], prep.hidden.element_size(),
+    chunks = plan_pair_chunks(tokens, weight.shape[0], prep.hidden.dtype,
                               memory_budget or DEFAULT_MEMORY_BUDGET)
     if chunks is None:
         return None

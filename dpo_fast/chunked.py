@@ -57,17 +57,59 @@ def plan_tiles(num_tokens: int, vocab: int, hidden_size: int, element_size: int,
     return TilePlan(token_chunk=token_chunk, vocab_block=vocab_block)
 
 
-class Workspace:
-    """One reused buffer that holds every logits tile."""
+def logits_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the logits tiles: the inputs', but float32 for float16 inputs.
 
-    def __init__(self, numel: int, dtype, device):
-        self.buffer = torch.empty(numel, dtype=dtype, device=device)
+    float16 logits overflow past 65504 (bfloat16 shares float32's range). Their gradient
+    (|dz| <= |g|) fits float16, so the gradient GEMMs still run on float16 operands.
+    """
+    return torch.float32 if input_dtype == torch.float16 else input_dtype
+
+
+def bytes_per_logit(input_dtype: torch.dtype, with_gradient: bool) -> int:
+    """Workspace bytes per tile element: the logits, plus a separate gradient tile when their dtypes differ."""
+    tile = logits_dtype(input_dtype)
+    separate = with_gradient and tile != input_dtype
+    return tile.itemsize + (input_dtype.itemsize if separate else 0)
+
+
+def _matmul_float32(hidden_chunk, weight_block, bias_block, out):
+    """out (float32) = hidden @ weight^T (+ bias) for 16-bit operands, without a 16-bit result."""
+    if out.device.type == "cuda":
+        try:  # cuBLAS writes float32 straight from 16-bit operands (torch >= 2.8)
+            torch.mm(hidden_chunk, weight_block.t(), out_dtype=torch.float32, out=out)
+        except (TypeError, RuntimeError):
+            torch.mm(hidden_chunk.float(), weight_block.float().t(), out=out)
+    else:
+        torch.mm(hidden_chunk.float(), weight_block.float().t(), out=out)
+    if bias_block is not None:
+        out += bias_block.float()
+    return out
+
+
+class Workspace:
+    """Reused buffers that hold every logits tile (and, for float16 inputs, its gradient tile)."""
+
+    def __init__(self, numel: int, input_dtype, device, with_gradient: bool = False):
+        self.input_dtype = input_dtype
+        self.buffer = torch.empty(numel, dtype=logits_dtype(input_dtype), device=device)
+        separate = with_gradient and self.buffer.dtype != input_dtype
+        self.grad_buffer = torch.empty(numel, dtype=input_dtype, device=device) if separate else None
 
     def logits(self, hidden_chunk, weight_block, bias_block) -> torch.Tensor:
-        out = self.buffer[: hidden_chunk.shape[0] * weight_block.shape[0]].view(hidden_chunk.shape[0], -1)
+        rows, cols = hidden_chunk.shape[0], weight_block.shape[0]
+        out = self.buffer[: rows * cols].view(rows, cols)
+        if out.dtype != hidden_chunk.dtype:
+            return _matmul_float32(hidden_chunk, weight_block, bias_block, out)
         if bias_block is None:
             return torch.mm(hidden_chunk, weight_block.t(), out=out)
         return torch.addmm(bias_block, hidden_chunk, weight_block.t(), out=out)
+
+    def gradient_tile(self, tile: torch.Tensor) -> torch.Tensor:
+        """Where the row kernels write the tile's gradient: the tile itself (in place) or the 16-bit buffer."""
+        if self.grad_buffer is None:
+            return tile
+        return self.grad_buffer[: tile.numel()].view(tile.shape)
 
 
 def _ranges(total: int, step: int):
@@ -82,14 +124,14 @@ class ChunkedEngine:
         self.rows = rows
         self.memory_budget = memory_budget
 
-    def _plan(self, hidden, weight, weight_grad):
-        return plan_tiles(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.element_size(),
-                          self.memory_budget, weight_grad)
+    def _plan(self, hidden, weight, backward: bool, weight_grad: bool = False):
+        return plan_tiles(hidden.shape[0], weight.shape[0], weight.shape[1],
+                          bytes_per_logit(hidden.dtype, with_gradient=backward), self.memory_budget, weight_grad)
 
     def forward_stats(self, hidden, weight, bias, labels, transform: LogitTransform,
                       ignore_index: int = KEPT_ONLY) -> torch.Tensor:
         n, vocab = hidden.shape[0], weight.shape[0]
-        plan = self._plan(hidden, weight, weight_grad=False)
+        plan = self._plan(hidden, weight, backward=False)
         stats = init_stats(n, hidden.device)
         workspace = Workspace(min(n, plan.token_chunk) * plan.vocab_block, hidden.dtype, hidden.device)
         for t0, t1 in _ranges(n, plan.token_chunk):
@@ -104,8 +146,9 @@ class ChunkedEngine:
         """Gradients of sum(grad_logp * logp + grad_entropy * entropy) to (hidden, weight, bias)."""
         need_hidden, need_weight, need_bias = needs
         n, vocab = hidden.shape[0], weight.shape[0]
-        plan = self._plan(hidden, weight, weight_grad=need_weight)
-        workspace = Workspace(min(n, plan.token_chunk) * plan.vocab_block, hidden.dtype, hidden.device)
+        plan = self._plan(hidden, weight, backward=True, weight_grad=need_weight)
+        workspace = Workspace(min(n, plan.token_chunk) * plan.vocab_block, hidden.dtype, hidden.device,
+                              with_gradient=True)
         grad_hidden_acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
         grad_weight = torch.empty_like(weight) if need_weight else None
         grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
@@ -117,8 +160,9 @@ class ChunkedEngine:
             block_acc = torch.zeros(v1 - v0, weight.shape[1], dtype=torch.float32,
                                     device=weight.device) if need_weight else None
             for t0, t1 in _ranges(n, plan.token_chunk):
-                tile = workspace.logits(hidden[t0:t1], weight_block, None if bias is None else bias[v0:v1])
-                self.rows.grad(tile, labels[t0:t1], lse[t0:t1], grad_logp[t0:t1], tile, vocab_start=v0,
+                logits = workspace.logits(hidden[t0:t1], weight_block, None if bias is None else bias[v0:v1])
+                tile = workspace.gradient_tile(logits)  # the logits tile itself unless inputs are float16
+                self.rows.grad(logits, labels[t0:t1], lse[t0:t1], grad_logp[t0:t1], tile, vocab_start=v0,
                                ignore_index=ignore_index, transform=transform,
                                entropy=None if grad_entropy is None else entropy[t0:t1],
                                grad_entropy=None if grad_entropy is None else grad_entropy[t0:t1])
@@ -141,12 +185,13 @@ class ChunkedEngine:
 # Whole pairs per chunk (6NHV)
 # ----------------------------------------------------------------------------------------
 
-def plan_pair_chunks(pair_tokens: List[int], vocab: int, element_size: int, memory_budget: int) -> Optional[List[List[int]]]:
+def plan_pair_chunks(pair_tokens: List[int], vocab: int, input_dtype: torch.dtype,
+                     memory_budget: int) -> Optional[List[List[int]]]:
     """Group consecutive pairs into chunks whose full-vocabulary logits fit the budget.
 
     None when a single pair does not fit (the caller then takes the two-pass route).
     """
-    max_tokens = memory_budget // (element_size * vocab)
+    max_tokens = memory_budget // (bytes_per_logit(input_dtype, with_gradient=True) * vocab)
     chunks, current, used = [], [], 0
     for pair, tokens in enumerate(pair_tokens):
         if tokens > max_tokens:
@@ -178,7 +223,7 @@ class PairChunkLoss(torch.autograd.Function):
         n, vocab = hidden.shape[0], weight.shape[0]
         stats = init_stats(n, hidden.device)
         largest = max(sum(_span(tokens_by_pair[p]) for p in chunk) for chunk in chunks)
-        workspace = Workspace(largest * vocab, hidden.dtype, hidden.device)
+        workspace = Workspace(largest * vocab, hidden.dtype, hidden.device, with_gradient=True)
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
@@ -187,9 +232,9 @@ class PairChunkLoss(torch.autograd.Function):
             token_index = torch.cat([_token_range(tokens_by_pair[p], hidden.device) for p in chunk])
             h = hidden[token_index]
             chunk_labels = labels[token_index]
-            tile = workspace.logits(h, weight, bias)
+            logits = workspace.logits(h, weight, bias)
             chunk_stats = init_stats(h.shape[0], hidden.device)
-            rows.stats(tile, chunk_labels, chunk_stats, vocab_start=0, ignore_index=KEPT_ONLY, transform=transform)
+            rows.stats(logits, chunk_labels, chunk_stats, vocab_start=0, ignore_index=KEPT_ONLY, transform=transform)
             stats[:, token_index] = chunk_stats
             finished = finish_stats(chunk_stats, chunk_labels, vocab, ignore_index=KEPT_ONLY)
             logps = finished.logps.detach().requires_grad_(True)
@@ -198,7 +243,8 @@ class PairChunkLoss(torch.autograd.Function):
                 part = chunk_loss(chunk, chosen, rejected)
                 (grad_logps,) = torch.autograd.grad(part, logps)
             loss += part.detach().float()
-            rows.grad(tile, chunk_labels, finished.lse, grad_logps.float().contiguous(), tile, vocab_start=0,
+            tile = workspace.gradient_tile(logits)  # the logits tile itself unless inputs are float16
+            rows.grad(logits, chunk_labels, finished.lse, grad_logps.float().contiguous(), tile, vocab_start=0,
                       ignore_index=KEPT_ONLY, transform=transform)
             if need_hidden:
                 grad_hidden[token_index] = torch.mm(tile, weight)

@@ -39,15 +39,10 @@ import triton
 import triton.language as tl
 
 from . import stats_layout
-from .logsoftmax_gather import _post_process
+from .logsoftmax_gather import (  # the statistics layout as Triton constexprs, defined once there
+    STAT_ARGMAX, STAT_MAX, STAT_SQEXP, STAT_SUMEXP, STAT_TARGET, STAT_ZEXP, STAT_ZSUM, _post_process,
+)
 
-STAT_MAX = tl.constexpr(stats_layout.STAT_MAX)
-STAT_SUMEXP = tl.constexpr(stats_layout.STAT_SUMEXP)
-STAT_ZEXP = tl.constexpr(stats_layout.STAT_ZEXP)
-STAT_SQEXP = tl.constexpr(stats_layout.STAT_SQEXP)
-STAT_ZSUM = tl.constexpr(stats_layout.STAT_ZSUM)
-STAT_ARGMAX = tl.constexpr(stats_layout.STAT_ARGMAX)
-STAT_TARGET = tl.constexpr(stats_layout.STAT_TARGET)
 NUM_STATS = stats_layout.NUM_STATS
 NUM_STATS_C = tl.constexpr(NUM_STATS)
 
