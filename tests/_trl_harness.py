@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -31,7 +32,7 @@ PAIRS = [
 ]
 METRICS = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy",
-           "num_tokens")
+           "num_tokens", "nll_loss")
 
 
 def tokenizer():
@@ -55,8 +56,10 @@ def model(vocab_size, seed=0):
     return LlamaForCausalLM(config).float()
 
 
-def run(patched, steps=3, seed=0, impl="torch", loss_type="sigmoid", precompute_ref=False):
-    """Log history (one dict per step) of a DPOTrainer run; ``patched`` applies dpo_fast's patch_trl."""
+def run(patched, steps=3, seed=0, impl="torch", loss_type="sigmoid", precompute_ref=False, **config):
+    """Log history (one dict per step) of a DPOTrainer run; ``patched`` applies dpo_fast's patch_trl.
+
+    ``config``: further DPOConfig fields (``rpo_alpha``, ``max_length``, ...)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -70,19 +73,36 @@ def run(patched, steps=3, seed=0, impl="torch", loss_type="sigmoid", precompute_
         args = DPOConfig(output_dir=out, per_device_train_batch_size=4, max_steps=steps, learning_rate=5e-2,
                          logging_steps=1, report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
                          save_strategy="no", seed=seed, beta=0.5, loss_type=loss_type, disable_tqdm=True,
-                         precompute_ref_log_probs=precompute_ref, dataloader_num_workers=0)
+                         precompute_ref_log_probs=precompute_ref, dataloader_num_workers=0, **config)
+        stock_methods = dict(vars(DPOTrainer))
         # Patched before the trainer is built, so precomputed reference log-probs go through dpo-fast too.
         kind = dpo_trl.patch_trl(impl=impl) if patched else None
+        # Model calls that went through dpo-fast (the _compute_loss and concatenated_forward lines), and
+        # dpo-fast's warnings: a step that fell back to TRL's code would match the stock run trivially.
+        fused_calls, original_fused_forward = [], dpo_trl.fused_forward
+
+        def counted_fused_forward(*args, **kwargs):
+            fused_calls.append(1)
+            return original_fused_forward(*args, **kwargs)
+
+        dpo_trl.fused_forward = counted_fused_forward
         try:
-            trainer = DPOTrainer(model=policy, ref_model=copy.deepcopy(policy), args=args, train_dataset=data,
-                                 processing_class=tok)
-            trainer.train()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                trainer = DPOTrainer(model=policy, ref_model=copy.deepcopy(policy), args=args, train_dataset=data,
+                                     processing_class=tok)
+                trainer.train()
         finally:
+            dpo_trl.fused_forward = original_fused_forward
             dpo_trl.unpatch_trl()
+        fallbacks = [str(w.message) for w in caught if str(w.message).startswith("dpo-fast")]
+        restored = dict(vars(DPOTrainer)) == stock_methods  # unpatch_trl put every method back
         steps_logged = [{k: v for k, v in entry.items() if k in METRICS} for entry in trainer.state.log_history
                         if "loss" in entry]
         weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    return dict(history=steps_logged, patch=kind, weight_norm=sum(float(w.double().norm()) for w in weights.values()),
+    return dict(history=steps_logged, patch=kind, fused_calls=len(fused_calls), fallbacks=fallbacks,
+                restored=restored,
+                weight_norm=sum(float(w.double().norm()) for w in weights.values()),
                 head=weights["lm_head.weight"].double().sum().item())
 
 
@@ -99,8 +119,23 @@ def compare(stock, fused, rtol=1e-4, atol=1e-5):
     return worst
 
 
+def _tolerate_trl_028_probe():
+    """trl 0.28 asks transformers' ``_is_package_available("weave")``, which in transformers 5 returns a
+    (truthy) tuple, then imports the missing weave. Answer False when weave is not installed."""
+    import importlib.util
+
+    from trl import import_utils
+
+    if importlib.util.find_spec("weave") is None:
+        import_utils.is_weave_available = lambda: False
+
+
 if __name__ == "__main__":
     import trl
+    from packaging.version import Version
+
+    if Version(trl.__version__) < Version("0.29"):
+        _tolerate_trl_028_probe()
 
     # argv[1]: a JSON list of run() keyword sets; one stock and one patched run each.
     cases = json.loads(sys.argv[1]) if len(sys.argv) > 1 else [{}]

@@ -1,7 +1,8 @@
 """dpo_fast.integrations.trl: TRL's DPOTrainer with patch_trl() gives the stock trainer's losses and metrics.
 
 The installed TRL (>= 1.15: the chunked log-prob function is swapped) runs in-process;
-TRL 1.14.2 and 0.29.1 (DPOTrainer._compute_loss replaced) are installed with
+TRL 1.14.2 and 0.29.1 (DPOTrainer._compute_loss replaced) and 0.28.0 (concatenated_forward
+replaced) are installed with
 ``pip install --no-deps --target .venv/trl-<version>`` once and run in a subprocess with
 that folder first on PYTHONPATH. Everything runs offline on CPU.
 """
@@ -34,7 +35,13 @@ REPO = Path(__file__).resolve().parent.parent
 OLDER_TRL = {
     "1.14.2": [{"loss_type": ["sigmoid", "sft"]}, {"loss_type": "ipo", "precompute_ref": True}],
     "0.29.1": [{"loss_type": ["hinge", "sft"]}],
+    # concatenated_forward: sums with the sft NLL and rpo_alpha, IPO's means with precomputed reference
+    # log-probs, and left-truncation (max_length shorter than prompt + completion).
+    "0.28.0": [{"loss_type": ["sigmoid", "sft"], "rpo_alpha": 0.5},
+               {"loss_type": "ipo", "precompute_ref": True, "max_length": 8, "truncation_mode": "keep_end"}],
 }
+# The patch each TRL line gets.
+PATCH_KIND = {"0.28.0": "concatenated_forward"}
 
 
 @pytest.fixture(autouse=True)
@@ -136,7 +143,10 @@ def test_compute_loss_line_matches_stock(version):
     assert result.returncode == 0 and lines, result.stderr[-4000:]
     for case in json.loads(lines[0][len("RESULT "):]):
         assert case["trl"] == version
-        assert case["fused"]["patch"] == "compute_loss"
+        assert case["fused"]["patch"] == PATCH_KIND.get(version, "compute_loss")
+        assert not case["fused"]["fallbacks"], case["fused"]["fallbacks"]
+        assert case["fused"]["restored"], "unpatch_trl left DPOTrainer patched"
+        assert case["fused"]["fused_calls"] >= len(case["fused"]["history"]), "the trainer never reached dpo-fast"
         worst = harness.compare(case["stock"], case["fused"])
         print(f"trl {version} {case['options']}: worst metric differences {worst}")
 
@@ -152,8 +162,8 @@ def test_unpatch_restores_trl():
 
 
 def test_older_trl_is_refused(monkeypatch):
-    monkeypatch.setattr(trl, "__version__", "0.28.0")
-    with pytest.raises(RuntimeError, match="concatenated_forward"):
+    monkeypatch.setattr(trl, "__version__", "0.27.2")
+    with pytest.raises(RuntimeError, match="0.28.0"):
         dpo_trl.patch_trl()
 
 
@@ -167,3 +177,19 @@ def test_settings_without_a_fused_equivalent_run_trl_code():
     for change in (dict(f_divergence_type="js_divergence"), dict(ld_alpha=0.5), dict(use_weighting=True),
                    dict(aux_loss_enabled=True)):
         assert dpo_trl._unsupported_setting(SimpleNamespace(**dict(base, **change)), False) is not None, change
+
+
+def test_concatenated_forward_settings_without_a_fused_equivalent_run_trl_code():
+    def trainer(**change):
+        base = dict(is_encoder_decoder=False, is_vision_model=False, padding_free=False, aux_loss_enabled=False,
+                    use_weighting=False, args=SimpleNamespace(ld_alpha=None))
+        return SimpleNamespace(**dict(base, **change))
+
+    assert dpo_trl._unsupported_forward(trainer(), {}, False) is None
+    # ld_alpha only changes the policy's log-probs: the reference pass stays fused.
+    assert dpo_trl._unsupported_forward(trainer(args=SimpleNamespace(ld_alpha=0.5)), {}, True) is None
+    assert dpo_trl._unsupported_forward(trainer(args=SimpleNamespace(ld_alpha=0.5)), {}, False) is not None
+    assert dpo_trl._unsupported_forward(trainer(), {"pixel_values": None}, False) is not None
+    for change in (dict(is_encoder_decoder=True), dict(is_vision_model=True), dict(padding_free=True),
+                   dict(aux_loss_enabled=True), dict(use_weighting=True)):
+        assert dpo_trl._unsupported_forward(trainer(**change), {}, False) is not None, change

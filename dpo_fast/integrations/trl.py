@@ -15,10 +15,19 @@ How the switch is made depends on the installed TRL:
   through dpo-fast as well. Settings dpo-fast does not implement (f-divergences other than
   reverse KL, ``ld_alpha``, WPO weighting, MoE auxiliary loss, ``return_outputs``) run TRL's
   own code, with a warning.
-- older TRL (``concatenated_forward`` / ``get_batch_loss_metrics``) is refused with an error.
+- 0.28 <= trl < 0.29: ``DPOTrainer.concatenated_forward`` builds full logits. It is replaced
+  by a version that builds the same inputs (TRL's own flush/truncation helpers), runs the
+  backbone inside the model's forward and returns the same keys from dpo-fast's per-token
+  log-probs and mean logits (``chosen_logps``, ``rejected_logps``, ``mean_chosen_logits``,
+  ``mean_rejected_logits``, ``nll_loss``); TRL's ``get_batch_loss_metrics`` keeps the loss
+  and metrics, and ``compute_ref_log_probs`` goes through the same method. Encoder-decoder
+  and vision models, ``padding_free``, MoE auxiliary loss, WPO weighting and ``ld_alpha``
+  (policy) run TRL's own method, with a warning. ``use_logits_to_keep`` needs nothing: no
+  logits are built.
+- older TRL is refused with an error.
 
-Verified against the stock trainer in the test suite: trl 1.16.0, 1.14.2 and 0.29.1; 1.15.0
-by reading its source (the same fused-head call as 1.16.0).
+Verified against the stock trainer in the test suite: trl 1.16.0, 1.14.2, 0.29.1 and 0.28.0;
+1.15.0 by reading its source (the same fused-head call as 1.16.0).
 """
 
 import contextlib
@@ -29,11 +38,12 @@ from typing import Optional
 import torch
 
 from .. import api
-from ..hf import DPOComputation, SequenceLogpsComputation, fused_forward, head_precision
+from ..hf import DPOComputation, HeadComputation, SequenceLogpsComputation, fused_forward, head_precision
 
 FUSED_HEAD_SINCE = "1.15.0"  # first TRL whose DPOTrainer routes through _ChunkedLogProbFunction
 COMPUTE_LOSS_SINCE = "0.29.0"  # first TRL whose DPOTrainer has _compute_loss (full logits)
-VERIFIED_VERSIONS = ("0.29.1", "1.14.2", "1.15.0", "1.16.0")
+CONCATENATED_FORWARD_SINCE = "0.28.0"  # oldest TRL whose concatenated_forward was checked
+VERIFIED_VERSIONS = ("0.28.0", "0.29.1", "1.14.2", "1.15.0", "1.16.0")
 # The per-token outputs TRL's ChunkedLogProbFunction returns, in order.
 TRL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -123,12 +133,12 @@ def _unsupported_setting(trainer, return_outputs) -> Optional[str]:
     return None
 
 
-def _warn_fallback(reason):
+def _warn_fallback(reason, method="_compute_loss"):
     seen = _state.setdefault("warned", set())
-    if reason not in seen:
-        seen.add(reason)
+    if (reason, method) not in seen:
+        seen.add((reason, method))
         warnings.warn(f"dpo-fast: {reason} is not supported by the fused DPO loss; this step runs TRL's own "
-                      "_compute_loss (full logits)", stacklevel=3)
+                      f"{method} (full logits)", stacklevel=3)
 
 
 def _trainer_module():
@@ -251,11 +261,132 @@ def _patch_compute_loss(impl, memory_budget):
 
 
 # ----------------------------------------------------------------------------------------
+# 0.28 <= trl < 0.29: DPOTrainer.concatenated_forward
+# ----------------------------------------------------------------------------------------
+
+# Inputs that make TRL 0.28 build the model call differently (images, token types): TRL's own code runs.
+_VISION_BATCH_KEYS = ("pixel_values", "pixel_attention_mask", "image_sizes", "token_type_ids")
+
+
+class TokenOutputsComputation(HeadComputation):
+    """Per-token log-probs (differentiable) and vocab-mean logits, shaped like the targets.
+
+    Returns ``(log_probs, mean_logits, targets)``, each ``[rows, T]``: small tensors from which
+    the caller takes whichever per-sequence reductions its trainer version logs.
+    """
+
+    def __init__(self, impl, memory_budget):
+        self.impl, self.memory_budget = impl, memory_budget
+
+    def from_hidden(self, hidden, targets, head):
+        t = head.transform
+        with head_precision(hidden, head.weight, head.bias) as (hidden, weight, bias):
+            prep = api._prepare(hidden, weight, targets, bias, -100, 1.0, t.scale, t.softcap, self.impl, None, None,
+                                self.memory_budget, False)
+            kept = api._kept_token_outputs(prep, weight, bias)
+            scatter = prep.layout.scatter
+            return scatter(kept.logps), scatter(kept.mean_logits.detach().float()), targets
+
+    def from_logits(self, logits, targets):
+        impl = "auto" if self.impl == "fused" else self.impl
+        log_probs, _, _, mean_logits, _ = api._logits_outputs(logits, targets, -100, 1.0, False, impl)
+        return log_probs, mean_logits, targets
+
+
+def _unsupported_forward(trainer, batch, is_ref_model) -> Optional[str]:
+    """Why this ``concatenated_forward`` call must run TRL's own code, or None."""
+    if trainer.is_encoder_decoder:
+        return "an encoder-decoder model"
+    if getattr(trainer, "is_vision_model", False) or any(k in batch for k in _VISION_BATCH_KEYS):
+        return "a vision model (image inputs / token_type_ids)"
+    if trainer.padding_free:
+        return "padding_free"
+    if trainer.aux_loss_enabled:
+        return "a MoE auxiliary loss"
+    if trainer.use_weighting:
+        return "use_weighting (WPO)"
+    if trainer.args.ld_alpha is not None and not is_ref_model:  # TRL applies it to the policy only
+        return "ld_alpha"
+    return None
+
+
+def _concatenated_model_inputs(trainer, batch):
+    """(input_ids, attention_mask, completion_mask) [2B, T] as TRL 0.28 builds them: prompt + completion,
+    flushed left and truncated to ``max_length`` with TRL's own helpers."""
+    module = sys.modules[_state["concatenated_forward"][1].__module__]
+    joined = trainer.concatenated_inputs(batch, padding_value=trainer.pad_token_id)
+    prompt_mask = joined["prompt_attention_mask"]
+    input_ids = torch.cat((joined["prompt_input_ids"], joined["completion_input_ids"]), dim=1)
+    attention_mask = torch.cat((prompt_mask, joined["completion_attention_mask"]), dim=1)
+    loss_mask = torch.cat((torch.zeros_like(prompt_mask), joined["completion_attention_mask"]), dim=1)
+    limit = trainer.max_length
+    if limit is not None and limit < attention_mask.size(1):
+        if trainer.truncation_mode == "keep_start":
+            attention_mask, input_ids, loss_mask = module.flush_left(attention_mask, input_ids, loss_mask)
+            return input_ids[:, :limit], attention_mask[:, :limit], loss_mask[:, :limit]
+        if trainer.truncation_mode != "keep_end":
+            raise ValueError(f"Unknown truncation mode: {trainer.truncation_mode!r}")
+        attention_mask, input_ids, loss_mask = module.flush_right(attention_mask, input_ids, loss_mask)
+        attention_mask, input_ids, loss_mask = attention_mask[:, -limit:], input_ids[:, -limit:], loss_mask[:, -limit:]
+    attention_mask, input_ids, loss_mask = module.flush_left(attention_mask, input_ids, loss_mask)
+    return input_ids, attention_mask, loss_mask
+
+
+def _fused_concatenated_forward(self, model, batch, is_ref_model=False):
+    """``DPOTrainer.concatenated_forward`` for trl 0.28: the same output keys and meanings, no [N, V] logits.
+
+    ``chosen_logps`` / ``rejected_logps``: sums over completion tokens (means under ``ipo``),
+    differentiable; ``mean_chosen_logits`` / ``mean_rejected_logits``: the mean logit over
+    completion tokens and vocabulary; ``nll_loss`` (with ``rpo_alpha`` or ``sft``): the
+    mean NLL of chosen completion tokens, skipping target id 0 as TRL 0.28's
+    ``cross_entropy(..., ignore_index=0)`` does.
+    """
+    reason = _unsupported_forward(self, batch, is_ref_model)
+    if reason is not None:
+        _warn_fallback(reason, "concatenated_forward")
+        return _state["concatenated_forward"][1](self, model, batch, is_ref_model)
+    settings = _state["settings"]
+    input_ids, attention_mask, loss_mask = _concatenated_model_inputs(self, batch)
+    labels = input_ids.masked_fill(loss_mask == 0, -100)
+    computation = TokenOutputsComputation(settings["impl"], settings["memory_budget"])
+    with self.accelerator.autocast(), fused_forward(model, computation) as call:
+        log_probs, mean_logits, targets = call(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    scored = targets != -100
+    pairs = batch["prompt_input_ids"].shape[0]
+    lengths = scored.sum(-1)
+    sequence_logps = log_probs.sum(-1)
+    output = {}
+    if self.args.rpo_alpha is not None or "sft" in self.loss_type:
+        nll_tokens = scored[:pairs] & (targets[:pairs] != 0)
+        output["nll_loss"] = -(log_probs[:pairs] * nll_tokens).sum() / nll_tokens.sum()
+    if "ipo" in self.loss_type:
+        sequence_logps = sequence_logps / lengths
+    output["chosen_logps"], output["rejected_logps"] = sequence_logps[:pairs], sequence_logps[pairs:]
+    logit_sums = mean_logits.sum(-1)  # each token's mean over the vocabulary: equal weights per token
+    output["mean_chosen_logits"] = logit_sums[:pairs].sum() / lengths[:pairs].sum()
+    output["mean_rejected_logits"] = logit_sums[pairs:].sum() / lengths[pairs:].sum()
+    return output
+
+
+def _patch_concatenated_forward(impl, memory_budget):
+    from trl import DPOTrainer
+
+    if not hasattr(DPOTrainer, "concatenated_forward"):
+        raise RuntimeError(f"trl {trl_version()}: DPOTrainer has no concatenated_forward; dpo-fast cannot patch it")
+    _state["settings"] = dict(impl=impl, memory_budget=memory_budget)
+    if "concatenated_forward" not in _state:
+        _state["concatenated_forward"] = (DPOTrainer, DPOTrainer.__dict__["concatenated_forward"],
+                                          "concatenated_forward")
+    DPOTrainer.concatenated_forward = _fused_concatenated_forward
+
+
+# ----------------------------------------------------------------------------------------
 # public switch
 # ----------------------------------------------------------------------------------------
 
 def patch_trl(impl: str = "auto", memory_budget: Optional[int] = None) -> str:
-    """Make TRL's DPO training run dpo-fast. Returns which patch was applied ('fused_head' or 'compute_loss').
+    """Make TRL's DPO training run dpo-fast. Returns which patch was applied ('fused_head', 'compute_loss' or
+    'concatenated_forward').
 
     ``impl`` and ``memory_budget`` are :func:`dpo_fast.dpo_loss`'s. Call :func:`unpatch_trl` to undo.
     """
@@ -269,10 +400,13 @@ def patch_trl(impl: str = "auto", memory_budget: Optional[int] = None) -> str:
     if version >= Version(COMPUTE_LOSS_SINCE):
         _patch_compute_loss(impl, memory_budget)
         return "compute_loss"
+    if version >= Version(CONCATENATED_FORWARD_SINCE):
+        _patch_concatenated_forward(impl, memory_budget)
+        return "concatenated_forward"
     raise RuntimeError(
-        f"dpo_fast.integrations.trl supports trl >= {COMPUTE_LOSS_SINCE} (verified: {', '.join(VERIFIED_VERSIONS)}); "
-        f"installed trl {version} computes DPO in concatenated_forward/get_batch_loss_metrics, which dpo-fast does "
-        "not patch. Upgrade trl, or call dpo_fast.hf.dpo_forward from your own training step.")
+        f"dpo_fast.integrations.trl supports trl >= {CONCATENATED_FORWARD_SINCE} (verified: "
+        f"{', '.join(VERIFIED_VERSIONS)}); installed trl {version} is older and its concatenated_forward was never "
+        "checked against dpo-fast. Upgrade trl, or call dpo_fast.hf.dpo_forward from your own training step.")
 
 
 def unpatch_trl() -> None:
@@ -280,7 +414,7 @@ def unpatch_trl() -> None:
     if "fused_head" in _state:
         module, original = _state.pop("fused_head")
         module._ChunkedLogProbFunction = original
-    for name in ("compute_loss", "compute_ref_log_probs"):
+    for name in ("compute_loss", "compute_ref_log_probs", "concatenated_forward"):
         if name in _state:
             cls, original, attr = _state.pop(name)
             setattr(cls, attr, original)
@@ -288,7 +422,7 @@ def unpatch_trl() -> None:
 
 
 def is_patched() -> bool:
-    return "fused_head" in _state or "compute_loss" in _state
+    return any(name in _state for name in ("fused_head", "compute_loss", "concatenated_forward"))
 
 
 __all__ = ["ChunkedLogProb", "patch_trl", "unpatch_trl", "is_patched", "VERIFIED_VERSIONS"]
