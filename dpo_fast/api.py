@@ -239,19 +239,21 @@ class DPOLoss(torch.nn.Module):
 
     def __init__(self, beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.5,
                  discopop_tau=0.05, cpo_alpha=1.0, ignore_index=-100, temperature=1.0, logit_scale=1.0,
-                 softcap=None, impl="auto", memory_budget=None, check_finite=False):
+                 softcap=None, impl="auto", memory_budget=None, check_finite=False, filter_eps=0.0,
+                 process_group=None):
         super().__init__()
         self.settings = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
                              label_smoothing=label_smoothing, gamma=gamma, discopop_tau=discopop_tau,
                              cpo_alpha=cpo_alpha, ignore_index=ignore_index, temperature=temperature,
                              logit_scale=logit_scale, softcap=softcap, impl=impl, memory_budget=memory_budget,
-                             check_finite=check_finite)
+                             check_finite=check_finite, filter_eps=filter_eps, process_group=process_group)
         # Fail at construction, not at the first batch.
         _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha, True)
         check.check_transform(temperature, logit_scale, softcap)
         check.check_impl(impl)
         check.check_ignore_index(ignore_index)
         check.check_memory_budget(memory_budget)
+        check.check_filter_eps(filter_eps, impl)
 
     def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, bias=None,
                 sequence_ids=None, cu_seqlens=None) -> DPOOutput:
