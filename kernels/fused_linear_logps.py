@@ -192,6 +192,31 @@ def _split_range(split, V, num_splits, BLOCK_V: tl.constexpr):
 # forward: per-token statistics
 # ----------------------------------------------------------------------------------------
 
+@triton.jit
+def _worth_computing(grad_z, filter_eps, FILTER: tl.constexpr):
+    """Gradient filtering (approximate, off unless FILTER): skip a tile whose every |dz| < filter_eps."""
+    if FILTER:
+        return tl.max(tl.max(tl.abs(grad_z), axis=1), axis=0) >= filter_eps
+    return True
+
+
+@triton.jit
+def _add_product(out_rows, out_ok, lhs, rhs_rows, rhs_ok, stride_rk, H, BLOCK_K: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """out[:, k] += lhs @ rhs[:, k] in float32, one BLOCK_K slice of the hidden dimension at a time.
+
+    ``out_rows``/``rhs_rows`` point at the start of each row; ``out`` rows have stride H.
+    """
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        rhs = _operand(tl.load(rhs_rows + ks[None, :] * stride_rk, mask=rhs_ok[:, None] & k_ok[None, :], other=0.0))
+        out = out_rows + ks[None, :]
+        mask = out_ok[:, None] & k_ok[None, :]
+        acc = tl.load(out, mask=mask, other=0.0)
+        tl.store(out, tl.dot(lhs, rhs, acc, input_precision=DOT_PRECISION), mask=mask)
+
+
 @triton.autotune(configs=_configs(_TOKEN_MAJOR), key=["H", "V", "n_bucket"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
@@ -314,23 +339,11 @@ def _grad_hidden_kernel(
                          col_ok, H, HAS_BIAS, BLOCK_K, BLOCK_N, BLOCK_V, DOT_PRECISION)
         grad_s, grad_z = _logits_grad(s, cols, col_ok, row_ok, label, lse, g, entropy, g_entropy, scale, softcap,
                                       inv_temperature, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
-        useful = True
-        if FILTER:
-            useful = tl.max(tl.max(tl.abs(grad_z), axis=1), axis=0) >= filter_eps
-        if useful:
+        if _worth_computing(grad_z, filter_eps, FILTER):
             # dz is rounded to the weight dtype, as the chunked path's in-place tile is.
             dz = _operand(grad_s.to(w_ptr.dtype.element_ty))
-            w_rows = w_ptr + cols[:, None] * stride_wv
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < H
-                w = _operand(tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :],
-                                     other=0.0))
-                out = dh_rows + ks[None, :]
-                out_ok = row_ok[:, None] & k_ok[None, :]
-                acc = tl.load(out, mask=out_ok, other=0.0)
-                acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
-                tl.store(out, acc, mask=out_ok)
+            _add_product(dh_rows, row_ok, dz, w_ptr + cols[:, None] * stride_wv, col_ok, stride_wk, H, BLOCK_K,
+                         DOT_PRECISION)
         # The next tile re-reads these rows, possibly from other threads of this program.
         tl.debug_barrier()
 
@@ -361,25 +374,13 @@ def _grad_weight_kernel(
                          col_ok, H, HAS_BIAS, BLOCK_K, BLOCK_N, BLOCK_V, DOT_PRECISION)
         grad_s, grad_z = _logits_grad(s, cols, col_ok, row_ok, label, lse, g, entropy, g_entropy, scale, softcap,
                                       inv_temperature, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
-        useful = True
-        if FILTER:
-            useful = tl.max(tl.max(tl.abs(grad_z), axis=1), axis=0) >= filter_eps
-        if useful:
+        if _worth_computing(grad_z, filter_eps, FILTER):
             if NEED_BIAS:
                 db += tl.sum(grad_s, axis=0)
             if NEED_WEIGHT:
                 dz_t = _operand(tl.trans(grad_s).to(h_ptr.dtype.element_ty))
-                h_rows = h_ptr + rows[:, None] * stride_hn
-                for k0 in range(0, H, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = ks < H
-                    h = _operand(tl.load(h_rows + ks[None, :] * stride_hk, mask=row_ok[:, None] & k_ok[None, :],
-                                         other=0.0))
-                    out = dw_rows + ks[None, :]
-                    out_ok = col_ok[:, None] & k_ok[None, :]
-                    acc = tl.load(out, mask=out_ok, other=0.0)
-                    acc = tl.dot(dz_t, h, acc, input_precision=DOT_PRECISION)
-                    tl.store(out, acc, mask=out_ok)
+                _add_product(dw_rows, col_ok, dz_t, h_ptr + rows[:, None] * stride_hn, row_ok, stride_hk, H,
+                             BLOCK_K, DOT_PRECISION)
         tl.debug_barrier()
     if NEED_BIAS:
         tl.store(db_ptr + cols, db, mask=col_ok)
