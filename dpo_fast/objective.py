@@ -43,6 +43,9 @@ class DPOOutput:
 
 def pair_terms(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
                rejected_lengths, cfg: LossConfig, total_chosen_tokens: float, num_pairs: int) -> PairTerms:
+    # The formulas run in float64: on [pairs] tensors that costs nothing, and some of them
+    # (discopop's exp(x / tau), ipo's squares) would amplify float32 rounding of the sums.
+    chosen_logps, rejected_logps = chosen_logps.double(), rejected_logps.double()
     zeros = torch.zeros_like(chosen_logps)
     return PairTerms(
         chosen_logps=chosen_logps,
@@ -69,7 +72,7 @@ def batch_loss(sequence_logps, lengths, ref_chosen_logps, ref_rejected_logps, cf
     chosen_lengths, rejected_lengths = lengths[:pairs], lengths[pairs:]
     terms = pair_terms(sequence_logps[:pairs], sequence_logps[pairs:], ref_chosen_logps, ref_rejected_logps,
                        chosen_lengths, rejected_lengths, cfg, float(chosen_lengths.sum()), pairs)
-    return pair_losses(terms, cfg.loss_types, cfg.loss_weights).mean()
+    return pair_losses(terms, cfg.loss_types, cfg.loss_weights).mean().to(sequence_logps.dtype)
 
 
 def dpo_output(loss, sequence_logps, lengths, ref_chosen_logps, ref_rejected_logps, cfg: LossConfig,

@@ -216,7 +216,7 @@ def _pair_loss_output(sequence, lengths, ref_chosen, ref_rejected, cfg, mean_log
     pairs = sequence.shape[0] // 2
     terms = pair_terms(sequence[:pairs], sequence[pairs:], ref_chosen, ref_rejected, lengths[:pairs],
                        lengths[pairs:], cfg, lengths[:pairs].sum().float(), pairs)
-    loss = pair_losses(terms, cfg.loss_types, cfg.loss_weights).mean()
+    loss = pair_losses(terms, cfg.loss_types, cfg.loss_weights).mean().to(sequence.dtype)
     return dpo_output(loss, sequence, lengths, ref_chosen, ref_rejected, cfg, mean_logits, top1, entropy)
 
 
