@@ -217,6 +217,18 @@ def _add_product(out_rows, out_ok, lhs, rhs_rows, rhs_ok, stride_rk, H, BLOCK_K:
         tl.store(out, tl.dot(lhs, rhs, acc, input_precision=DOT_PRECISION), mask=mask)
 
 
+@triton.jit
+def _store_stats(out, n, row_ok, m, sum_exp, z_exp, sq_exp, z_sum, arg, target):
+    """Write the statistics of a block of rows; ``out`` points at the rows in a [NUM_STATS, n] layout."""
+    tl.store(out + STAT_MAX * n, m, mask=row_ok)
+    tl.store(out + STAT_SUMEXP * n, sum_exp, mask=row_ok)
+    tl.store(out + STAT_ZEXP * n, z_exp, mask=row_ok)
+    tl.store(out + STAT_SQEXP * n, sq_exp, mask=row_ok)
+    tl.store(out + STAT_ZSUM * n, z_sum, mask=row_ok)
+    tl.store(out + STAT_ARGMAX * n, arg, mask=row_ok)
+    tl.store(out + STAT_TARGET * n, target, mask=row_ok)
+
+
 @triton.autotune(configs=_configs(_TOKEN_MAJOR), key=["H", "V", "n_bucket"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
@@ -261,14 +273,8 @@ def _forward_kernel(
         z_exp = z_exp * rescale + tl.sum(e * tl.where(e > 0, z, 0.0), axis=1)
         sq_exp = sq_exp * rescale * rescale + tl.sum(e * e, axis=1)
         m = new_m
-    out = partial_ptr + split.to(tl.int64) * NUM_STATS_C * n + rows
-    tl.store(out + STAT_MAX * n, m, mask=row_ok)
-    tl.store(out + STAT_SUMEXP * n, sum_exp, mask=row_ok)
-    tl.store(out + STAT_ZEXP * n, z_exp, mask=row_ok)
-    tl.store(out + STAT_SQEXP * n, sq_exp, mask=row_ok)
-    tl.store(out + STAT_ZSUM * n, z_sum, mask=row_ok)
-    tl.store(out + STAT_ARGMAX * n, arg, mask=row_ok)
-    tl.store(out + STAT_TARGET * n, target, mask=row_ok)
+    _store_stats(partial_ptr + split.to(tl.int64) * NUM_STATS_C * n + rows, n, row_ok, m, sum_exp, z_exp, sq_exp,
+                 z_sum, arg, target)
 
 
 
@@ -301,13 +307,7 @@ def _merge_splits_kernel(partial_ptr, stats_ptr, n, num_splits, BLOCK: tl.conste
         target += tl.load(part + STAT_TARGET * n, mask=row_ok, other=0.0)
         m = new_m
         part += NUM_STATS_C * n
-    tl.store(stats_ptr + STAT_MAX * n + rows, m, mask=row_ok)
-    tl.store(stats_ptr + STAT_SUMEXP * n + rows, sum_exp, mask=row_ok)
-    tl.store(stats_ptr + STAT_ZEXP * n + rows, z_exp, mask=row_ok)
-    tl.store(stats_ptr + STAT_SQEXP * n + rows, sq_exp, mask=row_ok)
-    tl.store(stats_ptr + STAT_ZSUM * n + rows, z_sum, mask=row_ok)
-    tl.store(stats_ptr + STAT_ARGMAX * n + rows, arg, mask=row_ok)
-    tl.store(stats_ptr + STAT_TARGET * n + rows, target, mask=row_ok)
+    _store_stats(stats_ptr + rows, n, row_ok, m, sum_exp, z_exp, sq_exp, z_sum, arg, target)
 
 
 # ----------------------------------------------------------------------------------------
