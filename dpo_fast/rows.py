@@ -70,7 +70,9 @@ def finish_stats(stats: torch.Tensor, labels: torch.Tensor, vocab_size: int, ign
         log_sum_sq = torch.log(stats[STAT_SQEXP]) - 2 * torch.log(sum_exp)
     zero = torch.zeros_like(lse)
     return TokenStats(
-        logps=torch.where(active, stats[STAT_TARGET] - lse, zero),
+        # (target - max) - log(sum) rather than target - lse: a confident token's log-prob is then
+        # not the difference of two nearly equal large numbers (Sterbenz: target - max is exact).
+        logps=torch.where(active, (stats[STAT_TARGET] - stats[STAT_MAX]) - torch.log(sum_exp), zero),
         lse=lse,
         entropy=torch.where(active, entropy, zero),
         log_sum_sq_probs=torch.where(active, log_sum_sq, zero),
