@@ -6,6 +6,7 @@ collection time, ahead of every test module.
 
 import os
 import shutil
+import zlib
 
 if not shutil.which("nvidia-smi") and os.environ.get("TRITON_INTERPRET") is None:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -24,9 +25,11 @@ def device():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    # Fresh random inputs every run, reproducible from the printed seed when a test fails.
-    seed = int.from_bytes(os.urandom(4), "little")
+def _fixed_seed(request):
+    # Every test draws its inputs from a seed fixed by its own name: the same inputs on every run and
+    # every machine, so a result never depends on the luck of a draw. Tests that need several draws
+    # parametrize their own seeds on top of this one.
+    seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     yield seed
 

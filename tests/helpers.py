@@ -11,6 +11,12 @@ def rel_err(actual, expected) -> float:
     return float((actual - expected).abs().max() / scale) if expected.numel() else 0.0
 
 
+def float32_sum_tol(terms: int, floor: float = 1e-5) -> float:
+    """Relative tolerance for a float32 result that sums ``terms`` values: rounding errors of a sum
+    walk like sqrt(terms) ulps (in a CPU- and BLAS-dependent order), with ``floor`` for small sums."""
+    return max(floor, terms ** 0.5 * torch.finfo(torch.float32).eps)
+
+
 def abs_or_rel_err(actual, expected) -> float:
     """Relative error on a scale of at least 1 (absolute for values near zero)."""
     actual, expected = actual.detach().double(), expected.detach().double()

@@ -83,7 +83,7 @@ def _entry(rank, scenarios, folder, seed):
 
 @pytest.fixture(scope="module")
 def rank_reports(tmp_path_factory):
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = 20261126  # fixed: the same inputs on every run and machine
     reports, error = _run_ranks(SCENARIOS, tmp_path_factory.mktemp("ranks"), seed)
     print(f"seed {seed}\n{json.dumps(reports, indent=1)}")
     return reports, error, seed
@@ -534,7 +534,7 @@ def _zero3_worker(rank):
                     reason="opt-in: DPO_FAST_TEST_DEEPSPEED=1 with deepspeed installed")
 def test_deepspeed_zero3_matches_one_process(tmp_path):
     pytest.importorskip("deepspeed")
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = 20261126  # fixed: the same inputs on every run and machine
     reports, error = _run_ranks({"zero3": (_zero3_worker, ())}, tmp_path, seed)
     print(f"seed {seed}\n{json.dumps(reports, indent=1)}")
     _check((reports, error, seed), "zero3", 4 * (1 + 5 + 1))
