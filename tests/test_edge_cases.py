@@ -270,9 +270,22 @@ def test_vocabulary_of_one(impl, device):
 # so on CPU only the cuBLAS-tiled paths take it (on a GPU every impl does).
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i != "fused" or ON_GPU])
 def test_vocabulary_of_256000_with_few_tokens(impl, device):
-    h, w, b, labels = make_batch(1, 3, 8, 256000, device=device, bias=True, prompt=0)
-    # The log-sum-exp and grad_hidden each sum 256000 float32 terms.
-    _check_token_logps(impl, h, w, labels, bias=b, tol=float32_sum_tol(256000))
+    vocab = 256000
+    h, w, b, labels = make_batch(1, 3, 8, vocab, device=device, bias=True, prompt=0)
+    ours = dpo_fast.token_logps(h, w, labels, bias=b, impl=impl)
+    kept = labels != -100
+    naive = torch.log_softmax(h @ w.t() + b, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * kept
+    h64, w64, b64 = _as64(h, w, b)
+    oracle, _ = reference.token_outputs(h64, w64, labels, bias=b64)
+    # The log-sum-exp sums 256000 float32 terms: sqrt(V) ulps.
+    assert rel_err(ours, oracle) < float32_sum_tol(vocab)
+    # grad_hidden = g * (w_target - sum_j p_j w_j) sums 256000 terms that largely cancel, so its error
+    # relative to its own size depends on the draw and on the BLAS summation order: each gradient is
+    # judged against naive float32 log_softmax's on the same inputs (and sqrt(V) ulps).
+    upstream = torch.randn_like(ours)
+    for got, plain, want in zip(_grads(ours, (h, w, b), upstream), _grads(naive, (h, w, b), upstream),
+                                _grads(oracle, (h64, w64, b64), upstream.double())):
+        assert rel_err(got, want) <= max(float32_sum_tol(vocab), 1.25 * rel_err(plain, want))
 
 
 # ----------------------------------------------------------------------------------------
