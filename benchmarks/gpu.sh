@@ -11,7 +11,8 @@
 # Stages, each with its own budget; every result is on disk under $OUT as soon as it exists:
 #   1. install: the carried wheels (.whl/: trl, liger-kernel, cut-cross-entropy and what the image lacks of
 #      their needs) and dpo-fast (a copy laid out as installed) into a scratch folder put first on PYTHONPATH
-#   2. environment report (nvidia-smi, versions, each peer imported)               ENV_S=45
+#   2. environment report (nvidia-smi, versions, each peer imported, the wheels'
+#      requirements checked against what is installed: benchmarks/wheel_check.py)  ENV_S=45
 #   3. cost-model plan, when `python -m benchmarks plan` exists                     PLAN_S=20
 #   4. tests/test_gpu_smoke.py: every impl x bf16/fp16/fp32 against the float64
 #      oracle at real head sizes, no -x (each failure reported)                      TESTS_S=100
@@ -145,6 +146,10 @@ for module in ("dpo_fast", "dpo_fast.fused", "trl", "trl.trainer.utils", "trl.ke
     except Exception as exc:
         print("import", module, "FAILED:", type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
 PYEOF
+  if compgen -G "$WHEELS/*.whl" > /dev/null; then
+    echo "### the carried wheels' requirements against what is installed here"
+    timeout --kill-after=5 30 "${RUN[@]}" -m benchmarks.wheel_check --installed "$WHEELS"
+  fi
 } >> "$OUT/gpu_sh.log" 2>&1
 log "environment done"
 
