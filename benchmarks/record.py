@@ -57,7 +57,12 @@ def test_summary(folder: Optional[Path]) -> Optional[str]:
     text = log.read_text(errors="replace")
     closing = re.findall(r"^=*\s*(\d+ (?:passed|failed|error).*?)\s*=*$", text, re.M)
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
-    summary = closing[-1] if closing else "no closing line (stopped by its time limit?)"
+    if closing:
+        summary = closing[-1]
+    else:  # stopped by its time limit: count the verdicts -v printed so far
+        verdicts = re.findall(r"^\S+::\S+ (PASSED|FAILED|ERROR)", text, re.M)
+        summary = (", ".join(f"{verdicts.count(v)} {v.lower()}" for v in ("PASSED", "FAILED", "ERROR"))
+                   + " before its time limit stopped it (no closing line)")
     return summary + "".join(f"; failed: {name}" for name in failed)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import record
+from benchmarks.cases import ALL_CASES, GPU_CASES
 from benchmarks.methods import BY_NAME
 from benchmarks.sweep import run_order
 from benchmarks.timing import time_ms
@@ -126,6 +127,16 @@ def test_the_documented_device_call_is_the_same_everywhere():
     assert total_s + 30 <= int(re.search(r"timeout_s=(\d+)", call).group(1)) <= 600
 
 
+def test_gpu_sh_names_real_cases_and_methods():
+    script = (ROOT / "benchmarks" / "gpu.sh").read_text()
+    headline_dry, headline_gpu = re.findall(r'^  HEADLINE="([^"]+)"$', script, re.M)
+    rest_dry = re.search(r'^  REST_CASES="([^"]+)"$', script, re.M).group(1)
+    assert headline_gpu in [c.name for c in GPU_CASES]
+    assert {headline_dry, *rest_dry.split(",")} <= set(ALL_CASES)
+    for methods in re.findall(r'--methods "([^"]+)"', script):
+        assert set(methods.split(",")) <= set(BY_NAME)
+
+
 def test_run_order_puts_dpo_fast_first_and_compilers_last():
     names = [m.name for m in run_order(list(BY_NAME.values()))]
     ours = [n for n in names if n.startswith("dpo-fast")]
@@ -153,8 +164,9 @@ def test_test_summary_names_the_failures(tmp_path):
     summary = record.test_summary(tmp_path)
     assert summary.startswith("1 failed, 2 passed in 81.30s")
     assert summary.endswith("failed: tests/test_gpu_smoke.py::test_x[bfloat16-fused]")
-    (tmp_path / "gpu_tests.log").write_text("..\n")  # killed by its time limit before the closing line
-    assert "no closing line" in record.test_summary(tmp_path)
+    (tmp_path / "gpu_tests.log").write_text(  # killed by its time limit before the closing line
+        "tests/test_gpu_smoke.py::test_x[a] PASSED [ 4%]\ntests/test_gpu_smoke.py::test_x[b] FAILED [ 8%]\n")
+    assert record.test_summary(tmp_path).startswith("1 passed, 1 failed, 0 error before its time limit")
 
 
 def test_cpu_timer_reports_median_and_quantiles():
