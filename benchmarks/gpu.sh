@@ -28,12 +28,14 @@
 #   rest/<device>-<date>.json, .md         stage 6, likewise
 #
 # Usage (repo root): bash benchmarks/gpu.sh [--dry-run] [--no-tests] [--headline-only]
-#   --dry-run        the whole flow on CPU at tiny shapes, in seconds (tests/test_gpu_script.py runs it):
-#                    wheels from $WHEELS into a scratch folder, the float32 tests, the tiny and small cases
+#   --dry-run        the whole flow on CPU at small shapes in about a minute (tests/test_gpu_script.py runs
+#                    it): wheels from $WHEELS into a scratch folder, the float32 torch-impl tests, the tiny
+#                    and small cases with naive-eager and dpo-fast-torch
 #   --no-tests       skip stage 4
 #   --headline-only  skip stage 6
-# Environment: OUT (default benchmarks/results/gpu-run; a temporary folder for --dry-run), WHEELS (.whl), SITE (scratch install folder),
-# PYTHON (python3), and the budgets above.
+# Environment: OUT (default benchmarks/results/gpu-run; a temporary folder for --dry-run), WHEELS (.whl),
+# SITE (the scratch install folder: /tmp/site; a temporary folder for --dry-run), PYTHON (python3), and the
+# budgets above.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,7 +59,7 @@ if [ "$DRY_RUN" = 1 ]; then
   HEADLINE="tiny 2x32"
   REST_CASES="small 2x128"
   # Enough to prove the flow, quickly: a peer and dpo-fast, given in that order and run dpo-fast first;
-  # two of the tests (CI runs the whole file, and the Triton paths, anyway).
+  # the torch-impl float32 tests (CI runs the whole file, Triton paths included, on its own).
   METHOD_ARGS=(--methods "naive-eager,dpo-fast-torch" --repeats 1)
   TEST_ARGS=(-k "float32 and torch")
   SITE="${SITE:-$(mktemp -d "${TMPDIR:-/tmp}/dpo-fast-gpu-site.XXXXXX")}"
@@ -76,6 +78,9 @@ mkdir -p "$OUT"
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
 log() { echo "[gpu.sh $(elapsed)s] $*" | tee -a "$OUT/gpu_sh.log"; }
+stage_end() {  # name, seconds allowed, exit code (timeout's 124 or, after --kill-after, 137)
+  if [ "$3" = 124 ] || [ "$3" = 137 ]; then log "$1 stopped at $2s (timeout)"; else log "$1 exit code $3"; fi
+}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 log "start: dry run $DRY_RUN, device $DEVICE, budget ${TOTAL_S}s, out $OUT, scratch site $SITE"
 
@@ -103,7 +108,8 @@ VERSION=$(sed -n 's/^ *version="\([^"]*\)".*/\1/p' setup.py)
 rm -rf "$SITE/dpo_fast" "$SITE"/dpo_fast-*.dist-info
 cp -r dpo_fast "$SITE/dpo_fast" && cp -r kernels "$SITE/dpo_fast/kernels" \
   && mkdir -p "$SITE/dpo_fast-$VERSION.dist-info" \
-  && printf 'Metadata-Version: 2.1\nName: dpo-fast\nVersion: %s\n' "$VERSION" > "$SITE/dpo_fast-$VERSION.dist-info/METADATA" \
+  && printf 'Metadata-Version: 2.1\nName: dpo-fast\nVersion: %s\n' "$VERSION" \
+     > "$SITE/dpo_fast-$VERSION.dist-info/METADATA" \
   && log "dpo-fast $VERSION copied into $SITE" || log "copying dpo-fast into $SITE FAILED"
 export PYTHONPATH="$SITE:$PWD"
 RUN=("$PY" -P)
@@ -170,9 +176,8 @@ if [ "$RUN_TESTS" = 1 ]; then
   log "pytest tests/test_gpu_smoke.py (at most ${TESTS_S}s)"
   timeout --kill-after=10 "$TESTS_S" "${RUN[@]}" -m pytest tests/test_gpu_smoke.py -v -rfE --tb=short \
     -p no:cacheprovider --durations=5 "${TEST_ARGS[@]}" > "$OUT/gpu_tests.log" 2>&1
-  rc=$?
+  stage_end pytest "$TESTS_S" $?
   tail -n 3 "$OUT/gpu_tests.log"
-  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then log "pytest stopped at ${TESTS_S}s (timeout)"; else log "pytest exit code $rc"; fi
 fi
 
 # 5-6. The sweep: one process per stage, so a hung or crashed stage does not take the other with it. The
@@ -188,8 +193,7 @@ sweep() {  # stage name, seconds, comma-separated cases
   timeout --kill-after=10 "$seconds" "${RUN[@]}" -m benchmarks --device "$DEVICE" --cases "$cases" \
     --out "$OUT/$stage" --budget-s $(( seconds - 40 )) --no-plot --no-progress "${METHOD_ARGS[@]}" \
     >> "$OUT/gpu_bench.log" 2>&1
-  local rc=$?
-  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then log "$stage stopped at ${seconds}s (timeout)"; else log "$stage exit code $rc"; fi
+  stage_end "$stage" "$seconds" $?
 }
 
 left() { echo $(( TOTAL_S - $(elapsed) - RESERVE_S )); }

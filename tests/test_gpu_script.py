@@ -119,11 +119,11 @@ def test_record_writes_the_results_section(dry_run, tmp_path):
 
 
 def test_the_documented_device_call_is_the_same_everywhere():
-    call = re.search(r"^#   (run\(command=\"bash benchmarks/gpu.sh\".*\))$", (ROOT / "benchmarks" / "gpu.sh").read_text(),
-                     re.M).group(1)
+    script = (ROOT / "benchmarks" / "gpu.sh").read_text()
+    call = re.search(r"^#   (run\(command=\"bash benchmarks/gpu.sh\".*\))$", script, re.M).group(1)
     assert '".whl"' in call and "timeout_s=" in call
     assert call in (ROOT / "README.md").read_text()
-    total_s = int(re.search(r'TOTAL_S="\$\{TOTAL_S:-(\d+)\}"', (ROOT / "benchmarks" / "gpu.sh").read_text()).group(1))
+    total_s = int(re.search(r'TOTAL_S="\$\{TOTAL_S:-(\d+)\}"', script).group(1))
     assert total_s + 30 <= int(re.search(r"timeout_s=(\d+)", call).group(1)) <= 600
 
 
@@ -176,3 +176,22 @@ def test_cpu_timer_reports_median_and_quantiles():
     timed = time_ms(lambda: calls.append(1), torch.device("cpu"), repeats=5, budget_s=10.0)
     assert timed["reps"] == len(calls) == 5
     assert timed["q20_ms"] <= timed["ms"] <= timed["q80_ms"]
+
+
+def test_cuda_timer_is_do_bench_median_and_quantiles(monkeypatch):
+    import torch
+    import triton.testing
+
+    seen = {}
+
+    def fake_do_bench(fn, warmup, rep, quantiles):
+        seen.update(warmup=warmup, rep=rep, quantiles=quantiles)
+        for _ in range(7):
+            fn()
+        return [2.0, 1.5, 3.0]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    calls = []
+    timed = time_ms(lambda: calls.append(1), torch.device("cuda"), repeats=10, budget_s=0.5)
+    assert timed == dict(ms=2.0, q20_ms=1.5, q80_ms=3.0, calls=7) and len(calls) == 7
+    assert seen["quantiles"] == [0.5, 0.2, 0.8] and seen["rep"] == 500.0
