@@ -33,7 +33,7 @@
 #                    and small cases with naive-eager and dpo-fast-torch
 #   --no-tests       skip stage 4
 #   --headline-only  skip stage 6
-# Environment: OUT (default benchmarks/results/gpu-run; a temporary folder for --dry-run), WHEELS (.whl),
+# Environment: OUT (set by the device tool; else a temporary folder, printed first), WHEELS (.whl),
 # SITE (the scratch install folder: /tmp/site; a temporary folder for --dry-run), PYTHON (python3), and the
 # budgets above.
 set -uo pipefail
@@ -71,7 +71,7 @@ else
   METHOD_ARGS=()
   TEST_ARGS=()
   SITE="${SITE:-/tmp/site}"
-  OUT="${OUT:-benchmarks/results/gpu-run}"
+  OUT="${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/dpo-fast-gpu-out.XXXXXX")}"  # the device tool sets OUT
 fi
 
 mkdir -p "$OUT"
@@ -175,7 +175,7 @@ fi
 if [ "$RUN_TESTS" = 1 ]; then
   log "pytest tests/test_gpu_smoke.py (at most ${TESTS_S}s)"
   timeout --kill-after=10 "$TESTS_S" "${RUN[@]}" -m pytest tests/test_gpu_smoke.py -v -rfE --tb=short \
-    -p no:cacheprovider --durations=5 "${TEST_ARGS[@]}" > "$OUT/gpu_tests.log" 2>&1
+    -p no:cacheprovider --durations=5 ${TEST_ARGS[@]+"${TEST_ARGS[@]}"} > "$OUT/gpu_tests.log" 2>&1
   stage_end pytest "$TESTS_S" $?
   tail -n 3 "$OUT/gpu_tests.log"
 fi
@@ -191,7 +191,7 @@ sweep() {  # stage name, seconds, comma-separated cases
   log "$stage: python -m benchmarks --cases '$cases' (at most ${seconds}s)"
   echo "### $stage: $cases" >> "$OUT/gpu_bench.log"
   timeout --kill-after=10 "$seconds" "${RUN[@]}" -m benchmarks --device "$DEVICE" --cases "$cases" \
-    --out "$OUT/$stage" --budget-s $(( seconds - 40 )) --no-plot --no-progress "${METHOD_ARGS[@]}" \
+    --out "$OUT/$stage" --budget-s $(( seconds - 40 )) --no-plot --no-progress ${METHOD_ARGS[@]+"${METHOD_ARGS[@]}"} \
     >> "$OUT/gpu_bench.log" 2>&1
   stage_end "$stage" "$seconds" $?
 }

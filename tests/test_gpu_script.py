@@ -83,7 +83,9 @@ def test_dry_run_stages_in_order_and_partial_files(dry_run):
               "headline: python -m benchmarks", "rest: python -m benchmarks", "done; files in"]
     positions = [sh_log.find(s) for s in stages]
     assert -1 not in positions and positions == sorted(positions), sh_log
-    assert re.search(r"^\d+ passed, \d+ deselected in", _log(out, "gpu_tests.log"), re.M)
+    tests_log = _log(out, "gpu_tests.log")
+    assert re.search(r"^=* ?\d+ passed, \d+ deselected in", tests_log, re.M)
+    assert re.search(r"^tests/test_gpu_smoke.py::\S+ PASSED", tests_log, re.M)  # -v: verdicts as they come
     assert "pytest exit code 0" in sh_log and "headline exit code 0" in sh_log and "rest exit code 0" in sh_log
 
     headline = json.loads(next((out / "headline").glob("*.json")).read_text())
