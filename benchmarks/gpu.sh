@@ -191,8 +191,8 @@ sweep() {  # stage name, seconds, comma-separated cases
   log "$stage: python -m benchmarks --cases '$cases' (at most ${seconds}s)"
   echo "### $stage: $cases" >> "$OUT/gpu_bench.log"
   timeout --kill-after=10 "$seconds" "${RUN[@]}" -m benchmarks --device "$DEVICE" --cases "$cases" \
-    --out "$OUT/$stage" --budget-s $(( seconds - 40 )) --no-plot --no-progress ${METHOD_ARGS[@]+"${METHOD_ARGS[@]}"} \
-    >> "$OUT/gpu_bench.log" 2>&1
+    --out "$OUT/$stage" --budget-s $(( seconds - 40 )) --no-plot --no-progress \
+    ${METHOD_ARGS[@]+"${METHOD_ARGS[@]}"} >> "$OUT/gpu_bench.log" 2>&1
   stage_end "$stage" "$seconds" $?
 }
 

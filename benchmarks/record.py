@@ -66,17 +66,32 @@ def test_summary(folder: Optional[Path]) -> Optional[str]:
     return summary + "".join(f"; failed: {name}" for name in failed)
 
 
+def card(folder: Optional[Path]) -> Optional[str]:
+    """The nvidia-smi line gpu.sh's environment stage logged (name, memory, driver, clocks, ...), with its
+    header's field names."""
+    log = folder / "gpu_sh.log" if folder else None
+    if log is None or not log.exists():
+        return None
+    lines = log.read_text(errors="replace").splitlines()
+    for header, values in zip(lines, lines[1:]):
+        if header.startswith("name, memory.total"):
+            return "; ".join(f"{k.strip()} {v.strip()}" for k, v in zip(header.split(","), values.split(",")))
+    return None
+
+
 def heading(env: dict) -> str:
     kind = "GPU" if env["device_type"] == "cuda" else "CPU (gpu.sh --dry-run)"
     return f"## {kind}: {env['device']}, {env['date']}"
 
 
-def section(report: dict, stem: str, tests: Optional[str]) -> str:
+def section(report: dict, stem: str, tests: Optional[str], smi: Optional[str] = None) -> str:
     env = report["environment"]
     lines = [heading(env), ""]
     lines += ["- Run: `bash benchmarks/gpu.sh` (headline case first, dpo-fast's impls first in each case), "
               "recorded with `python -m benchmarks.record`."]
     lines += _environment_lines(env)
+    if smi:
+        lines.append(f"- nvidia-smi at the start: {smi}")
     if tests:
         lines.append(f"- Kernel correctness (`tests/test_gpu_smoke.py`, every impl x bf16/fp16/fp32 against the "
                      f"float64 oracle): {tests}")
@@ -112,7 +127,7 @@ def record(paths: List[Path], results_md: Path, out_dir: Path) -> Path:
     if len(written) < 3:
         print("matplotlib is missing: no chart", file=sys.stderr)
     folder = next((p for p in paths if p.is_dir()), None)
-    new = section(report, stem, test_summary(folder))
+    new = section(report, stem, test_summary(folder), card(folder))
     results_md.write_text(insert_section(results_md.read_text(), new, report["environment"]["device_type"] == "cuda"))
     print(f"recorded {len(files)} report(s), {len(report['cases'])} case(s) into {results_md} and "
           f"{out_dir / stem}.{{json,md,png}}")

@@ -197,3 +197,11 @@ def test_cuda_timer_is_do_bench_median_and_quantiles(monkeypatch):
     timed = time_ms(lambda: calls.append(1), torch.device("cuda"), repeats=10, budget_s=0.5)
     assert timed == dict(ms=2.0, q20_ms=1.5, q80_ms=3.0, calls=7) and len(calls) == 7
     assert seen["quantiles"] == [0.5, 0.2, 0.8] and seen["rep"] == 500.0
+
+
+def test_card_reads_the_nvidia_smi_line(tmp_path):
+    (tmp_path / "gpu_sh.log").write_text(
+        "[gpu.sh 0s] start\nname, memory.total [MiB], driver_version\nNVIDIA H200, 143771 MiB, 580.159.04\n")
+    assert record.card(tmp_path) == "name NVIDIA H200; memory.total [MiB] 143771 MiB; driver_version 580.159.04"
+    (tmp_path / "gpu_sh.log").write_text("nvidia-smi: not found\n")
+    assert record.card(tmp_path) is None
