@@ -2,20 +2,23 @@
 
 OUT is the folder the run's files came back in (the device tool's ``files_at``), or sweep JSON
 files. The stages' reports (``headline/*.json`` first, then ``rest/*.json``) are merged into one,
-saved as ``benchmarks/results/<device>-<date>.{json,md,png}``, and written into
-``benchmarks/RESULTS.md`` as a section with the card, date, versions, the test stage's summary,
-the chart and one table per case. Recording the same device and date again replaces that section;
+saved as ``benchmarks/results/<device>-<date>.{json,md}`` with its chart in
+``benchmarks/charts/<device>-<date>.png`` (``results/*.png``, which every sweep rewrites, are
+git-ignored; a recorded chart is meant to be committed), and written into ``benchmarks/RESULTS.md``
+as a section with the card, date, versions, the test stage's summary, the chart and one table per
+case. Recording the same device and date again replaces that section;
 a GPU section also replaces the "not run yet" placeholder. Nothing here measures anything.
 """
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .report import LEGEND, _environment_lines, case_tables, write_all
+from .report import LEGEND, _environment_lines, case_tables, plot, write_all
 
 HERE = Path(__file__).resolve().parent
 STAGES = ("headline", "rest")  # gpu.sh's sweep stages, in the order they ran
@@ -84,7 +87,8 @@ def heading(env: dict) -> str:
     return f"## {kind}: {env['device']}, {env['date']}"
 
 
-def section(report: dict, stem: str, tests: Optional[str], smi: Optional[str] = None) -> str:
+def section(report: dict, stem: str, chart: Optional[str], tests: Optional[str], smi: Optional[str] = None) -> str:
+    """The markdown section; ``chart``: the PNG's path relative to the markdown file (None: no chart)."""
     env = report["environment"]
     lines = [heading(env), ""]
     lines += ["- Run: `bash benchmarks/gpu.sh` (headline case first, dpo-fast's impls first in each case), "
@@ -95,8 +99,9 @@ def section(report: dict, stem: str, tests: Optional[str], smi: Optional[str] = 
     if tests:
         lines.append(f"- Kernel correctness (`tests/test_gpu_smoke.py`, every impl x bf16/fp16/fp32 against the "
                      f"float64 oracle): {tests}")
-    lines += [f"- Files: `benchmarks/results/{stem}.json` (and `.md`, `.png`).", "", LEGEND, "",
-              f"![fwd+bwd time and peak memory per case](results/{stem}.png)"]
+    lines += [f"- Files: `benchmarks/results/{stem}.json` (and `.md`).", "", LEGEND]
+    if chart:
+        lines += ["", f"![fwd+bwd time and peak memory per case]({chart})"]
     lines += case_tables(report, "###")
     return "\n".join(lines) + "\n"
 
@@ -119,18 +124,21 @@ def insert_section(text: str, new: str, is_gpu: bool) -> str:
     return text[:at] + new + "\n" + text[at:]
 
 
-def record(paths: List[Path], results_md: Path, out_dir: Path) -> Path:
+def record(paths: List[Path], results_md: Path, out_dir: Path, charts_dir: Path) -> Path:
     files = find_reports(paths)
     report = merge([json.loads(p.read_text()) for p in files])
-    written = write_all(report, out_dir)
-    stem = written[0].stem
-    if len(written) < 3:
+    stem = write_all(report, out_dir, make_plot=False)[0].stem
+    charts_dir.mkdir(parents=True, exist_ok=True)
+    chart = charts_dir / f"{stem}.png"
+    if not plot(report, chart):
         print("matplotlib is missing: no chart", file=sys.stderr)
+        chart = None
     folder = next((p for p in paths if p.is_dir()), None)
-    new = section(report, stem, test_summary(folder), card(folder))
+    relative = Path(os.path.relpath(chart, results_md.parent)).as_posix() if chart else None
+    new = section(report, stem, relative, test_summary(folder), card(folder))
     results_md.write_text(insert_section(results_md.read_text(), new, report["environment"]["device_type"] == "cuda"))
-    print(f"recorded {len(files)} report(s), {len(report['cases'])} case(s) into {results_md} and "
-          f"{out_dir / stem}.{{json,md,png}}")
+    print(f"recorded {len(files)} report(s), {len(report['cases'])} case(s) into {results_md}, "
+          f"{out_dir / stem}.{{json,md}}" + (f" and {chart}" if chart else ""))
     return out_dir / stem
 
 
@@ -140,8 +148,9 @@ def main(argv=None) -> int:
     parser.add_argument("paths", nargs="+", type=Path, help="gpu.sh's output folder, or sweep JSON files")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="the markdown file to update")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results", help="where the merged files go")
+    parser.add_argument("--charts", type=Path, default=HERE / "charts", help="where the chart goes")
     args = parser.parse_args(argv)
-    record(args.paths, args.results, args.out_dir)
+    record(args.paths, args.results, args.out_dir, args.charts)
     return 0
 
 

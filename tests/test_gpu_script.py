@@ -110,13 +110,15 @@ def test_record_writes_the_results_section(dry_run, tmp_path):
     _, out, _ = dry_run
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text((ROOT / "benchmarks" / "RESULTS.md").read_text())
-    stem = record.record([out], results_md, tmp_path / "results")
+    stem = record.record([out], results_md, tmp_path / "results", tmp_path / "charts")
     text = results_md.read_text()
     title = next(line for line in text.splitlines() if line.startswith("## CPU (gpu.sh --dry-run)"))
     assert "### tiny 2x32" in text and "### small 2x128" in text and re.search(r"oracle\): \d+ passed", text)
     assert text.index("### tiny 2x32") < text.index("### small 2x128")  # headline first
     assert stem.with_suffix(".json").exists() and stem.with_suffix(".md").exists()
-    record.record([out], results_md, tmp_path / "results")  # the same run again: replaced, not repeated
+    assert f"![fwd+bwd time and peak memory per case](charts/{stem.name}.png)" in text
+    assert (tmp_path / "charts" / f"{stem.name}.png").stat().st_size > 1000
+    record.record([out], results_md, tmp_path / "results", tmp_path / "charts")  # again: replaced, not repeated
     assert results_md.read_text().count(title) == 1
 
 
