@@ -29,19 +29,20 @@ ROOT = Path(__file__).resolve().parent.parent
 PROBE = "dpo_fast_gpu_probe"
 
 
-def _wheel(folder: Path) -> Path:
+def _wheel(folder: Path, module: str = PROBE, version: str = "1.0", requires=()) -> Path:
     """A minimal valid pure-Python wheel (one module), so the install step runs on any machine."""
-    files = {f"{PROBE}/__init__.py": b"VALUE = 42\n",
-             f"{PROBE}-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: dpo-fast-gpu-probe\nVersion: 1.0\n",
-             f"{PROBE}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-                                              b"Tag: py3-none-any\n"}
+    info = f"{module}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: {version}\n"
+    metadata += "".join(f"Requires-Dist: {r}\n" for r in requires)
+    files = {f"{module}/__init__.py": b"VALUE = 42\n", f"{info}/METADATA": metadata.encode(),
+             f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
     record_lines = []
     for name, data in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
         record_lines.append(f"{name},sha256={digest},{len(data)}")
-    record_lines.append(f"{PROBE}-1.0.dist-info/RECORD,,")
-    files[f"{PROBE}-1.0.dist-info/RECORD"] = ("\n".join(record_lines) + "\n").encode()
-    path = folder / f"{PROBE}-1.0-py3-none-any.whl"
+    record_lines.append(f"{info}/RECORD,,")
+    files[f"{info}/RECORD"] = ("\n".join(record_lines) + "\n").encode()
+    path = folder / f"{module}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in files.items():
             archive.writestr(name, data)
@@ -207,3 +208,22 @@ def test_card_reads_the_nvidia_smi_line(tmp_path):
     assert record.card(tmp_path) == "name NVIDIA H200; memory.total [MiB] 143771 MiB; driver_version 580.159.04"
     (tmp_path / "gpu_sh.log").write_text("nvidia-smi: not found\n")
     assert record.card(tmp_path) is None
+
+
+def test_wheel_check_finds_unmet_and_met_requirements(tmp_path, capsys):
+    from benchmarks import wheel_check
+
+    _wheel(tmp_path, "dill", "0.4.0")
+    _wheel(tmp_path, "peer", "1.0", requires=["dill<0.4.1", "transformers>=5", "pandas",
+                                              'colorama; sys_platform == "win32"', "pytest[testing]; extra == 'dev'"])
+    assert wheel_check.check(tmp_path) == 0
+    printed = capsys.readouterr().out
+    assert "ok    dill<0.4.1  (carried 0.4.0)" in printed and "ok    transformers>=5  (image 5.17.0)" in printed
+    assert "check pandas" in printed and "colorama" not in printed and "pytest" not in printed
+    _wheel(tmp_path, "other", "1.0", requires=["torch>=99", "not-on-the-image"])
+    assert wheel_check.check(tmp_path) == 1
+    printed = capsys.readouterr().out
+    assert "FAIL  torch>=99  (image 2.11.0)" in printed and "FAIL  not-on-the-image  (MISSING" in printed
+    assert wheel_check.check(tmp_path, installed=True) == 1  # against this Python's own packages
+    printed = capsys.readouterr().out
+    assert "FAIL  not-on-the-image  (NOT INSTALLED)" in printed

@@ -1,7 +1,7 @@
 """Kernel correctness at GPU-sized shapes, for every impl and dtype: the GPU run's test stage.
 
-``benchmarks/gpu.sh`` runs this file alone (about a minute and a half on an H100/H200, kernel
-compilation included) before timing anything, so a wrong kernel is reported before its speed
+``benchmarks/gpu.sh`` runs this file alone (with a budget of 100 s, kernel compilation included;
+not yet measured on a GPU) before timing anything, so a wrong kernel is reported before its speed
 is. Each case compares ``dpo_fast.dpo_loss`` (loss, sequence log-probs, both gradients) and
 ``token_logps_from_logits`` with the float64 oracle of ``dpo_fast.reference``. The bound is the
 naive path's own error in the same dtype (``reference`` with ``dtype=None``: logits in the input
