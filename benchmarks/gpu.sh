@@ -113,6 +113,10 @@ cp -r dpo_fast "$SITE/dpo_fast" && cp -r kernels "$SITE/dpo_fast/kernels" \
   && log "dpo-fast $VERSION copied into $SITE" || log "copying dpo-fast into $SITE FAILED"
 export PYTHONPATH="$SITE:$PWD"
 RUN=("$PY" -P)
+if ! "${RUN[@]}" -c "" 2> /dev/null; then
+  log "$PY has no -P (Python 3.11+): the source folder would shadow the installed dpo-fast; stopping"
+  exit 1
+fi
 
 # 2. Environment report.
 log "environment (at most ${ENV_S}s)"
