@@ -11,6 +11,9 @@
 #   cut-cross-entropy   CCE (needs torch + triton only)
 #
 # Usage: bash benchmarks/fetch_wheels.sh [DEST]   (default .whl, ignored by git: /.whl/ in .gitignore)
+# Then, with the device tool: run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=540)
+# (carry must name .whl: ignored files do not travel otherwise). It ends with benchmarks/wheel_check.py:
+# every requirement of every wheel met by another wheel or by the image's packages (Python 3.12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST="${1:-.whl}"
@@ -41,3 +44,6 @@ if [ "$size_kb" -gt $((MAX_MB * 1024)) ]; then
   echo "error: wheels exceed ${MAX_MB} MiB" >&2
   exit 1
 fi
+# pip installs them with --no-deps there, so check here that every requirement is met by another wheel or
+# by the image's packages (versions as read on the image; gpu.sh checks again against what is installed).
+"$PY" -m benchmarks.wheel_check "$DEST"

@@ -11,7 +11,7 @@ softmax, the loss and all bookkeeping were free.
 import torch
 
 from .cases import Case
-from .timing import clock_for, median_ms
+from .timing import time_ms
 
 
 @torch.no_grad()
@@ -29,11 +29,10 @@ def gemm_floor(case: Case, device: torch.device, repeats: int = 10, budget_s: fl
         "grad_hidden_ms": lambda: torch.mm(dlogits, weight, out=grad_hidden),
         "grad_weight_ms": lambda: torch.mm(dlogits.T, hidden, out=grad_weight),
     }
-    clock = clock_for(device)
     out = {}
     for name, gemm in gemms.items():
         gemm()  # warm-up
-        out[name], _ = median_ms(gemm, clock, repeats, budget_s / 3, min_repeats=3)
+        out[name] = time_ms(gemm, device, repeats, budget_s / 3, min_repeats=3)["ms"]
     out["floor_ms"] = sum(out.values())
     out["floor_tflops"] = case.flops(3) / (out["floor_ms"] * 1e-3) / 1e12
     return out

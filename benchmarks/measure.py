@@ -17,7 +17,7 @@ import traceback
 import torch
 
 from .oracle import Oracle
-from .timing import clock_for, median_ms, peak_for
+from .timing import peak_for, sync, time_ms
 
 
 def relative_max_error(value, expected) -> float:
@@ -59,7 +59,7 @@ def run_method(method, inputs, oracle: Oracle, device: torch.device, repeats: in
 
 
 def _measure(loss_fn, inputs, oracle: Oracle, device, repeats: int, budget_s: float) -> dict:
-    clock, peak = clock_for(device), peak_for(device)
+    peak = peak_for(device)
     out = {}
 
     def forward():
@@ -72,7 +72,7 @@ def _measure(loss_fn, inputs, oracle: Oracle, device, repeats: int, budget_s: fl
         return loss.detach()
 
     forward_backward()  # warm-up: compilation, autotuning, workspaces
-    clock.sync()
+    sync(device)
     _clear_grads(inputs)
 
     peak.start()
@@ -85,6 +85,8 @@ def _measure(loss_fn, inputs, oracle: Oracle, device, repeats: int, budget_s: fl
     out["grad_weight_err"] = relative_max_error(inputs.weight.grad, oracle.grad_weight)
     _clear_grads(inputs)
 
-    out["fwd_ms"], out["fwd_reps"] = median_ms(forward, clock, repeats, budget_s / 3)
-    out["fwd_bwd_ms"], out["fwd_bwd_reps"] = median_ms(forward_backward, clock, repeats, budget_s)
+    for name, fn, seconds in (("fwd", forward, budget_s / 3), ("fwd_bwd", forward_backward, budget_s)):
+        timed = time_ms(fn, device, repeats, seconds)
+        out[f"{name}_ms"] = timed.pop("ms")
+        out.update({f"{name}_{key}": value for key, value in timed.items()})  # fwd_q20_ms, fwd_reps, ...
     return out

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import List
 
 COLUMNS = [
-    # header, result key, formatter
+    # header, result key (or keys: the formatter gets their values as a tuple), formatter
     ("method", "method", str),
     ("exact", "exact", lambda v: "yes" if v else "approx"),
     ("fwd ms", "fwd_ms", lambda v: _sig(v)),
     ("fwd+bwd ms", "fwd_bwd_ms", lambda v: _sig(v)),
+    ("p20-p80", ("fwd_bwd_q20_ms", "fwd_bwd_q80_ms"), lambda v: f"{_sig(v[0])}-{_sig(v[1])}"),
     ("peak MiB", "peak_bytes", lambda v: _sig(v / 2**20)),
     ("loss err", "loss_err", lambda v: f"{v:.1e}"),
     ("grad err", "grad_err", lambda v: f"{v:.1e}"),
@@ -21,7 +22,9 @@ COLUMNS = [
 ]
 
 LEGEND = (
-    "fwd = training forward (autograd recording); fwd+bwd adds loss.backward(). peak = loss-attributable peak "
+    "fwd = training forward (autograd recording); fwd+bwd adds loss.backward(); times are medians (CUDA: "
+    "triton.testing.do_bench, L2 flushed before each call; CPU: wall clock), p20-p80 the 20th to 80th "
+    "percentile of fwd+bwd. peak = loss-attributable peak "
     "memory above the inputs (CUDA: max_memory_allocated; CPU: resident-set high-water mark, inputs and imports "
     "excluded). loss err = |loss - float64 oracle|; grad err = max over grad_hidden and grad_weight of "
     "max|g - g64| / max|g64|. speed vs naive = naive-eager fwd+bwd time / this time (>1 is faster); mem vs naive "
@@ -43,7 +46,9 @@ def _sig(v: float, digits: int = 3) -> str:
 def _cells(result: dict) -> List[str]:
     cells = []
     for _, key, fmt in COLUMNS:
-        value = result.get(key)
+        value = result.get(key) if isinstance(key, str) else tuple(result.get(k) for k in key)
+        if isinstance(value, tuple) and None in value:
+            value = None
         cells.append("-" if value is None else fmt(value))
     return cells
 
@@ -91,10 +96,16 @@ def _environment_lines(env: dict) -> List[str]:
 
 def markdown(report: dict) -> str:
     lines = [f"# dpo-fast benchmark: {report['environment']['device']}, {report['environment']['date']}", ""]
-    lines += _environment_lines(report["environment"]) + ["", LEGEND]
+    lines += _environment_lines(report["environment"]) + ["", LEGEND] + case_tables(report, "##")
+    return "\n".join(lines) + "\n"
+
+
+def case_tables(report: dict, heading: str) -> List[str]:
+    """Markdown lines: per case a ``heading``-level title, its input calibration, the table, what did not run."""
+    lines = []
     for entry in report["cases"]:
         cal = entry.get("calibration")
-        lines += ["", f"## {_case_title(entry)}", ""]
+        lines += ["", f"{heading} {_case_title(entry)}", ""]
         if cal:
             lines += [f"Inputs: logit std {cal['logit_std']}, mean target NLL {cal['mean_nll']}, target is the "
                       f"argmax for {100 * cal['top1_rate']:.0f}% of tokens; float64 oracle loss "
@@ -107,7 +118,7 @@ def markdown(report: dict) -> str:
             lines += ["", "Not run:", ""] + [f"- {n}" for n in not_run]
         if notes:
             lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_json(report: dict, path: Path) -> None:

@@ -1,12 +1,14 @@
-"""Clocks and peak-memory probes for CUDA and for CPU processes.
+"""Timers and peak-memory probes for CUDA and for CPU processes.
 
-CUDA: CUDA events around each call; peak = ``torch.cuda.max_memory_allocated`` above what
-was allocated just before the call (inputs, oracle and any persistent workspace).
+CUDA: ``triton.testing.do_bench``, the field's convention: warm-up, the L2 cache flushed before
+every timed call (outside the timed region), CUDA events around each call, and the median with
+the 20th and 80th percentiles; peak = ``torch.cuda.max_memory_allocated`` above what was
+allocated just before the call (inputs, oracle and any persistent workspace).
 
-CPU: wall time; peak = the process's resident-set high-water mark above its resident set
-just before the call. ``/proc/self/clear_refs`` (writing 5) resets the high-water mark,
-so one process can measure several cases in a row; glibc's malloc is told to map and
-unmap each tensor for the memory call only (see ``CpuPeak``). Without clear_refs the
+CPU: wall time of up to ``repeats`` calls; peak = the process's resident-set high-water mark
+above its resident set just before the call. ``/proc/self/clear_refs`` (writing 5) resets the
+high-water mark, so one process can measure several cases in a row; glibc's malloc is told to
+map and unmap each tensor for the memory call only (see ``CpuPeak``). Without clear_refs the
 process's ``ru_maxrss`` is used (then only the first measurement in a process is right).
 """
 
@@ -15,51 +17,65 @@ import gc
 import resource
 import statistics
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional
 
 import torch
 
-
-class CudaClock:
-    def __init__(self, device):
-        self.device = device
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-
-    def sync(self):
-        torch.cuda.synchronize(self.device)
+# do_bench's warm-up, in milliseconds of calls (the first call, which compiles, is made before it).
+WARMUP_MS = 25.0
+QUANTILES = (0.5, 0.2, 0.8)
 
 
-class CpuClock:
-    def __call__(self, fn: Callable[[], object]) -> float:
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-
-    def sync(self):
-        pass
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def clock_for(device: torch.device):
-    return CudaClock(device) if device.type == "cuda" else CpuClock()
-
-
-def median_ms(fn: Callable[[], object], clock, repeats: int, budget_s: float,
-              min_repeats: int = 1) -> Tuple[float, int]:
-    """Median over up to ``repeats`` timed calls, stopping early once ``budget_s`` is spent."""
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, budget_s: float,
+            min_repeats: int = 1) -> dict:
+    """Median milliseconds of ``fn`` with its 20th and 80th percentiles: ``{"ms", "q20_ms", "q80_ms"}``
+    plus ``"reps"`` (timed calls; CPU) or ``"calls"`` (every call do_bench made, its five-call estimate
+    and warm-up included; CUDA). CUDA times calls for about ``budget_s``; CPU makes up to ``repeats``
+    calls (at least ``min_repeats``), stopping early once ``budget_s`` is spent."""
+    if device.type == "cuda":
+        return _do_bench(fn, budget_s)
     times: List[float] = []
     start = time.perf_counter()
     while len(times) < max(repeats, min_repeats):
         if len(times) >= min_repeats and time.perf_counter() - start > budget_s:
             break
-        times.append(clock(fn))
-    return statistics.median(times), len(times)
+        call_start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - call_start) * 1e3)
+    q20, q80 = _quantiles(times)
+    return dict(ms=statistics.median(times), q20_ms=q20, q80_ms=q80, reps=len(times))
+
+
+def _quantiles(times: List[float]):
+    """20th and 80th percentiles, linearly interpolated as torch.quantile does (do_bench's)."""
+    ordered = sorted(times)
+
+    def at(q):
+        x = q * (len(ordered) - 1)
+        low = int(x)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (x - low)
+
+    return at(0.2), at(0.8)
+
+
+def _do_bench(fn: Callable[[], object], budget_s: float) -> dict:
+    from triton.testing import do_bench
+
+    calls = 0
+
+    def counted():
+        nonlocal calls
+        calls += 1
+        fn()
+
+    median, q20, q80 = do_bench(counted, warmup=WARMUP_MS, rep=max(1.0, budget_s * 1e3), quantiles=list(QUANTILES))
+    return dict(ms=median, q20_ms=q20, q80_ms=q80, calls=calls)
 
 
 def _status_kb(field: str) -> Optional[int]:
