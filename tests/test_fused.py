@@ -14,7 +14,7 @@ import torch
 import dpo_fast
 from dpo_fast import reference
 from dpo_fast.function import TokenLogpsFunction
-from dpo_fast.fused import FusedEngine
+from dpo_fast.fused import BACKWARD_ROUTES, FusedEngine, fused_backward_wins
 from dpo_fast.kernels.stats_layout import NUM_STATS, STAT_ARGMAX
 from dpo_fast.objective import LossConfig
 from dpo_fast.rows import KEPT_ONLY, finish_stats, triton_runs_on
@@ -60,13 +60,14 @@ def _oracle_objective(h64, w64, b64, labels, transform, g, g_entropy):
 # engine level: statistics, metrics, gradients
 # ----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("route", BACKWARD_ROUTES)
 @pytest.mark.parametrize("transform", TRANSFORMS, ids=TRANSFORM_IDS)
 @pytest.mark.parametrize("splits", [None, 3], ids=["one-split", "three-splits"])
-def test_outputs_and_gradients_with_entropy(transform, splits, device):
-    """V = 251 (prime: no block divides it), entropy gradient on, every metric checked."""
+def test_outputs_and_gradients_with_entropy(transform, splits, route, device):
+    """V = 251 (prime: no block divides it), entropy gradient on, every metric checked, both backwards."""
     h, w, b, labels = _tokens(70, 24, 251, device=device)
     logps, entropy, log_sum_sq, mean_logits, is_top1 = TokenLogpsFunction.apply(
-        h, w, b, labels, FusedEngine(vocab_splits=splits), transform)
+        h, w, b, labels, FusedEngine(vocab_splits=splits, backward_route=route), transform)
     h64, w64, b64 = _as64(h, w, b)
     want_logps, want = reference.token_outputs(h64, w64, labels, bias=b64, transform=transform)
     assert rel_err(logps, want_logps) < 1e-5
@@ -113,9 +114,10 @@ def test_single_token_and_no_token(device):
     assert gh.shape == (0, 16) and not gw.any() and not gb.any()
 
 
-def test_needs_select_gradients(device):
+@pytest.mark.parametrize("route", BACKWARD_ROUTES)
+def test_needs_select_gradients(route, device):
     h, w, b, labels = _tokens(20, 16, 120, device=device)
-    engine, transform = FusedEngine(), LogitTransform()
+    engine, transform = FusedEngine(backward_route=route), LogitTransform()
     stats = engine.forward_stats(h.detach(), w.detach(), b.detach(), labels, transform)
     lse = finish_stats(stats, labels, 120, KEPT_ONLY).lse
     g = torch.randn(20, device=device)
@@ -127,6 +129,38 @@ def test_needs_select_gradients(device):
             assert (a is None) != need
             if need:
                 assert torch.equal(a, e)
+
+
+LLAMA3_8B_HEAD = dict(tokens=8192, hidden_size=4096, vocab=128256, input_dtype=torch.bfloat16)
+
+
+def test_backward_rule_at_llama_head():
+    """The tiled backward at a real head; the fused one only where filtering skips most tiles.
+
+    Thresholds from the arithmetic in fused.py: kept < ~6.6% (trainable), < ~12.6% (frozen).
+    """
+    assert not fused_backward_wins(**LLAMA3_8B_HEAD)
+    assert not fused_backward_wins(**LLAMA3_8B_HEAD, need_weight=False)
+    assert fused_backward_wins(**LLAMA3_8B_HEAD, kept_fraction=0.05)
+    assert not fused_backward_wins(**LLAMA3_8B_HEAD, kept_fraction=0.08)
+    assert fused_backward_wins(**LLAMA3_8B_HEAD, need_weight=False, kept_fraction=0.11)
+    assert not fused_backward_wins(**LLAMA3_8B_HEAD, need_weight=False, kept_fraction=0.14)
+    # A tiny hidden size makes the tiled route's logits traffic dominate: fused wins there.
+    assert fused_backward_wins(8192, 16, 128256, torch.bfloat16)
+
+
+def test_engine_routes(device):
+    h, w, _, _ = _tokens(64, 128, 300, dtype=torch.bfloat16, device=device, bias=False)
+    needs = (True, True, False)
+    assert FusedEngine().route(h, w, needs) == "tiled"  # H = 128: logits traffic is already the smaller cost
+    assert FusedEngine(filter_eps=1e-3).route(h, w, needs) == "fused"  # only the fused backward filters
+    assert FusedEngine(backward_route="fused").route(h, w, needs) == "fused"
+    small_h, small_w, _, _ = _tokens(64, 16, 300, dtype=torch.bfloat16, device=device, bias=False)
+    assert FusedEngine().route(small_h, small_w, needs) == "fused"
+    with pytest.raises(ValueError, match="backward_route"):
+        FusedEngine(backward_route="cublas")
+    with pytest.raises(ValueError, match="filter_eps"):
+        FusedEngine(filter_eps=1e-3, backward_route="tiled")
 
 
 # ----------------------------------------------------------------------------------------
@@ -214,7 +248,8 @@ def test_bfloat16_weight_gradient_scratch_groups_change_nothing(device):
     g = torch.randn(40, device=device)
     results = []
     for budget in (None, 256 * 4 * 16):  # 256 float32 rows of H = 16 per group: 3 groups
-        logps, *_ = TokenLogpsFunction.apply(h, w, b, labels, FusedEngine(memory_budget=budget), LogitTransform())
+        engine = FusedEngine(memory_budget=budget, backward_route="fused")
+        logps, *_ = TokenLogpsFunction.apply(h, w, b, labels, engine, LogitTransform())
         results.append(_grads((logps * g).sum(), (h, w, b)))
     for a, e in zip(*results):
         assert torch.equal(a, e)
@@ -233,14 +268,15 @@ def test_float64_inputs_run_in_float32(device):
 # determinism, gradient filtering, memory
 # ----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("route", BACKWARD_ROUTES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_repeat_runs_are_bit_identical(dtype, device):
+def test_repeat_runs_are_bit_identical(dtype, route, device):
     h, w, b, labels = _tokens(50, 16, 130, dtype=dtype, device=device)
     g, g_entropy = torch.randn(50, device=device), torch.randn(50, device=device)
     runs = []
     for _ in range(2):
-        logps, entropy, *metrics = TokenLogpsFunction.apply(h, w, b, labels, FusedEngine(vocab_splits=2),
-                                                            LogitTransform(softcap=3.0))
+        engine = FusedEngine(vocab_splits=2, backward_route=route)
+        logps, entropy, *metrics = TokenLogpsFunction.apply(h, w, b, labels, engine, LogitTransform(softcap=3.0))
         grads = _grads((g * logps + g_entropy * entropy).sum(), (h, w, b))
         runs.append([logps, entropy, *metrics, *grads])
     for a, e in zip(*runs):
@@ -260,7 +296,7 @@ def test_gradient_filtering_is_bounded_and_off_by_default(device):
         logps, *_ = TokenLogpsFunction.apply(h, w, None, labels, engine, LogitTransform())
         return _grads((g * logps).sum(), (h, w))
 
-    exact = grads(FusedEngine())
+    exact = grads(FusedEngine(backward_route="fused"))
     assert all(torch.equal(a, e) for a, e in zip(grads(FusedEngine(filter_eps=1e-30)), exact))  # nothing skipped
     eps = 1e-3
     filtered = grads(FusedEngine(filter_eps=eps))
