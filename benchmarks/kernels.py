@@ -75,6 +75,11 @@ def _fused_kernel_args(dtype, splits):
 
 FUSED_CONSTEXPRS = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_ENTROPY_GRAD=True, FILTER=True, NEED_WEIGHT=True,
                         NEED_BIAS=True)
+# The other side of every constexpr branch, with the arguments equal to 1 that the JIT turns
+# into constants (one token, one split): compiled once per kernel (bf16, sm_90) so that a
+# branch that only fails to compile on a GPU fails here.
+FLAGS_OFF = dict(HAS_BIAS=False, HAS_SOFTCAP=False, HAS_ENTROPY_GRAD=False, FILTER=False, NEED_WEIGHT=False,
+                 NEED_BIAS=True)
 
 
 def _load_kernels():
@@ -148,7 +153,7 @@ def compile_one(job):
     capability, smem_limit = TARGETS[job["target"]]
     options = {k: job[k] for k in ("num_warps", "num_stages") if job.get(k) is not None}
     row = {k: job[k] for k in ("kernel", "config", "dtype", "target", "default")}
-    row["triton"] = triton.__version__
+    row.update(triton=triton.__version__, warps=job.get("num_warps") or 4)
     try:
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
                                   target=GPUTarget("cuda", capability, 32), options=options)
@@ -179,6 +184,10 @@ def jobs(all_configs: bool = False, targets=tuple(TARGETS), dtypes=DTYPES):
                 out.append(dict(family="fused", kernel=kernel, config=_config_name(cfg), dtype=dtype, target=target,
                                 default=default, values=values, constexprs=constexprs,
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+                if default and dtype == "bf16" and target == "sm_90" and kernel != "_merge_splits_kernel":
+                    out.append(dict(out[-1], config=_config_name(cfg) + " (flags off, n=1, 1 split)",
+                                    values=dict(values, n=1, num_splits=1),
+                                    constexprs=dict(constexprs, **FLAGS_OFF)))
             for kernel, values in _row_kernel_args(dtype).items():
                 block = rows._block_for(values["n_cols"])
                 fn = _jit_fn(getattr(rows, kernel))

@@ -15,9 +15,11 @@ uses it at once. No logits tile, softmax or logits gradient is ever written to m
     its vocabulary tiles and adds ``dz @ W`` into its own float32 rows of grad_hidden.
   * ``grad_weight`` / ``grad_bias``: grid over vocabulary blocks; a program loops over
     all tokens and adds ``dz^T @ h`` into its own float32 rows of grad_weight.
-  Backward with both gradients costs 8NHV (half of it recompute), so a training step is
-  10NHV against the chunked path's 8NHV; with a frozen head it is 4NHV (6NHV a step).
-  A bias gradient alone still runs the vocabulary-major kernel (its sum is over tokens).
+  Backward with both gradients costs 8NHV (half of it recompute) plus, per tile, a float32
+  read and write of the gradient rows it owns (8 H bytes per token per vocabulary tile and
+  per vocabulary row per token block): memory-bound at real hidden sizes, so dpo_fast runs
+  these kernels only where that arithmetic favours them (``dpo_fast/fused.py``), e.g. with
+  gradient filtering. A bias gradient alone still runs the vocabulary-major kernel.
 
 Operands go to ``tl.dot`` in their own dtype (bf16/fp16 on tensor cores; float32 as
 3xTF32, see ``FLOAT32_DOT_PRECISION``); the logits gradient is rounded to that dtype before
@@ -71,14 +73,19 @@ UPCAST_DOT_OPERANDS = tl.constexpr(INTERPRETED)
 TOKEN_BLOCK = {2: 64, 4: 64, 8: 64}
 _TOKEN_MAJOR = {  # (BLOCK_V, BLOCK_K, warps, stages): programs own token rows
     2: [(128, 64, 8, 3), (64, 64, 4, 3)],
-    4: [(64, 16, 4, 3), (64, 32, 4, 3)],
+    4: [(64, 16, 4, 3)],
     8: [(64, 16, 4, 3)],
 }
 _VOCAB_MAJOR = {  # (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages): grad_weight, programs own vocabulary rows
     2: [(128, 64, 64, 8, 3), (64, 128, 64, 8, 3)],
-    4: [(64, 64, 16, 4, 3)],
+    4: [(64, 64, 16, 4, 3), (32, 64, 32, 4, 3)],
     8: [(64, 64, 16, 4, 3)],
 }
+# Programs of a default token-major tile one SM holds at once, limited by registers (65536 per
+# SM): 16-bit tiles (8 warps x 149-254 registers) one; float32 tiles (4 warps) three in the
+# forward (165-168 registers), two in grad_hidden (250-255). Vocabulary splits are sized for
+# waves of SMs x this (tests/test_kernel_compile.py checks it against the compiled kernels).
+RESIDENT_PROGRAMS = {"forward": {2: 1, 4: 3, 8: 3}, "grad_hidden": {2: 1, 4: 2, 8: 2}}
 INTERPRETER_TILE = (32, 64, 32, 1, 1)  # numpy runs one program at a time: one small tile, no tuning
 MERGE_BLOCK = 128
 
@@ -483,31 +490,32 @@ def _multiprocessors(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def wave_fill(token_blocks: int, splits: int, vocab_tiles: int, sms: int) -> float:
+def wave_fill(token_blocks: int, splits: int, vocab_tiles: int, slots: int) -> float:
     """Share of the GPU's time a (token blocks x vocabulary splits) grid keeps busy.
 
-    One program per SM at a time (these tiles take more than half an SM's registers), waves
-    of ``sms`` programs; a split holds whole vocabulary tiles, so the last split may be short.
+    ``slots`` programs run at once (SMs x resident programs), so the grid runs in waves of
+    ``slots``; a split holds whole vocabulary tiles, so the last split may be short.
     """
     programs = token_blocks * splits
     tiles_per_split = triton.cdiv(vocab_tiles, splits)
-    return token_blocks * vocab_tiles / (triton.cdiv(programs, sms) * sms * tiles_per_split)
+    return token_blocks * vocab_tiles / (triton.cdiv(programs, slots) * slots * tiles_per_split)
 
 
-def splits_for_waves(token_blocks: int, vocab_tiles: int, sms: int, max_splits: int = 64) -> int:
+def splits_for_waves(token_blocks: int, vocab_tiles: int, slots: int, max_splits: int = 64) -> int:
     """Fewest vocabulary splits whose grid fills at least 90% of its waves, else the best filling."""
     candidates = range(1, max(1, min(max_splits, vocab_tiles)) + 1)
-    good = [s for s in candidates if wave_fill(token_blocks, s, vocab_tiles, sms) >= 0.9]
-    return good[0] if good else max(candidates, key=lambda s: wave_fill(token_blocks, s, vocab_tiles, sms))
+    good = [s for s in candidates if wave_fill(token_blocks, s, vocab_tiles, slots) >= 0.9]
+    return good[0] if good else max(candidates, key=lambda s: wave_fill(token_blocks, s, vocab_tiles, slots))
 
 
-def _vocab_splits(n: int, vocab: int, block_n: int, element_size: int, device, requested) -> int:
-    """Splits sized for the token block that runs; each split at least 512 columns."""
+def _vocab_splits(kernel: str, n: int, vocab: int, block_n: int, element_size: int, device, requested) -> int:
+    """Splits sized for the token block and kernel that run; each split at least 512 columns."""
     if requested is not None:
         return max(1, min(int(requested), vocab))
     block_v = _TOKEN_MAJOR[element_size][0][0]
-    return splits_for_waves(triton.cdiv(max(n, 1), block_n), triton.cdiv(vocab, block_v),
-                            _multiprocessors(device), max_splits=min(64, triton.cdiv(vocab, 512)))
+    slots = _multiprocessors(device) * RESIDENT_PROGRAMS[kernel][element_size]
+    return splits_for_waves(triton.cdiv(max(n, 1), block_n), triton.cdiv(vocab, block_v), slots,
+                            max_splits=min(64, triton.cdiv(vocab, 512)))
 
 
 def _common(hidden, weight, bias, scale, softcap, inv_temperature):
@@ -532,7 +540,7 @@ def forward_stats(hidden, weight, bias, labels, *, scale=1.0, softcap=None, inv_
     if n == 0:
         return torch.empty(NUM_STATS, 0, dtype=torch.float32, device=hidden.device)
     block_n = token_block(hidden.element_size(), n)
-    splits = _vocab_splits(n, vocab, block_n, hidden.element_size(), hidden.device, num_splits)
+    splits = _vocab_splits("forward", n, vocab, block_n, hidden.element_size(), hidden.device, num_splits)
     partial = torch.empty(splits, NUM_STATS, n, dtype=torch.float32, device=hidden.device)
     c = _common(hidden, weight, bias, scale, softcap, inv_temperature)
     _forward_kernel[(triton.cdiv(n, block_n), splits)](
@@ -580,7 +588,7 @@ def backward(hidden, weight, bias, labels, lse, grad_logp, *, entropy=None, grad
 
     if need_hidden:
         block_n = token_block(hidden.element_size(), n)
-        splits = _vocab_splits(n, vocab, block_n, hidden.element_size(), device, num_splits)
+        splits = _vocab_splits("grad_hidden", n, vocab, block_n, hidden.element_size(), device, num_splits)
         # Every split needs its own float32 rows; stay within the workspace (one split always runs).
         splits = max(1, min(splits, workspace_bytes // max(1, 4 * n * hidden_size)))
         direct = splits == 1 and hidden.dtype == torch.float32
