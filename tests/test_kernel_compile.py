@@ -89,3 +89,24 @@ def test_token_major_grids_fill_the_waves_of_an_h100(rows, tokens, vocab):
                     assert fill >= 0.9, (_label(r), splits, fill)
                     checked += 1
     assert checked == 6
+
+
+def test_kernels_md_lists_every_autotune_config_as_fitting_for_both_tritons():
+    """Autotuning lists hold only configs that fit: each entry must appear in benchmarks/KERNELS.md
+    (regenerate: ``python -m benchmarks.kernels --all --python <venv with triton 3.6>/bin/python --write``)
+    as compiled without spills and within shared memory by Triton 3.6 and 3.9, on sm_80 and sm_90."""
+    fits = {}
+    for line in (ROOT / "benchmarks" / "KERNELS.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[0].startswith("_"):
+            kernel, config, _default, dtype, target, version = cells[:6]
+            fits[(kernel, config, dtype, target, version.rsplit(".", 1)[0])] = cells[9] == "yes"
+    checked = 0
+    for dtype in table.DTYPES:
+        for kernel, cfg, _default in fused.compile_configs(dtype, every_config=True):
+            for target in table.TARGETS:
+                for version in ("3.6", "3.9"):
+                    key = (kernel, table._config_name(cfg), dtype, target, version)
+                    assert fits.get(key), f"{key} missing from benchmarks/KERNELS.md or does not fit"
+                    checked += 1
+    assert checked >= 4 * len(table.DTYPES) * 3  # three kernels per dtype at least, two targets, two versions
