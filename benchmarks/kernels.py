@@ -48,7 +48,9 @@ ROW_TILE_ROWS, ROW_TILE_COLS = 2048, 16384
 
 
 def _row_kernel_args(dtype):
-    common = dict(tile_ptr=Ptr(dtype), tile_row_stride=ROW_TILE_COLS, labels_ptr=Ptr("i64"),
+    # float16 batches get float32 logits tiles and a float16 gradient tile (chunked.logits_dtype).
+    tile_dtype = "fp32" if dtype == "fp16" else dtype
+    common = dict(tile_ptr=Ptr(tile_dtype), tile_row_stride=ROW_TILE_COLS, labels_ptr=Ptr("i64"),
                   vocab_start=ROW_TILE_COLS * 3, n_cols=ROW_TILE_COLS, ignore_index=-1,
                   scale=0.5, softcap=30.0, inv_temperature=0.7)
     return {
