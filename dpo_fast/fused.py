@@ -1,11 +1,42 @@
-"""impl="fused": tl.dot kernels that never write logits to memory (``kernels/fused_linear_logps``).
+"""impl="fused": a forward with no logits in memory; the backward the arithmetic below picks.
 
-Forward folds every (token block x vocabulary tile) of logits, straight out of the GEMM
-accumulator, into the per-token statistics (2NHV). Backward recomputes the tiles twice,
-once in a token-major kernel for grad_hidden and once in a vocabulary-major kernel for
-grad_weight and grad_bias, so each float32 accumulator has a single owner: exact and
-bit-for-bit repeatable without atomics (8NHV for both gradients, 4NHV for a frozen head).
-Memory beyond the gradients themselves is O(tokens) plus bounded float32 scratch.
+Forward (2NHV, ``kernels/fused_linear_logps``): every (token block x vocabulary tile) of
+logits goes from the ``tl.dot`` accumulator straight into the per-token statistics;
+vocabulary splits are merged in split order. No logits tile ever exists in memory.
+
+Backward, two routes (N tokens, H hidden, V vocabulary, e bytes per logits element):
+
+- *tiled* (the chunked engine's, ``ChunkedEngine(TritonRows()).backward``): cuBLAS writes
+  each logits tile into a bounded workspace, a Triton row kernel turns it into the
+  softmax gradient in place, and two cuBLAS GEMMs consume it. FLOPs: 2NHV recompute +
+  2NHV per gradient (6NHV with a trainable head, 4NHV frozen). Extra HBM bytes: the tile
+  written, read and rewritten by the row kernel, and read once per gradient GEMM:
+  about NV (2 e_logits + e_grad (1 + gradients)); at Llama-3-8B's head in bf16 (N=8192,
+  H=4096, V=128256) 10.5 GB, ~3 ms at 3.35 TB/s against ~26 ms of GEMMs.
+- *fused* (``_grad_hidden_kernel`` / ``_grad_weight_kernel``): each kernel recomputes the
+  logits in registers (2NHV each) and adds its product (2NHV) into float32 rows it owns in
+  HBM, re-read and re-written once per tile: 8 H bytes per (token, vocabulary tile) for
+  grad_hidden, per (vocabulary row, token block) for grad_weight, i.e. 8NHV/BLOCK_V +
+  8NHV/BLOCK_N bytes. At the shape above with 128 x 128 tiles that is 270 GB per gradient
+  (~80 ms each on an H100): 5-7x the 6NHV floor, whatever the GEMM speed.
+
+In FLOP-equivalents (bytes x the card's FLOP/byte balance, ~295 for an H100's bf16 tensor
+cores over its HBM), with G gradients (hidden and/or weight), a fraction ``kept`` of tiles
+surviving gradient filtering (1 without it), per NHV:
+
+    fused = 2 G + kept (2 G + balance x 8 (1/BLOCK_V [if hidden] + 1/BLOCK_N [if weight]))
+    tiled = 2 + 2 G + balance x (2 e_logits + e_grad (1 + G)) / H
+
+At Llama-3-8B's head (bf16, 128 x 128 tiles): fused 8 + 36.9 kept, tiled 6.72 (trainable);
+fused 4 + 18.4 kept, tiled 4.58 (frozen). A bias gradient adds a tile read to the tiled
+route and, alone, one recomputing kernel to the fused one.
+
+So the fused backward wins only where H is small (frozen bf16 head: H < ~128 at 128-wide
+tiles), or where filtering skips most tiles (``filter_eps > 0``; trainable head at
+Llama-3-8B's shape: kept < ~7%; frozen: < ~13%). :func:`fused_backward_wins` is that
+rule; the engine applies it with kept = 1, and ``filter_eps > 0`` always takes the fused
+backward because no other route filters. Memory beyond the gradients: O(tokens) plus
+``memory_budget`` (tiled: the workspace; fused: float32 split partials and scratch).
 """
 
 from typing import Optional
@@ -14,35 +45,86 @@ import torch
 
 from dpo_fast.kernels import fused_linear_logps as kernels
 
+from .chunked import ChunkedEngine, logits_dtype
+from .rows import TritonRows
 from .transform import LogitTransform
+
+# Dense 16-bit tensor-core FLOP/s over HBM bytes/s of an H100 SXM (989e12 / 3.35e12).
+H100_FLOPS_PER_BYTE = 295.0
+BACKWARD_ROUTES = ("fused", "tiled")
+
+
+def fused_backward_wins(tokens: int, hidden_size: int, vocab: int, input_dtype: torch.dtype, *,
+                        need_hidden: bool = True, need_weight: bool = True, need_bias: bool = False,
+                        kept_fraction: float = 1.0, flops_per_byte: float = H100_FLOPS_PER_BYTE) -> bool:
+    """Whether the fused backward costs less than the tiled one on paper (see the module docstring).
+
+    Time is counted in FLOP-equivalents: GEMM FLOPs plus HBM bytes times ``flops_per_byte``.
+    ``kept_fraction`` is the share of tiles that gradient filtering keeps (1: no filtering).
+    Operand reads of the GEMMs (both routes read hidden and weight alike) are left out.
+    """
+    gradients = int(need_hidden) + int(need_weight)
+    if gradients == 0 and not need_bias:
+        return False
+    nhv = float(tokens) * hidden_size * vocab
+    # fused: one recomputing kernel for grad_hidden, one for grad_weight and/or grad_bias
+    kernel_runs = int(need_hidden) + int(need_weight or need_bias)
+    block_n, block_v = kernels.default_blocks(input_dtype)
+    product_bytes = 8.0 * nhv * (need_hidden / block_v + need_weight / block_n)
+    fused = 2 * kernel_runs * nhv + kept_fraction * (2 * gradients * nhv + flops_per_byte * product_bytes)
+    # tiled: one recompute; the tile is written, rewritten by the row kernel, read by each consumer
+    e_logits, e_grad = logits_dtype(input_dtype).itemsize, input_dtype.itemsize
+    tile_bytes = float(tokens) * vocab * (2 * e_logits + e_grad * (1 + gradients + int(need_bias)))
+    tiled = (2 + 2 * gradients) * nhv + flops_per_byte * tile_bytes
+    return fused < tiled
 
 
 class FusedEngine:
-    """Engine (see ``function.py``) over the fused kernels.
+    """Engine (see ``function.py``): fused forward; backward by :func:`fused_backward_wins`.
 
-    ``filter_eps > 0`` turns on gradient filtering: backward skips a tile whose every
-    ``|d loss / d z|`` (for log-probs: ``|g| * |onehot - softmax|``) is below ``filter_eps``.
-    That makes gradients *approximate* (each skipped entry is under ``filter_eps`` times
-    ``dz/ds``); the default 0 keeps them exact. ``memory_budget`` bounds the float32
-    scratch (grad_hidden split partials, weight-gradient rows for 16-bit weights);
+    ``filter_eps > 0`` turns on gradient filtering (fused backward only): a tile whose every
+    ``|d loss / d z|`` (for log-probs: ``|g| * |onehot - softmax|``) is below ``filter_eps``
+    is skipped. Gradients are then *approximate* (each skipped entry is under
+    ``filter_eps`` times ``dz/ds``); the default 0 keeps them exact. ``memory_budget``
+    bounds the tiled backward's workspace or the fused backward's float32 scratch.
     ``vocab_splits`` fixes the vocabulary split count (None: from the GPU's size).
+    ``backward_route`` ('fused' or 'tiled') overrides the rule (tests, measurements).
     """
 
     name = "fused"
 
     def __init__(self, filter_eps: float = 0.0, memory_budget: Optional[int] = None,
-                 vocab_splits: Optional[int] = None):
+                 vocab_splits: Optional[int] = None, backward_route: Optional[str] = None):
+        if backward_route is not None and backward_route not in BACKWARD_ROUTES:
+            raise ValueError(f"backward_route must be one of {BACKWARD_ROUTES} or None, got {backward_route!r}")
+        if backward_route == "tiled" and filter_eps > 0:
+            raise ValueError("filter_eps > 0 needs the fused backward (backward_route='fused' or None)")
         self.filter_eps = float(filter_eps)
         self.memory_budget = memory_budget or kernels.DEFAULT_WORKSPACE_BYTES
         self.vocab_splits = vocab_splits
+        self.backward_route = backward_route
 
     def forward_stats(self, hidden, weight, bias, labels, transform: LogitTransform) -> torch.Tensor:
         return kernels.forward_stats(hidden, weight, bias, labels.contiguous(), num_splits=self.vocab_splits,
                                      **transform.kernel_args())
 
+    def route(self, hidden, weight, needs) -> str:
+        if self.backward_route is not None:
+            return self.backward_route
+        if self.filter_eps > 0:
+            return "fused"
+        n, hidden_size = hidden.shape
+        wins = fused_backward_wins(n, hidden_size, weight.shape[0], hidden.dtype, need_hidden=needs[0],
+                                   need_weight=needs[1], need_bias=needs[2])
+        return "fused" if wins else "tiled"
+
     def backward(self, hidden, weight, bias, labels, transform: LogitTransform, lse, grad_logp, entropy=None,
                  grad_entropy=None, needs=(True, True, True)):
         """Gradients of sum(grad_logp * logp + grad_entropy * entropy) to (hidden, weight, bias)."""
+        if self.route(hidden, weight, needs) == "tiled":
+            return ChunkedEngine(TritonRows(), self.memory_budget).backward(
+                hidden, weight, bias, labels, transform, lse, grad_logp, entropy=entropy,
+                grad_entropy=grad_entropy, needs=needs)
         need_hidden, need_weight, need_bias = needs
         return kernels.backward(
             hidden, weight, bias, labels, lse, grad_logp, entropy=entropy, grad_entropy=grad_entropy,

@@ -15,9 +15,11 @@ uses it at once. No logits tile, softmax or logits gradient is ever written to m
     its vocabulary tiles and adds ``dz @ W`` into its own float32 rows of grad_hidden.
   * ``grad_weight`` / ``grad_bias``: grid over vocabulary blocks; a program loops over
     all tokens and adds ``dz^T @ h`` into its own float32 rows of grad_weight.
-  Backward with both gradients costs 8NHV (half of it recompute), so a training step is
-  10NHV against the chunked path's 8NHV; with a frozen head it is 4NHV (6NHV a step).
-  A bias gradient alone still runs the vocabulary-major kernel (its sum is over tokens).
+  Backward with both gradients costs 8NHV (half of it recompute) plus, per tile, a float32
+  read and write of the gradient rows it owns (8 H bytes per token per vocabulary tile and
+  per vocabulary row per token block): memory-bound at real hidden sizes, so dpo_fast runs
+  these kernels only where that arithmetic favours them (``dpo_fast/fused.py``), e.g. with
+  gradient filtering. A bias gradient alone still runs the vocabulary-major kernel.
 
 Operands go to ``tl.dot`` in their own dtype (bf16/fp16 on tensor cores; float32 as
 3xTF32, see ``FLOAT32_DOT_PRECISION``); the logits gradient is rounded to that dtype before
@@ -34,7 +36,6 @@ Offsets that scale with N*V, N*H or V*H are computed in int64.
 
 import os
 
-import torch
 import triton
 import triton.language as tl
 
@@ -42,6 +43,11 @@ from . import stats_layout
 from .logsoftmax_gather import (  # the statistics layout as Triton constexprs, defined once there
     STAT_ARGMAX, STAT_MAX, STAT_SQEXP, STAT_SUMEXP, STAT_TARGET, STAT_ZEXP, STAT_ZSUM, _post_process,
 )
+
+try:  # the launchers need torch; compiling the kernels ahead of time (benchmarks/kernels.py) does not
+    import torch
+except ImportError:  # pragma: no cover - a bare Triton venv
+    torch = None
 
 NUM_STATS = stats_layout.NUM_STATS
 NUM_STATS_C = tl.constexpr(NUM_STATS)
@@ -55,55 +61,128 @@ UPCAST_DOT_OPERANDS = tl.constexpr(INTERPRETED)
 # tile configurations
 # ----------------------------------------------------------------------------------------
 
-def _config(block_n, block_v, block_k, warps, stages):
-    return triton.Config({"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_K": block_k},
-                         num_warps=warps, num_stages=stages)
+# Configurations per operand element size (2: bf16/fp16, 4: fp32; float64 operands are loaded
+# as such and multiplied in float32: they get the float32 tiles). The token-major kernels
+# (forward, grad_hidden) get their token block from the launcher, which sizes the vocabulary
+# splits for it (``token_block``); their tuning varies the rest. Every entry compiles with no
+# register spills and within 163 KB of shared memory for sm_80 and sm_90 with Triton 3.6 and
+# 3.9 (tests/test_kernel_compile.py, benchmarks/KERNELS.md). Big tiles spill: 128 x 128 x 64
+# with 8 warps needs more than 255 registers per thread, and float32 "tf32x3" dots hold two
+# TF32 parts of each operand, so float32 tiles are smaller. The first entry of each list is
+# the default (the only one with DPO_FAST_FUSED_AUTOTUNE=0).
+TOKEN_BLOCK = {2: 64, 4: 64, 8: 64}
+_TOKEN_MAJOR = {  # (BLOCK_V, BLOCK_K, warps, stages): programs own token rows
+    2: [(128, 64, 8, 3), (64, 64, 4, 3)],
+    4: [(64, 16, 4, 3)],
+    8: [(64, 16, 4, 3)],
+}
+_VOCAB_MAJOR = {  # (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages): grad_weight, programs own vocabulary rows
+    2: [(128, 64, 64, 8, 3), (64, 128, 64, 8, 3)],
+    4: [(64, 64, 16, 4, 3), (32, 64, 32, 4, 3)],
+    8: [(64, 64, 16, 4, 3)],
+}
+# Programs of a default token-major tile one SM holds at once, limited by registers (65536 per
+# SM): 16-bit tiles (8 warps x 149-254 registers) one; float32 tiles (4 warps) three in the
+# forward (165-168 registers), two in grad_hidden (250-255). Vocabulary splits are sized for
+# waves of SMs x this (tests/test_kernel_compile.py checks it against the compiled kernels).
+RESIDENT_PROGRAMS = {"forward": {2: 1, 4: 3, 8: 3}, "grad_hidden": {2: 1, 4: 2, 8: 2}}
+INTERPRETER_TILE = (32, 64, 32, 1, 1)  # numpy runs one program at a time: one small tile, no tuning
+MERGE_BLOCK = 128
 
 
-def _configs(gpu_configs):
-    # The interpreter runs programs one by one in numpy: one small tile, no benchmarking.
+def _token_major_config(block_v, block_k, warps, stages):
+    return triton.Config({"BLOCK_V": block_v, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+
+
+def _vocab_major_config(block_n, block_v, block_k, warps, stages):
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_K": block_k}, num_warps=warps,
+                         num_stages=stages)
+
+
+def _tuned(lists, make):
+    """Autotuning list: every element size's entries (pruned per launch to the operands' size)."""
     if INTERPRETED:
-        return [_config(32, 64, 32, 1, 1)]
-    if os.environ.get("DPO_FAST_FUSED_AUTOTUNE", "1") == "0":
-        return gpu_configs[:1]
-    return gpu_configs
+        return [make(*(INTERPRETER_TILE[1:] if make is _token_major_config else INTERPRETER_TILE))]
+    pinned = os.environ.get("DPO_FAST_FUSED_AUTOTUNE", "1") == "0"
+    configs, seen = [], set()
+    for entries in lists.values():
+        for entry in entries[:1] if pinned else entries:
+            if entry not in seen:
+                seen.add(entry)
+                configs.append(make(*entry))
+    return configs
 
 
-# (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages); the first entry is the pinned default.
-# Shared memory per stage is (BLOCK_N + BLOCK_V) * BLOCK_K * element size: configs that do
-# not fit for float32 inputs are dropped by the autotuner as out of resources.
-_TOKEN_MAJOR = [  # forward and grad_hidden: programs own token rows
-    _config(128, 128, 64, 8, 3),
-    _config(64, 128, 64, 4, 3),
-    _config(128, 256, 64, 8, 3),
-    _config(64, 256, 64, 8, 3),
-    _config(128, 128, 32, 4, 4),
-    _config(64, 64, 64, 4, 3),
-    _config(32, 128, 64, 4, 3),
-]
-_VOCAB_MAJOR = [  # grad_weight: programs own vocabulary rows
-    _config(128, 128, 64, 8, 3),
-    _config(128, 64, 64, 4, 3),
-    _config(256, 128, 64, 8, 3),
-    _config(64, 128, 64, 4, 4),
-    _config(128, 128, 32, 4, 4),
-    _config(64, 64, 64, 4, 3),
-]
+def _config_key(config):
+    tile = tuple(config.kwargs[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K") if k in config.kwargs)
+    return tile + (config.num_warps, config.num_stages)
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles far wider than the problem (a 128-token tile for 20 tokens wastes 84%)."""
-    hidden = named_args["H"]
-    tokens = named_args["n_bucket"]
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(hidden))
-            and c.kwargs["BLOCK_N"] <= max(32, tokens)]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"])]
+def _prune_token_major(configs, named_args, **kwargs):
+    """Keep the entries of the operands' element size: the tuner only benchmarks tiles that fit."""
+    if INTERPRETED:
+        return configs
+    allowed = set(_TOKEN_MAJOR[named_args["h_ptr"].element_size()])
+    return [c for c in configs if _config_key(c) in allowed]
+
+
+def _prune_vocab_major(configs, named_args, **kwargs):
+    """As above, and drop token blocks far wider than the batch (128 tokens for 20 wastes 84%)."""
+    if INTERPRETED:
+        return configs
+    allowed = set(_VOCAB_MAJOR[named_args["h_ptr"].element_size()])
+    fits = [c for c in configs if _config_key(c) in allowed]
+    narrow = [c for c in fits if c.kwargs["BLOCK_N"] <= max(32, named_args["n_bucket"])]
+    return narrow or [min(fits, key=lambda c: c.kwargs["BLOCK_N"])]
 
 
 def _token_bucket(n: int) -> int:
     """Autotune key for the token count: powers of two up to 2^16."""
     return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
+
+
+def token_block(element_size: int, tokens: int) -> int:
+    """Token block of the forward and grad_hidden kernels: the default, halved while the batch fits in half."""
+    if INTERPRETED:
+        return INTERPRETER_TILE[0]
+    block = TOKEN_BLOCK[element_size]
+    while block > 32 and block // 2 >= tokens:
+        block //= 2
+    return block
+
+
+def default_blocks(dtype) -> tuple:
+    """(token block of grad_weight, vocabulary tile of grad_hidden) of the default configs for ``dtype``.
+
+    Each float32 gradient row is re-read and re-written once per such block: the backward
+    rule of ``dpo_fast/fused.py`` counts those bytes.
+    """
+    size = dtype.itemsize
+    return _VOCAB_MAJOR[size][0][0], _TOKEN_MAJOR[size][0][0]
+
+
+_ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+
+
+def compile_configs(dtype: str, every_config: bool = False):
+    """(kernel name, config, is default) for ahead-of-time compiles (``benchmarks/kernels.py``).
+
+    ``dtype``: the operands' Triton type name. A config: constexprs, num_warps, num_stages.
+    """
+    size = _ELEMENT_SIZE[dtype]
+    precision = "tf32" if size == 2 else FLOAT32_DOT_PRECISION
+    for name in ("_forward_kernel", "_grad_hidden_kernel"):
+        entries = _TOKEN_MAJOR[size] if every_config else _TOKEN_MAJOR[size][:1]
+        for i, (block_v, block_k, warps, stages) in enumerate(entries):
+            yield name, dict(constexprs=dict(BLOCK_N=TOKEN_BLOCK[size], BLOCK_V=block_v, BLOCK_K=block_k,
+                                             DOT_PRECISION=precision), num_warps=warps, num_stages=stages), i == 0
+    entries = _VOCAB_MAJOR[size] if every_config else _VOCAB_MAJOR[size][:1]
+    for i, (block_n, block_v, block_k, warps, stages) in enumerate(entries):
+        yield "_grad_weight_kernel", dict(constexprs=dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k,
+                                                          DOT_PRECISION=precision),
+                                          num_warps=warps, num_stages=stages), i == 0
+    if size == 4:  # float32 statistics whatever the inputs: listed once
+        yield "_merge_splits_kernel", dict(constexprs=dict(BLOCK=MERGE_BLOCK), num_warps=4, num_stages=3), True
 
 
 # ----------------------------------------------------------------------------------------
@@ -229,8 +308,8 @@ def _store_stats(out, n, row_ok, m, sum_exp, z_exp, sq_exp, z_sum, arg, target):
     tl.store(out + STAT_TARGET * n, target, mask=row_ok)
 
 
-@triton.autotune(configs=_configs(_TOKEN_MAJOR), key=["H", "V", "n_bucket"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_tuned(_TOKEN_MAJOR, _token_major_config), key=["H", "V", "n_bucket", "BLOCK_N"],
+                 prune_configs_by={"early_config_prune": _prune_token_major})
 @triton.jit
 def _forward_kernel(
     h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, labels_ptr, partial_ptr,
@@ -314,8 +393,8 @@ def _merge_splits_kernel(partial_ptr, stats_ptr, n, num_splits, BLOCK: tl.conste
 # backward
 # ----------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_configs(_TOKEN_MAJOR), key=["H", "V", "n_bucket"],
-                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["dh_ptr"])
+@triton.autotune(configs=_tuned(_TOKEN_MAJOR, _token_major_config), key=["H", "V", "n_bucket", "BLOCK_N"],
+                 prune_configs_by={"early_config_prune": _prune_token_major}, reset_to_zero=["dh_ptr"])
 @triton.jit
 def _grad_hidden_kernel(
     h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr,
@@ -348,8 +427,8 @@ def _grad_hidden_kernel(
         tl.debug_barrier()
 
 
-@triton.autotune(configs=_configs(_VOCAB_MAJOR), key=["H", "V", "n_bucket"],
-                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["dw_ptr", "db_ptr"])
+@triton.autotune(configs=_tuned(_VOCAB_MAJOR, _vocab_major_config), key=["H", "V", "n_bucket"],
+                 prune_configs_by={"early_config_prune": _prune_vocab_major}, reset_to_zero=["dw_ptr", "db_ptr"])
 @triton.jit
 def _grad_weight_kernel(
     h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr,
@@ -400,24 +479,43 @@ DEFAULT_WORKSPACE_BYTES = 512 * 2**20  # float32 split partials of grad_hidden a
 FLOAT32_DOT_PRECISION = os.environ.get("DPO_FAST_FUSED_FP32_DOT", "tf32x3")
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def _dot_precision(dtype) -> str:
     # 16-bit operands are multiplied exactly whatever this says; "tf32" is tl.dot's default.
     return FLOAT32_DOT_PRECISION if dtype in (torch.float32, torch.float64) else "tf32"
 
 
-def _multiprocessors(device: torch.device) -> int:
+def _multiprocessors(device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _vocab_splits(n: int, vocab: int, device, requested) -> int:
-    """Enough (token block x vocabulary split) programs to fill the GPU twice, each split >= 512 columns."""
+def wave_fill(token_blocks: int, splits: int, vocab_tiles: int, slots: int) -> float:
+    """Share of the GPU's time a (token blocks x vocabulary splits) grid keeps busy.
+
+    ``slots`` programs run at once (SMs x resident programs), so the grid runs in waves of
+    ``slots``; a split holds whole vocabulary tiles, so the last split may be short.
+    """
+    programs = token_blocks * splits
+    tiles_per_split = triton.cdiv(vocab_tiles, splits)
+    return token_blocks * vocab_tiles / (triton.cdiv(programs, slots) * slots * tiles_per_split)
+
+
+def splits_for_waves(token_blocks: int, vocab_tiles: int, slots: int, max_splits: int = 64) -> int:
+    """Fewest vocabulary splits whose grid fills at least 90% of its waves, else the best filling."""
+    candidates = range(1, max(1, min(max_splits, vocab_tiles)) + 1)
+    good = [s for s in candidates if wave_fill(token_blocks, s, vocab_tiles, slots) >= 0.9]
+    return good[0] if good else max(candidates, key=lambda s: wave_fill(token_blocks, s, vocab_tiles, slots))
+
+
+def _vocab_splits(kernel: str, n: int, vocab: int, block_n: int, element_size: int, device, requested) -> int:
+    """Splits sized for the token block and kernel that run; each split at least 512 columns."""
     if requested is not None:
         return max(1, min(int(requested), vocab))
-    token_blocks = triton.cdiv(max(n, 1), 64)
-    wanted = triton.cdiv(2 * _multiprocessors(device), token_blocks)
-    return max(1, min(wanted, triton.cdiv(vocab, 512), 64))
+    block_v = _TOKEN_MAJOR[element_size][0][0]
+    slots = _multiprocessors(device) * RESIDENT_PROGRAMS[kernel][element_size]
+    return splits_for_waves(triton.cdiv(max(n, 1), block_n), triton.cdiv(vocab, block_v), slots,
+                            max_splits=min(64, triton.cdiv(vocab, 512)))
 
 
 def _common(hidden, weight, bias, scale, softcap, inv_temperature):
@@ -431,7 +529,7 @@ def _common(hidden, weight, bias, scale, softcap, inv_temperature):
 
 
 def forward_stats(hidden, weight, bias, labels, *, scale=1.0, softcap=None, inv_temperature=1.0,
-                  num_splits=None) -> torch.Tensor:
+                  num_splits=None):
     """Per-token statistics ``stats[NUM_STATS, n]`` (float32) of ``hidden @ weight.T + bias``.
 
     ``labels`` (int, [n]) must all lie in [0, V). ``num_splits`` vocabulary splits (None:
@@ -441,16 +539,17 @@ def forward_stats(hidden, weight, bias, labels, *, scale=1.0, softcap=None, inv_
     vocab = weight.shape[0]
     if n == 0:
         return torch.empty(NUM_STATS, 0, dtype=torch.float32, device=hidden.device)
-    splits = _vocab_splits(n, vocab, hidden.device, num_splits)
+    block_n = token_block(hidden.element_size(), n)
+    splits = _vocab_splits("forward", n, vocab, block_n, hidden.element_size(), hidden.device, num_splits)
     partial = torch.empty(splits, NUM_STATS, n, dtype=torch.float32, device=hidden.device)
     c = _common(hidden, weight, bias, scale, softcap, inv_temperature)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
-    _forward_kernel[grid](*c["args"], labels, partial, n, vocab, hidden_size, splits, _token_bucket(n),
-                          *c["transform"], **c["consts"])
+    _forward_kernel[(triton.cdiv(n, block_n), splits)](
+        *c["args"], labels, partial, n, vocab, hidden_size, splits, _token_bucket(n), *c["transform"],
+        BLOCK_N=block_n, **c["consts"])
     if splits == 1:
         return partial[0]
     stats = torch.empty(NUM_STATS, n, dtype=torch.float32, device=hidden.device)
-    block = 128 if not INTERPRETED else 64
+    block = MERGE_BLOCK if not INTERPRETED else 64
     _merge_splits_kernel[(triton.cdiv(n, block),)](partial, stats, n, splits, BLOCK=block)
     return stats
 
@@ -488,14 +587,15 @@ def backward(hidden, weight, bias, labels, lse, grad_logp, *, entropy=None, grad
     tail = (*c["transform"], float(filter_eps))
 
     if need_hidden:
-        splits = _vocab_splits(n, vocab, device, num_splits)
+        block_n = token_block(hidden.element_size(), n)
+        splits = _vocab_splits("grad_hidden", n, vocab, block_n, hidden.element_size(), device, num_splits)
         # Every split needs its own float32 rows; stay within the workspace (one split always runs).
         splits = max(1, min(splits, workspace_bytes // max(1, 4 * n * hidden_size)))
         direct = splits == 1 and hidden.dtype == torch.float32
         acc = grad_hidden if direct else torch.zeros(splits, n, hidden_size, dtype=torch.float32, device=device)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
-        _grad_hidden_kernel[grid](*c["args"], *row_args, acc, n, vocab, hidden_size, splits, _token_bucket(n),
-                                  *tail, **consts)
+        _grad_hidden_kernel[(triton.cdiv(n, block_n), splits)](
+            *c["args"], *row_args, acc, n, vocab, hidden_size, splits, _token_bucket(n), *tail, BLOCK_N=block_n,
+            **consts)
         if not direct:
             total = acc[0]
             for split in range(1, splits):  # fixed order: deterministic
