@@ -381,3 +381,33 @@ def test_valid_edge_settings_are_accepted(fn, device):
     assert torch.isfinite(out).all()
     out = fn(hidden.reshape(-1, H), weight, labels.reshape(-1), impl="torch")
     assert torch.isfinite(out).all()
+
+
+def test_sequence_ids_are_sequence_indices(device):
+    """An id no token carries is an empty sequence for sequence_logps (0, as a zero-length cu_seqlens span);
+    dpo_loss accepts ids in any token order and a sequence whose tokens are all ignored (it carries its id)."""
+    hidden, weight = torch.randn(9, H, device=device), torch.randn(V, H, device=device)
+    labels = torch.randint(0, V, (9,), device=device)
+    with_gap = dpo_fast.sequence_logps(hidden, weight, labels, sequence_ids=torch.tensor([0, 0, 2, 2, 2, 3, 3, 3, 3],
+                                                                                        device=device), impl="torch")
+    spans = dpo_fast.sequence_logps(hidden, weight, labels, cu_seqlens=torch.tensor([0, 2, 2, 5, 9], device=device),
+                                    impl="torch")
+    assert with_gap[1] == 0
+    torch.testing.assert_close(with_gap, spans, rtol=0, atol=0)
+
+    labels[7:] = -100  # sequence 3 (a rejected answer) has every token ignored
+    order = torch.randperm(9, device=device)
+    ids = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3], device=device)
+    shuffled = dpo_fast.dpo_loss(hidden[order], weight, labels[order], sequence_ids=ids[order], impl="torch")
+    spans = dpo_fast.dpo_loss(hidden, weight, labels, cu_seqlens=torch.tensor([0, 2, 5, 7, 9], device=device),
+                              impl="torch")
+    torch.testing.assert_close(shuffled.loss, spans.loss)
+
+
+def test_settings_at_the_edge_of_their_range_are_accepted(device):
+    """label_smoothing 0.5 (TRL's conservative-DPO bound) and a zero loss weight are valid."""
+    hidden, weight, labels = _inputs(device)
+    out = dpo_fast.dpo_loss(hidden, weight, labels, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0],
+                            label_smoothing=0.5, check_finite=True, impl="torch")
+    assert torch.isfinite(out.loss)
+    assert dpo_fast.DPOLoss(loss_type="exo_pair", label_smoothing=0.5, check_finite=False, process_group=None)
