@@ -213,10 +213,11 @@ def _check_sequence_ids(sequence_ids, paired):
     ids = sequence_ids.reshape(-1).to(torch.int64)
     n = ids.numel()
     low, high = torch.aminmax(ids)
-    # Counters for the ids 0..n-1, out-of-range ids parked in one extra slot: O(N) memory.
-    counts = torch.bincount(ids.clamp(0, n), minlength=n + 1)[:n]
+    # Which of the ids 0..n-1 occur, out-of-range ids parked in one extra slot: O(N) memory. A scatter, not
+    # bincount, which on CUDA reads its input's range back to the host.
+    seen = ids.new_zeros(n + 1, dtype=torch.bool).index_fill_(0, ids.clamp(0, n), True)[:n]
     index = torch.arange(n, device=ids.device)
-    first_gap = torch.where((counts == 0) & (index < high), index, n).min()
+    first_gap = torch.where(~seen & (index < high), index, n).min()
     low, high, first_gap = torch.stack((low, high, first_gap)).tolist()
     if low < 0:
         raise ValueError(f"sequence_ids must be >= 0 (sequence indices 0..R-1), found {low}")
