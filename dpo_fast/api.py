@@ -22,12 +22,17 @@ from .transform import LogitTransform
 # each public function; while torch.compile traces, the public function calls its twin, an opaque op
 # with fake shapes, so a compiled step has no graph break.
 COMPILE_TWINS = {}
+# Keyword switches of the public functions (all keyword-only): bool, never truthy strings.
+_FLAGS = ("average", "inplace", "check_finite")
 
 
 def _routes_when_compiling(name: str):
     def wrap(eager):
         @functools.wraps(eager)
         def call(*args, **kwargs):
+            # Before routing, so an eager call and its compile twin refuse the same settings.
+            check.check_flags(**{key: kwargs[key] for key in _FLAGS if key in kwargs})
+            check.check_process_group(kwargs.get("process_group"))
             if torch.compiler.is_compiling() and kwargs.get("process_group") is None and name in COMPILE_TWINS:
                 return COMPILE_TWINS[name](*args, **kwargs)
             return eager(*args, **kwargs)
@@ -75,8 +80,8 @@ class _Prepared:
 
 
 def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl, sequence_ids,
-             cu_seqlens, memory_budget, check_finite, process_group=None, filter_eps=0.0) -> _Prepared:
-    check.check_hidden_inputs(hidden, weight, labels, bias, sequence_ids, cu_seqlens)
+             cu_seqlens, memory_budget, check_finite, process_group=None, filter_eps=0.0, paired=False) -> _Prepared:
+    check.check_hidden_inputs(hidden, weight, labels, bias, sequence_ids, cu_seqlens, paired=paired)
     check.check_transform(temperature, logit_scale, softcap)
     check.check_memory_budget(memory_budget)
     check.check_ignore_index(ignore_index, labels.dtype)
@@ -161,7 +166,8 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
     cfg = _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha,
                        ref_chosen_logps is not None or ref_rejected_logps is not None)
     prep = _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl,
-                    sequence_ids, cu_seqlens, memory_budget, check_finite, process_group, filter_eps=filter_eps)
+                    sequence_ids, cu_seqlens, memory_budget, check_finite, process_group, filter_eps=filter_eps,
+                    paired=True)
     layout = prep.layout
     check.check_pairs(layout.num_sequences, ref_chosen_logps, ref_rejected_logps, hidden.device)
     if check_finite:
@@ -254,6 +260,8 @@ class DPOLoss(torch.nn.Module):
         check.check_ignore_index(ignore_index)
         check.check_memory_budget(memory_budget)
         check.check_filter_eps(filter_eps, impl)
+        check.check_flags(check_finite=check_finite)
+        check.check_process_group(process_group)
 
     def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, bias=None,
                 sequence_ids=None, cu_seqlens=None) -> DPOOutput:

@@ -12,7 +12,9 @@ finds the three parts for any ``transformers`` model:
 The first time a model is used, the reconstruction is checked against ``model(x).logits``
 on a few tokens: a model that post-processes its logits in a way the config does not say
 is refused with an error naming its type, or (``fallback="naive"``) run through its own
-full-logits forward instead.
+full-logits forward instead. The verdict is kept with what the rebuild read (scale,
+softcap, the head's structure): a later change of those, such as an edited
+``config.logit_scale``, is checked again.
 
 The fused computation runs *inside the model's forward*: :func:`fused_forward` swaps the
 forward of the inner ``PreTrainedModel`` for one that runs the backbone and then the
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import api
+from . import validation as check
 from .distributed import gathered
 from .transform import LogitTransform
 
@@ -128,6 +131,12 @@ class ResolvedHead:
     def frozen(self) -> bool:
         return not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
 
+    @property
+    def reads(self) -> tuple:
+        """What the rebuild takes from the model besides parameter values: a verdict holds while these hold."""
+        t = self.transform
+        return (self.model_type, t.scale, t.softcap, type(self.backbone), type(self.head), self.bias is not None)
+
 
 def resolve_head(model: torch.nn.Module) -> ResolvedHead:
     """Backbone, head weight/bias and logit post-processing of a causal LM (wrappers are unwrapped)."""
@@ -178,8 +187,9 @@ def head_precision(hidden, weight, bias):
 # the one-time reconstruction check
 # ----------------------------------------------------------------------------------------
 
-# inner model -> "fused" (reconstruction verified) or "naive" (mismatch, caller allowed the fallback)
-_VERIFIED: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+# inner model -> (ResolvedHead.reads when checked, "fused" (reconstruction verified) or "naive" (mismatch,
+# caller allowed the fallback)). The resolution is redone per call; a verdict is reused only for what it checked.
+_VERIFIED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _check_tokens(input_ids, attention_mask):
@@ -226,21 +236,23 @@ def _tolerance(dtype) -> float:
 
 def verify(model, head: ResolvedHead, input_ids, attention_mask=None, fallback: str = "raise",
            original_forward=None) -> str:
-    """'fused' when lm_head(base_model(x)) post-processed per the config matches model(x).logits, once per model.
+    """'fused' when lm_head(base_model(x)) post-processed per the config matches model(x).logits.
 
+    Checked once per model and per :attr:`ResolvedHead.reads`: editing a setting the rebuild
+    reads (e.g. ``config.logit_scale``, which Cohere's forward copied at construction) checks again.
     On mismatch raise :class:`ReconstructionError`, or return 'naive' when ``fallback="naive"``.
     """
     if fallback not in ("raise", "naive"):
         raise ValueError(f"fallback must be 'raise' or 'naive', got {fallback!r}")
-    decided = _VERIFIED.get(model)
-    if decided is not None and (decided == "fused" or fallback == "naive"):
+    reads, decided = _VERIFIED.get(model, (None, None))
+    if reads == head.reads and (decided == "fused" or (decided == "naive" and fallback == "naive")):
         return decided
     error = reconstruction_error(model, head, input_ids, attention_mask, original_forward)
     if error <= _tolerance(head.weight.dtype):
-        _VERIFIED[model] = "fused"
+        _VERIFIED[model] = (head.reads, "fused")
         return "fused"
     if fallback == "naive":
-        _VERIFIED[model] = "naive"
+        _VERIFIED[model] = (head.reads, "naive")
         return "naive"
     t = head.transform
     raise ReconstructionError(
@@ -264,8 +276,11 @@ class HeadComputation:
     """What the fused forward computes once the backbone has run.
 
     ``from_hidden(hidden, targets, head)`` is the dpo-fast path; ``from_logits(logits, targets)``
-    the naive fallback. ``targets`` are already shifted (see :func:`shift_targets`).
+    the naive fallback. ``targets`` are already shifted (see :func:`shift_targets`), padded with
+    ``ignore_index``, the value that marks unscored labels.
     """
+
+    ignore_index = -100
 
     def from_hidden(self, hidden, targets, head: ResolvedHead):  # pragma: no cover - interface
         raise NotImplementedError
@@ -277,7 +292,8 @@ class HeadComputation:
 def _fused_forward_method(original_forward, computation: HeadComputation, fallback: str):
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         if labels is None:
-            raise ValueError("the dpo-fast forward needs labels (-100 where a token is not scored)")
+            raise ValueError(f"the dpo-fast forward needs labels (ignore_index={computation.ignore_index} where "
+                             f"a token is not scored)")
         if input_ids is None:
             raise ValueError("the dpo-fast forward needs input_ids (inputs_embeds is not supported)")
         # Wrappers (PEFT) pass their optional arguments as None; the backbone takes only what is set.
@@ -286,7 +302,8 @@ def _fused_forward_method(original_forward, computation: HeadComputation, fallba
         # Looked up per call: FSDP and PEFT may replace the head after the model was built.
         head = resolve_head(self)
         mode = verify(self, head, input_ids, attention_mask, fallback, original_forward)
-        targets = shift_targets(labels)
+        check.check_ignore_index(computation.ignore_index, labels.dtype)
+        targets = shift_targets(labels, computation.ignore_index)
         if mode == "naive":
             logits = original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
             return computation.from_logits(logits, targets.to(logits.device))
@@ -331,7 +348,7 @@ def fused_forward(model: torch.nn.Module, computation: HeadComputation, fallback
 
 # dpo_loss keywords that the logits (naive) path also takes.
 _LOGITS_PATH_KEYS = ("beta", "loss_type", "loss_weights", "label_smoothing", "gamma", "discopop_tau", "cpo_alpha",
-                     "temperature")
+                     "temperature", "ignore_index")
 
 
 class DPOComputation(HeadComputation):
@@ -340,6 +357,7 @@ class DPOComputation(HeadComputation):
     def __init__(self, ref_chosen_logps, ref_rejected_logps, loss_kwargs):
         self.ref = dict(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
         self.loss_kwargs = dict(loss_kwargs)
+        self.ignore_index = self.loss_kwargs.get("ignore_index", HeadComputation.ignore_index)
 
     def from_hidden(self, hidden, targets, head):
         t = head.transform
@@ -355,22 +373,23 @@ class DPOComputation(HeadComputation):
 class SequenceLogpsComputation(HeadComputation):
     """Per-sequence sums (or means) of next-token log-probs, forward-only under no_grad."""
 
-    def __init__(self, temperature, impl, memory_budget, average):
+    def __init__(self, temperature, impl, memory_budget, average, ignore_index=-100):
         self.temperature, self.impl, self.memory_budget, self.average = temperature, impl, memory_budget, average
+        self.ignore_index = ignore_index
 
     def from_hidden(self, hidden, targets, head):
         t = head.transform
         with head_precision(hidden, head.weight, head.bias) as (hidden, weight, bias):
             return api.sequence_logps(hidden, weight, targets, bias=bias, logit_scale=t.scale, softcap=t.softcap,
-                                      temperature=self.temperature, impl=self.impl,
+                                      temperature=self.temperature, impl=self.impl, ignore_index=self.ignore_index,
                                       memory_budget=self.memory_budget, average=self.average)
 
     def from_logits(self, logits, targets):
         sums = api.sequence_logps_from_logits(logits, targets, temperature=self.temperature,
-                                              impl=_logits_impl(dict(impl=self.impl)))
+                                              ignore_index=self.ignore_index, impl=_logits_impl(dict(impl=self.impl)))
         if not self.average:
             return sums
-        return sums / (targets != -100).sum(-1).clamp(min=1).to(sums.dtype)
+        return sums / (targets != self.ignore_index).sum(-1).clamp(min=1).to(sums.dtype)
 
 
 def _logits_impl(kwargs) -> str:
@@ -379,12 +398,13 @@ def _logits_impl(kwargs) -> str:
 
 
 def reference_logps(ref_model, input_ids, attention_mask, labels, *, temperature=1.0, impl="auto",
-                    memory_budget=None, average=False, fallback="raise") -> torch.Tensor:
+                    memory_budget=None, average=False, fallback="raise", ignore_index=-100) -> torch.Tensor:
     """Per-sequence sums of next-token log-probs under ``ref_model``, forward-only (no saved tensors).
 
-    ``labels`` are unshifted (``labels[:, t]`` is token t, -100 where not scored), like :func:`dpo_forward`.
+    ``labels`` are unshifted (``labels[:, t]`` is token t, ``ignore_index`` where not scored), like
+    :func:`dpo_forward`.
     """
-    computation = SequenceLogpsComputation(temperature, impl, memory_budget, average)
+    computation = SequenceLogpsComputation(temperature, impl, memory_budget, average, ignore_index)
     with torch.no_grad(), fused_forward(ref_model, computation, fallback) as model:
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
@@ -394,8 +414,8 @@ def dpo_forward(model, input_ids, attention_mask, labels, *, ref_model=None, ref
     """DPO loss of a causal LM on a batch ``[chosen_1..chosen_B, rejected_1..rejected_B]``, no ``[N, V]`` logits.
 
     One backbone pass over all ``2B`` rows; ``labels[:, 1:]`` are the targets of the hidden
-    states at ``[:, :-1]`` (-100 for prompt and padding); then :func:`dpo_fast.dpo_loss`
-    with the model's head and logit post-processing. Reference log-probs come from
+    states at ``[:, :-1]`` (``ignore_index``, -100 by default, for prompt and padding); then
+    :func:`dpo_fast.dpo_loss` with the model's head and logit post-processing. Reference log-probs come from
     ``ref_model`` (forward-only, under ``torch.no_grad``) or are passed in; with neither the
     loss is reference-free. ``loss_kwargs`` are :func:`dpo_fast.dpo_loss`'s (``beta``,
     ``loss_type``, ``temperature``, ``impl``, ``memory_budget``, ...).
@@ -413,7 +433,8 @@ def dpo_forward(model, input_ids, attention_mask, labels, *, ref_model=None, ref
             raise ValueError("pass either ref_model or ref_chosen_logps/ref_rejected_logps, not both")
         ref = reference_logps(ref_model, input_ids, attention_mask, labels,
                               temperature=loss_kwargs.get("temperature", 1.0), impl=loss_kwargs.get("impl", "auto"),
-                              memory_budget=loss_kwargs.get("memory_budget"), fallback=fallback)
+                              memory_budget=loss_kwargs.get("memory_budget"), fallback=fallback,
+                              ignore_index=loss_kwargs.get("ignore_index", -100))
         ref_chosen_logps, ref_rejected_logps = ref.chunk(2)
     computation = DPOComputation(ref_chosen_logps, ref_rejected_logps, loss_kwargs)
     with fused_forward(model, computation, fallback) as wrapped:

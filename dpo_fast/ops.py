@@ -54,9 +54,9 @@ def _num_sequences_fake(labels, sequence_ids, cu_seqlens):
 
 
 def _prepare(hidden, weight, bias, labels, sequence_ids, cu_seqlens, ignore_index, temperature, logit_scale, softcap,
-             impl, memory_budget, check_finite, filter_eps):
+             impl, memory_budget, check_finite, filter_eps, paired=False):
     return api._prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl,
-                        sequence_ids, cu_seqlens, memory_budget, check_finite, filter_eps=filter_eps)
+                        sequence_ids, cu_seqlens, memory_budget, check_finite, filter_eps=filter_eps, paired=paired)
 
 
 @torch.library.custom_op("dpo_fast::sequence_outputs", mutates_args=())
@@ -72,7 +72,7 @@ def sequence_outputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], lab
     where it is known (``paired``: a DPO loss).
     """
     prep = _prepare(hidden, weight, bias, labels, sequence_ids, cu_seqlens, ignore_index, temperature, logit_scale,
-                    softcap, impl, memory_budget, check_finite, filter_eps)
+                    softcap, impl, memory_budget, check_finite, filter_eps, paired)
     layout = prep.layout
     if paired:
         check.check_pairs(layout.num_sequences, ref_chosen_logps, ref_rejected_logps, hidden.device)

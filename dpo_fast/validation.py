@@ -18,6 +18,19 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _tensor(name, x):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    # The paths index, reshape and hand raw pointers to kernels: only a dense strided tensor has them.
+    if x.is_nested:
+        raise TypeError(f"{name} must be a dense tensor, got a nested tensor: pack its sequences into one tensor "
+                        f"(padded rows, or tokens with cu_seqlens/sequence_ids)")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (torch.strided) tensor, got layout {x.layout}: call .to_dense()")
+
+
+def _holds_data(name, x):
+    """Called once every tensor of a call is known to share ``x``'s device."""
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (shapes only, no values): materialize the tensors "
+                         f"(e.g. model.to_empty(device=...) and load the weights) before computing a loss")
 
 
 def _float_tensor(name, x):
@@ -39,6 +52,23 @@ def _token_ids(name, labels):
     _int_labels(name, labels)
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an int64 or int32 tensor of token ids, got dtype {labels.dtype}")
+
+
+def check_flags(**flags):
+    """Switches must be bool: a string such as "False" is truthy and would silently turn the switch on."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def check_process_group(process_group):
+    """None, or a torch.distributed ProcessGroup (e.g. ``dist.new_group(ranks)``, ``dist.group.WORLD``)."""
+    if process_group is None:
+        return
+    group_type = getattr(torch.distributed, "ProcessGroup", None) if torch.distributed.is_available() else None
+    if group_type is None or not isinstance(process_group, group_type):
+        raise TypeError(f"process_group must be None or a torch.distributed.ProcessGroup (e.g. "
+                        f"torch.distributed.new_group(ranks)), got {type(process_group).__name__}")
 
 
 def _finite(value) -> bool:
@@ -106,11 +136,13 @@ def check_labels_range(labels, vocab_size, ignore_index):
                          f"found {value}")
 
 
-def check_hidden_inputs(hidden, weight, labels, bias=None, sequence_ids=None, cu_seqlens=None, inspect_values=True):
+def check_hidden_inputs(hidden, weight, labels, bias=None, sequence_ids=None, cu_seqlens=None, inspect_values=True,
+                        paired=False):
     """hidden [R, T, H] with labels [R, T], or hidden [N, H] with labels [N]; weight [V, H].
 
     ``inspect_values=False`` checks metadata only (shapes, dtypes, devices): what a
     torch.compile trace can check without reading tensor values (``ops.py``).
+    ``paired``: the sequences are the halves of a pairwise loss (see :func:`check_packing`).
     """
     _float_tensor("hidden", hidden)
     _float_tensor("weight", weight)
@@ -138,10 +170,11 @@ def check_hidden_inputs(hidden, weight, labels, bias=None, sequence_ids=None, cu
         raise ValueError("weight must have a non-empty hidden dimension (weight.shape[1] > 0)")
     _same_device(hidden=hidden, weight=weight, labels=labels, bias=bias, sequence_ids=sequence_ids,
                  cu_seqlens=cu_seqlens)
-    check_packing(labels, sequence_ids, cu_seqlens, inspect_values)
+    _holds_data("hidden", hidden)
+    check_packing(labels, sequence_ids, cu_seqlens, inspect_values, paired)
 
 
-def check_packing(labels, sequence_ids, cu_seqlens, inspect_values=True):
+def check_packing(labels, sequence_ids, cu_seqlens, inspect_values=True, paired=False):
     if sequence_ids is not None and cu_seqlens is not None:
         raise ValueError("pass sequence_ids or cu_seqlens, not both")
     if labels.dim() == 2 and (sequence_ids is not None or cu_seqlens is not None):
@@ -152,8 +185,8 @@ def check_packing(labels, sequence_ids, cu_seqlens, inspect_values=True):
         if tuple(sequence_ids.shape) != tuple(labels.shape):
             raise ValueError(f"sequence_ids must have labels' shape {tuple(labels.shape)}, "
                              f"got {tuple(sequence_ids.shape)}")
-        if inspect_values and sequence_ids.numel() and int(sequence_ids.min()) < 0:
-            raise ValueError("sequence_ids must be >= 0")
+        if inspect_values and sequence_ids.numel():
+            _check_sequence_ids(sequence_ids, paired)
     if cu_seqlens is not None:
         _int_labels("cu_seqlens", cu_seqlens)
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -167,6 +200,36 @@ def check_packing(labels, sequence_ids, cu_seqlens, inspect_values=True):
             raise ValueError("cu_seqlens must be non-decreasing")
 
 
+def _check_sequence_ids(sequence_ids, paired):
+    """Ids are sequence indices 0..R-1, so the number of sequences is max + 1.
+
+    Bounded by the token count N before anything is sized by them: a stray id of 2**40 must
+    not allocate 2**40 counters (N tokens fill at most N sequences). An id below the largest
+    that no token carries is an empty sequence; a paired loss refuses it, since sequence k
+    is paired with k + R/2 and the gap would silently shift every pair after it (a sequence
+    whose tokens are all ignored still carries its id; cu_seqlens can state an empty one).
+    One host read for every value check (it replaces the former read of the minimum).
+    """
+    ids = sequence_ids.reshape(-1).to(torch.int64)
+    n = ids.numel()
+    low, high = torch.aminmax(ids)
+    # Which of the ids 0..n-1 occur, out-of-range ids parked in one extra slot: O(N) memory. A scatter, not
+    # bincount, which on CUDA reads its input's range back to the host.
+    seen = ids.new_zeros(n + 1, dtype=torch.bool).index_fill_(0, ids.clamp(0, n), True)[:n]
+    index = torch.arange(n, device=ids.device)
+    first_gap = torch.where(~seen & (index < high), index, n).min()
+    low, high, first_gap = torch.stack((low, high, first_gap)).tolist()
+    if low < 0:
+        raise ValueError(f"sequence_ids must be >= 0 (sequence indices 0..R-1), found {low}")
+    if high >= n:
+        raise ValueError(f"sequence_ids must be sequence indices 0..R-1 with R at most the token count ({n}); "
+                         f"found {high}. Renumber arbitrary ids with torch.unique(ids, return_inverse=True)[1]")
+    if paired and first_gap < n:
+        raise ValueError(f"sequence_ids must number the sequences of a paired loss 0..R-1 with no gap (sequence k "
+                         f"is paired with k + R/2): no token carries id {first_gap} (of 0..{high}). A sequence "
+                         f"whose tokens are all ignored still carries its id; pass cu_seqlens to state an empty one")
+
+
 def check_logits_inputs(logits, labels):
     _float_tensor("logits", logits)
     _token_ids("labels", labels)
@@ -178,6 +241,7 @@ def check_logits_inputs(logits, labels):
     if logits.shape[-1] == 0:
         raise ValueError("logits must have a non-empty vocabulary dimension")
     _same_device(logits=logits, labels=labels)
+    _holds_data("logits", logits)
 
 
 def normalize_loss_types(loss_type, loss_weights):
@@ -198,21 +262,26 @@ def normalize_loss_types(loss_type, loss_weights):
             if isinstance(w, bool) or not isinstance(w, (int, float)):
                 raise TypeError(f"loss_weights must hold numbers, got {loss_weights!r}")
         weights = [float(w) for w in loss_weights]
-        if not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"loss_weights must be finite, got {loss_weights!r}")
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError(f"loss_weights must be finite and >= 0 (a negative weight would ascend that loss), "
+                             f"got {loss_weights!r}")
     return names, weights
 
 
 def check_loss_settings(loss_types: Sequence[str], beta, label_smoothing, has_reference: bool, discopop_tau=0.05):
     _positive_finite("beta", beta)
+    # TRL's convention: the probability that a preference label is flipped. Past 0.5 the
+    # flipped label is the likelier one, so the loss would train the preference backwards.
     _number("label_smoothing", label_smoothing)
-    if not (0.0 <= label_smoothing < 1.0):
-        raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+    if not (0.0 <= label_smoothing <= 0.5):
+        raise ValueError(f"label_smoothing must be a number in [0, 0.5] (the probability that a preference "
+                         f"label is flipped), got {label_smoothing!r}")
     _positive_finite("discopop_tau", discopop_tau)
     if "robust" in loss_types and label_smoothing >= 0.5:
-        raise ValueError(f"label_smoothing must be < 0.5 for loss_type 'robust', got {label_smoothing}")
+        raise ValueError(f"label_smoothing must be < 0.5 for loss_type 'robust' (it divides by 1 - 2 * "
+                         f"label_smoothing), got {label_smoothing}")
     if "exo_pair" in loss_types and label_smoothing <= 0:
-        raise ValueError("loss_type 'exo_pair' needs label_smoothing in (0, 1) (e.g. 1e-3)")
+        raise ValueError("loss_type 'exo_pair' needs label_smoothing in (0, 0.5] (e.g. 1e-3)")
     if not has_reference:
         needing = [n for n in loss_types if LOSSES[n].needs_reference]
         if needing:

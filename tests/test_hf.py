@@ -335,3 +335,50 @@ def test_autocast_no_worse_than_naive_under_autocast():
     assert error(ours) <= error(naive_seq) + torch.finfo(torch.bfloat16).eps / 4
     pairs = labels.shape[0] // 2
     torch.testing.assert_close(out.chosen_logps.double(), naive_seq[:pairs].double(), rtol=1e-2, atol=1e-2)
+
+
+def test_ignore_index_other_than_minus_100():
+    """Labels marked with ignore_index=-1: the shift pads with it too, on every path (fused, reference model,
+    naive fallback, averaged reference log-probs)."""
+    model, reference_model = build("llama-untied")
+    input_ids, attention_mask, labels = batch()
+    minus_one = labels.masked_fill(labels == -100, -1)
+    expected = hf.dpo_forward(model, input_ids, attention_mask, labels, ref_model=reference_model, impl="torch")
+    out = hf.dpo_forward(model, input_ids, attention_mask, minus_one, ref_model=reference_model, impl="torch",
+                         ignore_index=-1)
+    for field in ("loss", "chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards"):
+        torch.testing.assert_close(getattr(out, field), getattr(expected, field), rtol=0, atol=0, msg=field)
+
+    model.config.logit_scale = 3.0  # Llama ignores it: the rebuild mismatches, the naive fallback runs
+    expected = hf.dpo_forward(model, input_ids, attention_mask, labels, impl="torch", fallback="naive")
+    out = hf.dpo_forward(model, input_ids, attention_mask, minus_one, impl="torch", fallback="naive", ignore_index=-1)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=0, atol=0)
+    averaged = [hf.reference_logps(model, input_ids, attention_mask, marked, average=True, fallback="naive",
+                                   impl="torch", ignore_index=index) for marked, index in ((labels, -100),
+                                                                                          (minus_one, -1))]
+    torch.testing.assert_close(averaged[1], averaged[0], rtol=0, atol=0)
+
+
+def test_edited_post_processing_setting_is_checked_again():
+    """Cohere copies config.logit_scale into the model when it is built. Edited afterwards, the config no longer
+    says what the model computes: the verdict of an earlier call must not cover the new value."""
+    model, _ = build("cohere-logit_scale")
+    input_ids, attention_mask, labels = batch()
+    targets = labels[:, 1:]
+    hf.reference_logps(model, input_ids, attention_mask, labels, impl="torch")  # verified at scale 2.5
+
+    model.config.logit_scale = 5.0  # the model still multiplies by 2.5
+    with pytest.raises(hf.ReconstructionError, match="scale=5.0"):
+        hf.reference_logps(model, input_ids, attention_mask, labels, impl="torch")
+    ours = hf.reference_logps(model, input_ids, attention_mask, labels, impl="torch", fallback="naive")
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    naive = reference.token_outputs_from_logits(logits[:, :-1], targets)[0].sum(-1)
+    torch.testing.assert_close(ours.double(), naive, rtol=1e-5, atol=1e-4)
+
+    model.logit_scale = 5.0  # now the model agrees with its config: checked again, and the fused path follows
+    ours = hf.reference_logps(model, input_ids, attention_mask, labels, impl="torch")
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    naive = reference.token_outputs_from_logits(logits[:, :-1], targets)[0].sum(-1)
+    torch.testing.assert_close(ours.double(), naive, rtol=1e-5, atol=1e-4)

@@ -103,6 +103,24 @@ meta = torch.device("meta")
 packed_labels = lambda device, args: torch.randint(0, V, (12,), device=device)  # noqa: E731
 packed_hidden = lambda device, args: torch.randn(12, H, device=device)  # noqa: E731
 
+
+def _ids(*values):
+    """Packed sequence_ids for the 12 tokens of packed_labels."""
+    return lambda device, args: torch.tensor(values, device=device)
+
+
+def _on_meta(tensor_name):
+    return lambda device, args: torch.empty_like(args[tensor_name], device=meta)
+
+
+def _jagged(device, args):
+    """hidden as a nested tensor of two sequences (what a variable-length pipeline may hand over)."""
+    return torch.nested.nested_tensor([torch.randn(2, H), torch.randn(3, H)], layout=torch.jagged, device=device)
+
+
+def _group_of_ranks(device, args):
+    return [0, 1]  # ranks, not a ProcessGroup: torch.distributed.new_group(ranks) makes one
+
 BAD = [
     # --- token_logps: tensors --------------------------------------------------------------
     Bad("hidden-int", hidden_call(tok, hidden=_set("hidden", lambda t: t.long())), TypeError, "hidden"),
@@ -173,6 +191,16 @@ BAD = [
     Bad("cu-seqlens-other-device", hidden_call(seq, hidden=packed_hidden, labels=packed_labels,
                                                cu_seqlens=lambda d, a: torch.tensor([0, 12], device=meta)),
         ValueError, "cu_seqlens"),
+    Bad("sequence-ids-huge", hidden_call(seq, hidden=packed_hidden, labels=packed_labels,
+                                         sequence_ids=_ids(*[0] * 11, 2 ** 40)), ValueError, "sequence_ids"),
+    Bad("sequence-ids-past-token-count", hidden_call(seq, hidden=packed_hidden, labels=packed_labels,
+                                                     sequence_ids=_ids(*[0] * 11, 12)), ValueError, "sequence_ids"),
+    Bad("sequence-ids-gap-paired", hidden_call(dpo, hidden=packed_hidden, labels=packed_labels,
+                                               sequence_ids=_ids(0, 0, 1, 1, 2, 2, 3, 3, 5, 5, 5, 5)), ValueError,
+        "sequence_ids"),
+    Bad("sequence-ids-gap-at-zero-paired", hidden_call(dpo, hidden=packed_hidden, labels=packed_labels,
+                                                       sequence_ids=_ids(*[1] * 6, *[2] * 3, *[3] * 3)), ValueError,
+        "sequence_ids"),
     Bad("both-packings", hidden_call(seq, hidden=packed_hidden, labels=packed_labels,
                                      sequence_ids=lambda d, a: torch.zeros(12, dtype=torch.long, device=d),
                                      cu_seqlens=lambda d, a: torch.tensor([0, 12], device=d)), ValueError,
@@ -213,6 +241,8 @@ BAD = [
         "loss_weights"),
     Bad("loss-weights-str", hidden_call(dpo, loss_weights=["one"]), TypeError, "loss_weights"),
     Bad("loss-weights-nan", hidden_call(dpo, loss_weights=[math.nan]), ValueError, "loss_weights"),
+    Bad("loss-weights-negative", hidden_call(dpo, loss_type=["sigmoid", "sft"], loss_weights=[1.0, -0.5]), ValueError,
+        "loss_weights"),
     Bad("beta-zero", hidden_call(dpo, beta=0.0), ValueError, "beta"),
     Bad("beta-negative", hidden_call(dpo, beta=-0.1), ValueError, "beta"),
     Bad("beta-nan", hidden_call(dpo, beta=math.nan), ValueError, "beta"),
@@ -220,6 +250,9 @@ BAD = [
     Bad("label-smoothing-one", hidden_call(dpo, label_smoothing=1.0), ValueError, "label_smoothing"),
     Bad("label-smoothing-negative", hidden_call(dpo, label_smoothing=-0.1), ValueError, "label_smoothing"),
     Bad("label-smoothing-str", hidden_call(dpo, label_smoothing="0.1"), TypeError, "label_smoothing"),
+    Bad("label-smoothing-past-half", hidden_call(dpo, label_smoothing=0.6), ValueError, "label_smoothing"),
+    Bad("exo-label-smoothing-past-half", hidden_call(dpo, loss_type="exo_pair", label_smoothing=0.7), ValueError,
+        "label_smoothing"),
     Bad("robust-label-smoothing", hidden_call(dpo, loss_type="robust", label_smoothing=0.5), ValueError,
         "label_smoothing"),
     Bad("exo-without-smoothing", hidden_call(dpo, loss_type="exo_pair"), ValueError, "label_smoothing"),
@@ -228,6 +261,22 @@ BAD = [
     Bad("discopop-tau-zero", hidden_call(dpo, loss_type="discopop", discopop_tau=0.0), ValueError, "discopop_tau"),
     Bad("dpo-impl-unknown", hidden_call(dpo, impl="triton"), ValueError, "impl"),
     Bad("dpo-label-too-large", hidden_call(dpo, labels=_label_at(V + 7)), ValueError, "labels"),
+    # --- switches and groups: a truthy string is not True ------------------------------------
+    Bad("check-finite-str", hidden_call(tok, check_finite="no"), TypeError, "check_finite"),
+    Bad("check-finite-int", hidden_call(dpo, check_finite=1), TypeError, "check_finite"),
+    Bad("average-str", hidden_call(seq, average="no"), TypeError, "average"),
+    Bad("process-group-int", hidden_call(dpo, process_group=42), TypeError, "process_group"),
+    Bad("process-group-str", hidden_call(tok, process_group="world"), TypeError, "process_group"),
+    Bad("process-group-ranks", hidden_call(seq, process_group=_group_of_ranks), TypeError, "process_group"),
+    # --- tensors without dense values ------------------------------------------------------
+    Bad("weight-sparse", hidden_call(tok, weight=_set("weight", lambda t: t.to_sparse())), TypeError, "weight"),
+    Bad("labels-sparse", hidden_call(seq, labels=_set("labels", lambda t: t.to_sparse())), TypeError, "labels"),
+    Bad("hidden-nested", hidden_call(tok, hidden=_jagged), TypeError, "hidden"),
+    Bad("ref-sparse", hidden_call(dpo, ref_chosen_logps=lambda d, a: torch.zeros(2, device=d).to_sparse(),
+                                  ref_rejected_logps=lambda d, a: torch.zeros(2, device=d)), TypeError,
+        "ref_chosen_logps"),
+    Bad("all-meta", hidden_call(dpo, hidden=_on_meta("hidden"), weight=_on_meta("weight"), labels=_on_meta("labels")),
+        ValueError, "hidden"),
     # --- DPOLoss: construction and call ----------------------------------------------------
     Bad("module-beta", module_call(dict(beta=-1.0)), ValueError, "beta"),
     Bad("module-impl", module_call(dict(impl="gpu")), ValueError, "impl"),
@@ -239,6 +288,9 @@ BAD = [
                                                                                              lambda t: t[:1])),
         ValueError, "labels"),
     Bad("module-needs-reference", module_call(dict(loss_type="bco_pair")), ValueError, "ref_chosen_logps"),
+    Bad("module-process-group", module_call(dict(process_group=42)), TypeError, "process_group"),
+    Bad("module-check-finite", module_call(dict(check_finite="False")), TypeError, "check_finite"),
+    Bad("module-label-smoothing", module_call(dict(label_smoothing=0.75)), ValueError, "label_smoothing"),
     # --- from logits ----------------------------------------------------------------------
     Bad("logits-int", logits_call(tok_l, logits=_set("logits", lambda t: t.long())), TypeError, "logits"),
     Bad("logits-list", logits_call(tok_l, logits=[0.0] * V), TypeError, "logits"),
@@ -254,6 +306,13 @@ BAD = [
     Bad("logits-other-device", logits_call(tok_l, labels=lambda d, a: torch.zeros(4, 5, dtype=torch.long,
                                                                                    device=meta)),
         ValueError, "labels"),
+    Bad("logits-inplace-str", logits_call(tok_l, inplace="False"), TypeError, "inplace"),
+    Bad("logits-check-finite-str", logits_call(seq_l, check_finite="no"), TypeError, "check_finite"),
+    Bad("dpo-logits-inplace-int", logits_call(dpo_l, inplace=0), TypeError, "inplace"),
+    Bad("logits-sparse", logits_call(tok_l, logits=_set("logits", lambda t: t.to_sparse())), TypeError, "logits"),
+    Bad("logits-meta", logits_call(tok_l, logits=_on_meta("logits"), labels=_on_meta("labels")), ValueError,
+        "logits"),
+    Bad("dpo-logits-label-smoothing", logits_call(dpo_l, label_smoothing=0.9), ValueError, "label_smoothing"),
     Bad("logits-not-finite", logits_call(tok_l, logits=_set("logits", _nan_at), check_finite=True), ValueError,
         "logits"),
     Bad("seq-logits-labels-float", logits_call(seq_l, labels=_set("labels", lambda t: t.double())), TypeError,
@@ -322,3 +381,33 @@ def test_valid_edge_settings_are_accepted(fn, device):
     assert torch.isfinite(out).all()
     out = fn(hidden.reshape(-1, H), weight, labels.reshape(-1), impl="torch")
     assert torch.isfinite(out).all()
+
+
+def test_sequence_ids_are_sequence_indices(device):
+    """An id no token carries is an empty sequence for sequence_logps (0, as a zero-length cu_seqlens span);
+    dpo_loss accepts ids in any token order and a sequence whose tokens are all ignored (it carries its id)."""
+    hidden, weight = torch.randn(9, H, device=device), torch.randn(V, H, device=device)
+    labels = torch.randint(0, V, (9,), device=device)
+    with_gap = dpo_fast.sequence_logps(hidden, weight, labels, sequence_ids=torch.tensor([0, 0, 2, 2, 2, 3, 3, 3, 3],
+                                                                                        device=device), impl="torch")
+    spans = dpo_fast.sequence_logps(hidden, weight, labels, cu_seqlens=torch.tensor([0, 2, 2, 5, 9], device=device),
+                                    impl="torch")
+    assert with_gap[1] == 0
+    torch.testing.assert_close(with_gap, spans, rtol=0, atol=0)
+
+    labels[7:] = -100  # sequence 3 (a rejected answer) has every token ignored
+    order = torch.randperm(9, device=device)
+    ids = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3], device=device)
+    shuffled = dpo_fast.dpo_loss(hidden[order], weight, labels[order], sequence_ids=ids[order], impl="torch")
+    spans = dpo_fast.dpo_loss(hidden, weight, labels, cu_seqlens=torch.tensor([0, 2, 5, 7, 9], device=device),
+                              impl="torch")
+    torch.testing.assert_close(shuffled.loss, spans.loss)
+
+
+def test_settings_at_the_edge_of_their_range_are_accepted(device):
+    """label_smoothing 0.5 (TRL's conservative-DPO bound) and a zero loss weight are valid."""
+    hidden, weight, labels = _inputs(device)
+    out = dpo_fast.dpo_loss(hidden, weight, labels, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0],
+                            label_smoothing=0.5, check_finite=True, impl="torch")
+    assert torch.isfinite(out.loss)
+    assert dpo_fast.DPOLoss(loss_type="exo_pair", label_smoothing=0.5, check_finite=False, process_group=None)
