@@ -158,7 +158,7 @@ def whole_pairs(shape: Shape, chunk_tokens: int, chunks: int, split_pairs: int =
               + (4 * split_tokens * H if split_pairs else 0)
               + STATS_BYTES_PER_TOKEN * N)
     if not float32_gemm_out and e < 4:
-        memory += 2 * COPY_SLAB_BYTES
+        memory += staging_bytes(t, H, V)
     if chunks == 1 and not split_pairs:
         route = "whole pairs, 1 chunk"
     else:
@@ -169,6 +169,12 @@ def whole_pairs(shape: Shape, chunk_tokens: int, chunks: int, split_pairs: int =
 
 # Float32 staging of 16-bit GEMM operands where cuBLAS cannot write float32 from them (CPU): a slab at a time.
 COPY_SLAB_BYTES = 1 << 20
+
+
+def staging_bytes(tokens: int, hidden: int, vocab: int) -> int:
+    """float32 copies of 16-bit operands alive at once without float32-output GEMMs (chunked.mm_float32,
+    chunked.addmm_fp32): the token rows, and a slab of weight rows or of the gradient tile."""
+    return 4 * tokens * hidden + min(COPY_SLAB_BYTES, 4 * vocab * max(hidden, tokens))
 
 
 def two_pass(shape: Shape, token_chunk: int, vocab_block: int, card: Card = DEFAULT_CARD,
@@ -194,7 +200,7 @@ def two_pass(shape: Shape, token_chunk: int, vocab_block: int, card: Card = DEFA
     memory = (t * vb * (LOGIT_BYTES + g) + (4 * vb * H if shape.trainable_head else 0)
               + 4 * shape.nh + STATS_BYTES_PER_TOKEN * N)
     if not float32_gemm_out and e < 4:
-        memory += 2 * COPY_SLAB_BYTES
+        memory += staging_bytes(t, H, vb)
     return Cost("two-pass", flops, gemm_s, row_bytes, hbm + row_bytes, memory)
 
 
