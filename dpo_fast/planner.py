@@ -195,32 +195,38 @@ def plan_loss(pair_tokens: Sequence[int], vocab: int, hidden_size: int, input_dt
     if cost.memory_bytes <= memory_budget:
         candidates.append(Plan("whole-pairs", cost, tuple(one), accumulate=False))
     else:
-        limit = _largest_chunk(shape, pair_tokens, memory_budget, staged, card)
-        if limit:
+        for limit in _chunk_limits(shape, pair_tokens, memory_budget, staged, card):
             chunks = _group_pairs(pair_tokens, limit)
             cost = _whole_pair_cost(shape, pair_tokens, chunks, limit, staged, card)
-            accumulate = trainable_head and e < 4
-            candidates.append(Plan("whole-pairs", cost, tuple(chunks), accumulate=accumulate))
+            candidates.append(Plan("whole-pairs", cost, tuple(chunks), accumulate=trainable_head and e < 4))
     fitting = [p for p in candidates if p.cost.memory_bytes <= memory_budget] or [two_pass]
     return min(fitting, key=lambda p: (p.cost.seconds(card), p.route != "whole-pairs"))
 
 
-def _largest_chunk(shape: cm.Shape, pair_tokens, memory_budget: int, staged: bool, card) -> int:
-    """Most tokens per chunk (at most MAX_CHUNK_TOKENS, at least MIN_TILE_TOKENS) whose plan fits; 0 if none.
-
-    Memory grows with the chunk (the tile), so the largest fitting one is found by bisection.
-    """
-    def fits(limit):
-        chunks = _group_pairs(pair_tokens, limit)
-        return _whole_pair_cost(shape, pair_tokens, chunks, limit, staged, card).memory_bytes <= memory_budget
-
-    low, high = MIN_TILE_TOKENS, max(MIN_TILE_TOKENS, min(MAX_CHUNK_TOKENS, shape.tokens))
-    if not fits(low):
+def _largest_fitting(fits, low: int, high: int) -> int:
+    """Largest limit in [low, high] with fits(limit), for fits monotone (true then false); 0 if none."""
+    if high < low or not fits(low):
         return 0
     while low < high:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
     return low
+
+
+def _chunk_limits(shape: cm.Shape, pair_tokens, memory_budget: int, staged: bool, card) -> List[int]:
+    """Chunk sizes worth pricing: the largest that splits no pair, and the largest that splits some.
+
+    Within each regime memory grows with the chunk (the tile), so each is found by bisection;
+    across them it does not (splitting adds float32 [V, H] buffers), hence two searches.
+    """
+    def fits(limit):
+        chunks = _group_pairs(pair_tokens, limit)
+        return _whole_pair_cost(shape, pair_tokens, chunks, limit, staged, card).memory_bytes <= memory_budget
+
+    longest = max(pair_tokens)
+    whole = _largest_fitting(fits, max(longest, MIN_TILE_TOKENS), max(longest, min(MAX_CHUNK_TOKENS, shape.tokens)))
+    split = _largest_fitting(fits, MIN_TILE_TOKENS, min(longest - 1, MAX_CHUNK_TOKENS))
+    return [limit for limit in (whole, split) if limit]
 
 
 def choose_impl(impl: str, device: torch.device, triton_available: bool) -> str:

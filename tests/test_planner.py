@@ -258,3 +258,17 @@ def test_float16_on_cpu_stays_near_its_budget(device):
         torch.autograd.grad(out.loss, (h, w))
     unavoidable = max(w.numel() * 2, h.numel() * 4, chunked.COPY_SLAB_BYTES)
     assert max(n * e for n, e, _ in recorder.sizes) <= max(budget, unavoidable)
+
+
+def test_plan_command_table():
+    """`python -m benchmarks plan` prints, per GPU case, dpo-fast's routes beside naive PyTorch and the peers."""
+    from benchmarks.cases import GPU_CASES
+    from benchmarks.plan import markdown, rows_for
+
+    case = next(c for c in GPU_CASES if c.name == "llama3-8b 1x8192")
+    rows = {r[0]: r for r in rows_for(case, cm.CARDS["H100"])}
+    default = rows["dpo-fast (default budget)"]
+    assert default[2] == "1.00" and float(default[5]) <= 0.25  # 6NHV within a quarter of naive's memory
+    assert rows["TRL 1.16 chunked"][2] == "1.33" and rows["naive PyTorch"][5] == "1.00"
+    text = markdown([case], cm.CARDS["H200"])
+    assert "Liger DPO" in text and "CCE exact" in text and "788 TFLOP/s" in text
