@@ -8,10 +8,13 @@ cuBLAS GEMM into a reused buffer and folded by the row kernels (``rows.py``).
   gradient in place and accumulates ``grad_hidden`` and that block of ``grad_weight`` in
   float32 (4NHV + 2NHV of recompute). Only one vocabulary block of float32 weight
   gradient is alive at a time.
-- Whole pairs (6NHV, :func:`pair_chunk_loss`): when the loss of a pair depends on that
-  pair alone and complete pairs fit the budget, a chunk's full-vocabulary logits are
-  computed once, the pair losses and their gradients are taken inside the chunk, and
-  the tile becomes the softmax gradient in place before the two gradient GEMMs.
+- Whole pairs (6NHV, :class:`PairChunkLoss`): when the loss of a pair depends on that
+  pair alone, a chunk's full-vocabulary logits are computed once, the pair losses and
+  their gradients are taken inside the chunk, and the tile becomes the softmax gradient
+  before the two gradient GEMMs; across chunks grad_weight is summed in float32.
+
+Which route, and the tile and chunk sizes, come from ``planner.py``. Logits tiles are
+float32 for every input dtype (``logits_dtype``).
 """
 
 from typing import Callable, List, Sequence, Tuple
@@ -20,7 +23,7 @@ import torch
 
 from . import planner
 from .cost_model import COPY_SLAB_BYTES
-from .planner import Chunk, TilePlan, plan_tiles  # noqa: F401  (plan_tiles: tile sizes live in the planner)
+from .planner import Chunk, plan_tiles  # noqa: F401  (tile sizes live in the planner; re-exported)
 from .rows import KEPT_ONLY, finish_stats, init_stats
 from .transform import LogitTransform
 
@@ -71,13 +74,6 @@ def logits_dtype(input_dtype: torch.dtype) -> torch.dtype:
     (``Workspace.gradient_tile``) stays 16-bit so the gradient GEMMs run on 16-bit operands.
     """
     return torch.float32 if input_dtype in (torch.float16, torch.bfloat16) else input_dtype
-
-
-def bytes_per_logit(input_dtype: torch.dtype, with_gradient: bool) -> int:
-    """Workspace bytes per tile element: the logits, plus a separate gradient tile when their dtypes differ."""
-    tile = logits_dtype(input_dtype)
-    separate = with_gradient and tile != input_dtype
-    return tile.itemsize + (input_dtype.itemsize if separate else 0)
 
 
 def _matmul_float32(hidden_chunk, weight_block, bias_block, out):

@@ -18,7 +18,7 @@ that runs those tiles (about 16 KiB of float32 logits) rather than 1 x 1 GEMMs.
 import functools
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -135,10 +135,6 @@ class Plan:
     cost: cm.Cost
     chunks: Tuple[Chunk, ...] = ()
     accumulate: bool = False  # grad_weight of a 16-bit head summed in a float32 [V, H] buffer
-
-    @property
-    def flops_ratio(self) -> float:
-        return self.cost.flops
 
 
 def _group_pairs(pair_tokens: Sequence[int], limit: int) -> List[Chunk]:

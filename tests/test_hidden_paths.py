@@ -11,8 +11,8 @@ from dpo_fast.transform import LogitTransform
 from helpers import abs_or_rel_err, AllocationRecorder, make_batch, rel_err
 
 IMPLS = ["torch", "chunked"]
-# None: default budget (one tile, whole pairs). 3000 bytes: tiles of a few tokens by a few
-# dozen vocabulary rows, so every loop runs many times and the two-pass route is taken.
+# None: default budget (one tile, whole pairs). 3000 bytes: below the planner's floor, so tiles are
+# 16 tokens by the whole (small) vocabulary, the token loop runs several times and the two-pass route is taken.
 BUDGETS = [None, 3000]
 
 
