@@ -249,14 +249,16 @@ def test_one_host_sync_per_call(budget, device, monkeypatch):
 
 
 def test_float16_on_cpu_stays_near_its_budget(device):
-    """Issue 12 item 7: 16-bit operands staged to float32 a slab at a time, counted by the planner."""
-    h, w, _, labels = make_batch(2, 16, 64, 2048, dtype=torch.float16, device=device)
-    budget = 64 * 1024
+    """Issue 12 item 7: 16-bit operands are staged to float32 in blocks the planner counts (before, a
+    forward weight block sized for the logits tile alone was copied to float32: 4x the budget here)."""
+    h, w, _, labels = make_batch(2, 16, 256, 8192, dtype=torch.float16, device=device)
+    w.requires_grad_(False)  # no grad_weight: nothing of V x H is unavoidable
+    budget = 256 * 1024
     recorder = AllocationRecorder()
     with recorder:
         out = dpo_fast.dpo_loss(h, w, labels, impl="torch", memory_budget=budget, loss_type="aot_unpaired")
-        torch.autograd.grad(out.loss, (h, w))
-    unavoidable = max(w.numel() * 2, h.numel() * 4, chunked.COPY_SLAB_BYTES)
+        torch.autograd.grad(out.loss, (h,))
+    unavoidable = h.numel() * 4  # grad_hidden summed in float32
     assert max(n * e for n, e, _ in recorder.sizes) <= max(budget, unavoidable)
 
 
