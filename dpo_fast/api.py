@@ -185,7 +185,14 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
 
     Sequences are ``[chosen_1..chosen_B, rejected_1..rejected_B]``; ``labels[i]`` is the
     target of ``hidden[i]`` (already shifted). Reference log-probs of None mean 0
-    (reference-free). Returns the loss (mean over pairs) and detached metrics.
+    (reference-free; when given and requiring grad, they get their gradients). Returns the
+    loss (mean over pairs) and detached metrics.
+
+    ``memory_budget``: bytes the loss may allocate beyond its inputs and the gradients it
+    returns; None is a tenth of the CUDA device's memory (512 MiB on CPU). Within it
+    ``dpo_fast.planner`` takes the fastest route (whole pairs at 6NHV, else two-pass at
+    8NHV); tiles never go below 16 tokens x 128 vocabulary rows, whatever the budget.
+    Under ``torch.autocast`` floating inputs run in the autocast dtype.
     """
     cfg = _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha,
                        ref_chosen_logps is not None or ref_rejected_logps is not None)

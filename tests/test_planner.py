@@ -89,6 +89,20 @@ def test_budget_floor_never_plans_one_by_one_tiles():
     assert (small.token_chunk, small.vocab_block) == (5, 40)
 
 
+def test_budget_of_one_byte_runs_floor_tiles(device, monkeypatch):
+    h, w, _, labels = make_batch(2, 12, 16, 300, device=device)
+    sizes = []
+    workspace = chunked.Workspace.__init__
+    monkeypatch.setattr(chunked.Workspace, "__init__",
+                        lambda self, numel, *a, **k: sizes.append(numel) or workspace(self, numel, *a, **k))
+    out = dpo_fast.dpo_loss(h, w, labels, impl="torch", memory_budget=1)
+    grads = _grads(out.loss, (h, w))
+    h64, w64 = _as64(h, w)
+    oracle = reference.dpo_loss(h64, w64, labels)
+    assert sizes and min(sizes) >= min(planner.MIN_TILE_TOKENS, int((labels != -100).sum())) * planner.MIN_VOCAB_BLOCK
+    assert all(rel_err(g, x) < 1e-5 for g, x in zip(grads, _grads(oracle.loss, (h64, w64))))
+
+
 # ----------------------------------------------------------------------------------------
 # real calls
 # ----------------------------------------------------------------------------------------
