@@ -224,6 +224,9 @@ class PairChunkLoss(torch.autograd.Function):
                            chunk_loss, ctx.needs_input_grad)
             run.lengths = lengths
             run.single_gemm = len(chunks) == 1 and not chunks[0].split
+            # One workspace for the largest chunk (or piece), reused by every other.
+            run.workspace = Workspace(max(_chunk_tokens(c, spans) for c in chunks) * weight.shape[0], hidden.dtype,
+                                      hidden.device, with_gradient=True)
             for chunk in chunks:
                 (run.split_pair if chunk.split else run.whole_pairs)(chunk)
             grads = run.finish()
@@ -261,17 +264,9 @@ class _PairRun:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _tile(self, tokens: int):
-        if self.workspace is None or self.workspace.buffer.numel() < tokens * self.weight.shape[0]:
-            self.workspace = None  # release before allocating a larger one
-            self.workspace = Workspace(tokens * self.weight.shape[0], self.hidden.dtype, self.hidden.device,
-                                       with_gradient=True)
-        return self.workspace
-
     def _logps(self, h, labels, segments):
         """Logits of ``h``, folded into the statistics of the kept rows ``segments`` (host ranges)."""
-        workspace = self._tile(h.shape[0])
-        logits = workspace.logits(h, self.weight, self.bias)
+        logits = self.workspace.logits(h, self.weight, self.bias)
         chunk_stats = init_stats(h.shape[0], h.device)
         self.rows.stats(logits, labels, chunk_stats, vocab_start=0, ignore_index=KEPT_ONLY, transform=self.transform)
         offset = 0
@@ -390,6 +385,14 @@ class _PairRun:
             grad_weight = grad_weight.to(self.weight.dtype)  # the float32 sum, cast once
         grad_bias = None if self.grad_bias is None else self.grad_bias.to(self.bias.dtype)
         return self.grad_hidden, grad_weight, grad_bias, *self.grad_refs
+
+
+def _chunk_tokens(chunk: Chunk, spans) -> int:
+    """Rows of the largest logits tile of ``chunk``."""
+    pairs = len(spans) // 2
+    tokens = sum(e - s for s, e in spans[chunk.first:chunk.last]) + \
+        sum(e - s for s, e in spans[pairs + chunk.first:pairs + chunk.last])
+    return min(tokens, chunk.piece_tokens) if chunk.split else tokens
 
 
 def _segment_sums(values: torch.Tensor, lengths: List[int]) -> torch.Tensor:
