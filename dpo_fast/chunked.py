@@ -372,7 +372,8 @@ class _PairRun:
                 self.grad_bias += unit_bias[side] * scale
             offset += s1 - s0
         if self.need_weight:
-            merged = unit_weight[0].mul_(g[0].float()).add_(unit_weight[1].mul_(g[1].float()))
+            # g_c A + g_r B in two passes (scalars stay on the device: no host read).
+            merged = unit_weight[0].mul_(g[0].float()).addcmul_(unit_weight[1], g[1].float())
             del unit_weight
             if self.grad_weight is None:
                 self.grad_weight = merged

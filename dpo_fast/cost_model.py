@@ -148,8 +148,9 @@ def whole_pairs(shape: Shape, chunk_tokens: int, chunks: int, split_pairs: int =
         hbm += rounds * gemm_bytes(V, H, t, tile, out, accumulate)
     # Row passes: the stats pass reads the float32 tile; the gradient pass reads it and writes the gradient tile.
     row_bytes = shape.nv * (LOGIT_BYTES + LOGIT_BYTES + tile)
-    if split_pairs:  # A * g_c + B * g_r into the accumulator, once per split pair
-        row_bytes += split_pairs * 4 * shape.vh * 4
+    if split_pairs:  # A *= g_c; A += g_r B (20 VH bytes); then into the running sum (12 VH) unless it is the first
+        added = split_pairs - (0 if accumulator_before_split else 1)
+        row_bytes += (20 * split_pairs + 12 * added) * shape.vh
     if accumulators and e < 4:  # the float32 accumulator cast to the head's dtype once
         row_bytes += (4 + e) * shape.vh
     memory = (t * V * (LOGIT_BYTES + gradient_tile_bytes(e))  # logits tile and gradient tile
