@@ -1,5 +1,7 @@
 """``python -m benchmarks``: dpo-fast against naive PyTorch and the peers, one table per shape.
 
+``python -m benchmarks plan [--card H100|H200|A100]`` prints the paper costs instead (no run).
+
 On a CUDA machine it runs the GPU shapes (Llama-3-8B, Qwen2.5-7B and Gemma-2-2B heads at
 4 pairs x 1024 and 1 pair x 8192 completion tokens, bf16); elsewhere small float32 CPU
 shapes that finish in about two minutes. Results go to
@@ -32,6 +34,11 @@ def _names(value, known, what):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # paper costs of every GPU case (benchmarks/plan.py)
+        from .plan import main as plan_main
+
+        return plan_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -113,6 +113,7 @@ class Inputs:
     ref_chosen_logps: torch.Tensor  # [B] float32
     ref_rejected_logps: torch.Tensor  # [B] float32
     calibration: dict  # logit std, mean NLL, top-1 rate of the policy inputs
+    sequence_logps: Optional[torch.Tensor] = None  # the last measured call's, [chosen..., rejected...]
 
     @property
     def transform(self) -> LogitTransform:

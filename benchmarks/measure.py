@@ -16,7 +16,7 @@ import traceback
 
 import torch
 
-from .oracle import Oracle
+from .oracle import Oracle, oracle_sequence_logps
 from .timing import peak_for, sync, time_ms
 
 
@@ -26,6 +26,16 @@ def relative_max_error(value, expected) -> float:
     scale = float(expected.abs().max())
     err = float((value.to(expected.dtype) - expected).abs().max())
     return err / scale if scale > 0 else err
+
+
+def _logps_error(inputs, oracle) -> float:
+    got = getattr(inputs, "sequence_logps", None)
+    if got is None:
+        return math.nan
+    if getattr(oracle, "sequence_logps", None) is None:  # computed once per case, float64
+        oracle.sequence_logps = oracle_sequence_logps(inputs.hidden.detach(), inputs.weight.detach(), inputs.labels,
+                                                      inputs.transform)
+    return float((got.double().reshape(-1) - oracle.sequence_logps.reshape(-1)).abs().max())
 
 
 def _clear_grads(inputs):
@@ -75,6 +85,7 @@ def _measure(loss_fn, inputs, oracle: Oracle, device, repeats: int, budget_s: fl
     sync(device)
     _clear_grads(inputs)
 
+    inputs.sequence_logps = None  # set by methods that expose their per-sequence log-probs
     peak.start()
     loss = float(forward_backward())
     out["peak_bytes"] = peak.stop()
@@ -83,6 +94,8 @@ def _measure(loss_fn, inputs, oracle: Oracle, device, repeats: int, budget_s: fl
     out["loss_err"] = abs(loss - oracle.loss)
     out["grad_hidden_err"] = relative_max_error(inputs.hidden.grad, oracle.grad_hidden)
     out["grad_weight_err"] = relative_max_error(inputs.weight.grad, oracle.grad_weight)
+    # Largest per-sequence log-prob error in nats against float64 (NaN where a method hides its log-probs).
+    out["logps_err"] = _logps_error(inputs, oracle)
     _clear_grads(inputs)
 
     for name, fn, seconds in (("fwd", forward, budget_s / 3), ("fwd_bwd", forward_backward, budget_s)):

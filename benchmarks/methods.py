@@ -42,6 +42,7 @@ def dpo_from_token_logps(token_logps: torch.Tensor, inputs: Inputs) -> torch.Ten
     """Per-token log-probs shaped like (or flattened from) the labels -> the shared DPO loss."""
     labels = inputs.labels
     sequence = token_logps.reshape(labels.shape).float().sum(-1)
+    inputs.sequence_logps = sequence.detach()  # scored against float64 by measure.py
     return batch_loss(sequence, (labels != IGNORE).sum(-1), inputs.ref_chosen_logps, inputs.ref_rejected_logps,
                       CONFIG)
 
@@ -67,7 +68,7 @@ def _needs_cuda(device: torch.device, what: str) -> Optional[str]:
 
 def _naive_loss(hidden, weight, labels, ref_chosen, ref_rejected, transform):
     return reference.dpo_loss(hidden, weight, labels, transform=transform, ref_chosen_logps=ref_chosen,
-                              ref_rejected_logps=ref_rejected, cfg=CONFIG, dtype=None).loss
+                              ref_rejected_logps=ref_rejected, cfg=CONFIG, dtype=None)
 
 
 def _naive_token_outputs(hidden, weight, labels, transform):
@@ -75,8 +76,18 @@ def _naive_token_outputs(hidden, weight, labels, transform):
 
 
 def _build_naive(inputs: Inputs):
-    return lambda: _naive_loss(inputs.hidden, inputs.weight, inputs.labels, inputs.ref_chosen_logps,
-                               inputs.ref_rejected_logps, inputs.transform)
+    def fn():
+        out = _naive_loss(inputs.hidden, inputs.weight, inputs.labels, inputs.ref_chosen_logps,
+                          inputs.ref_rejected_logps, inputs.transform)
+        _keep_sequence_logps(inputs, out)
+        return out.loss
+
+    return fn
+
+
+def _keep_sequence_logps(inputs: Inputs, out) -> None:
+    """Per-sequence log-probs of a DPOOutput, [chosen..., rejected...], for measure.py's log-prob error."""
+    inputs.sequence_logps = torch.cat([out.chosen_logps, out.rejected_logps]).detach().float()
 
 
 def _build_naive_compiled(inputs: Inputs):
@@ -235,10 +246,14 @@ def _dpo_fast_unavailable(impl):
 def _build_dpo_fast(inputs: Inputs, impl: str):
     import dpo_fast
 
-    return lambda: dpo_fast.dpo_loss(inputs.hidden, inputs.weight, inputs.labels,
-                                     ref_chosen_logps=inputs.ref_chosen_logps,
-                                     ref_rejected_logps=inputs.ref_rejected_logps, beta=BETA,
-                                     softcap=inputs.case.softcap, impl=impl).loss
+    def fn():
+        out = dpo_fast.dpo_loss(inputs.hidden, inputs.weight, inputs.labels, ref_chosen_logps=inputs.ref_chosen_logps,
+                                ref_rejected_logps=inputs.ref_rejected_logps, beta=BETA,
+                                softcap=inputs.case.softcap, impl=impl)
+        _keep_sequence_logps(inputs, out)
+        return out.loss
+
+    return fn
 
 
 METHODS: List[Method] = [

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from . import validation as check
-from .chunked import DEFAULT_MEMORY_BUDGET, ChunkedEngine, PairChunkLoss, plan_pair_chunks
+from . import planner
+from .chunked import ChunkedEngine, PairChunkLoss
 from .distributed import gathers_head, two_pass_only, wrap_engine
 from .function import TokenLogpsFunction
 from .layout import TokenLayout, build_layout
@@ -42,24 +43,47 @@ def _routes_when_compiling(name: str):
     return wrap
 
 
+def _in_autocast_dtype(fn):
+    """Run ``fn(hidden, weight, labels, *, bias, ...)`` in the precision ``torch.autocast`` asks for.
+
+    Under autocast a model's own ``lm_head`` call multiplies in the autocast dtype; the
+    same happens here: floating hidden/weight/bias are cast to it (differentiable, so
+    float32 master weights get their gradients) and autocast is switched off inside, so
+    every tile, buffer and gradient has the dtype the paths chose for it (mixing the two
+    made the whole-pair route write bf16 GEMM results into float32 buffers).
+    """
+
+    @functools.wraps(fn)
+    def call(hidden, weight, labels, *args, **kwargs):
+        device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else None
+        if device_type is None or not torch.is_autocast_enabled(device_type):
+            return fn(hidden, weight, labels, *args, **kwargs)
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t):  # autocast's own rule: floating tensors but float64
+            eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            return t.to(dtype) if eligible else t
+
+        if "bias" in kwargs:
+            kwargs["bias"] = cast(kwargs["bias"])
+        with torch.autocast(device_type, enabled=False):
+            return fn(cast(hidden), cast(weight), labels, *args, **kwargs)
+
+    return call
+
+
 # ----------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """'auto' -> 'chunked' where Triton runs, else 'torch'. The fused path is chosen only on request
-    until a GPU measurement (benchmarks/RESULTS.md) shows it ahead."""
+    """The impl a call runs (``planner.choose_impl``), after checking the name."""
     check.check_impl(impl)
-    if impl == "auto":
-        return "chunked" if triton_runs_on(device) else "torch"
-    if impl in ("chunked", "fused") and not triton_runs_on(device):
-        raise ValueError(f"impl={impl!r} needs Triton on a CUDA device (or TRITON_INTERPRET=1 for CPU tensors); "
-                         f"got a tensor on {device}: use impl='torch' or 'auto'")
-    return impl
+    return planner.choose_impl(impl, device, triton_runs_on(device))
 
 
-def make_engine(impl: str, memory_budget: Optional[int], filter_eps: float = 0.0):
-    budget = memory_budget or DEFAULT_MEMORY_BUDGET
+def make_engine(impl: str, memory_budget: Optional[int], filter_eps: float = 0.0, device=None):
+    budget = memory_budget or planner.default_memory_budget(torch.device(device or "cpu"))
     if impl == "fused":
         from .fused import FusedEngine
 
@@ -87,12 +111,14 @@ def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scal
     check.check_ignore_index(ignore_index, labels.dtype)
     impl = resolve_impl(impl, hidden.device)
     check.check_filter_eps(filter_eps, impl)
-    engine = wrap_engine(make_engine(impl, memory_budget, filter_eps), weight, bias, process_group)
+    engine = wrap_engine(make_engine(impl, memory_budget, filter_eps, hidden.device), weight, bias, process_group)
     vocab_size = weight.shape[0] if process_group is None else engine.shard(weight.shape[0], weight.device).vocab_size
-    check.check_labels_range(labels, vocab_size, ignore_index)
+    # The label check rides on the layout's one host read.
+    layout = build_layout(labels, ignore_index, sequence_ids, cu_seqlens,
+                          flags=[check.labels_out_of_range(labels, vocab_size, ignore_index)])
+    check.check_labels_range(labels, vocab_size, ignore_index, bad_count=layout.flags_host[0])
     if check_finite:
         check.check_finite(hidden=hidden, weight=weight, bias=bias)
-    layout = build_layout(labels, ignore_index, sequence_ids, cu_seqlens)
     kept_hidden = hidden.reshape(-1, hidden.shape[-1])[layout.kept_index]
     transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
     return _Prepared(layout, kept_hidden, layout.kept_labels.contiguous(), transform, impl, engine, vocab_size,
@@ -120,6 +146,7 @@ def _kept_token_outputs(prep: _Prepared, weight, bias) -> TokenStats:
 
 @gathers_head
 @_routes_when_compiling("token_logps")
+@_in_autocast_dtype
 def token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
                 softcap=None, impl="auto", memory_budget=None, check_finite=False,
                 process_group=None, filter_eps=0.0) -> torch.Tensor:
@@ -137,6 +164,7 @@ def token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, tempera
 
 @gathers_head
 @_routes_when_compiling("sequence_logps")
+@_in_autocast_dtype
 def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
                    softcap=None, impl="auto", average=False, sequence_ids=None, cu_seqlens=None,
                    memory_budget=None, check_finite=False, process_group=None, filter_eps=0.0) -> torch.Tensor:
@@ -152,6 +180,7 @@ def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temp
 
 @gathers_head
 @_routes_when_compiling("dpo_loss")
+@_in_autocast_dtype
 def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logps=None, beta=0.1,
              loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.5, discopop_tau=0.05,
              cpo_alpha=1.0, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0, softcap=None,
@@ -161,7 +190,14 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
 
     Sequences are ``[chosen_1..chosen_B, rejected_1..rejected_B]``; ``labels[i]`` is the
     target of ``hidden[i]`` (already shifted). Reference log-probs of None mean 0
-    (reference-free). Returns the loss (mean over pairs) and detached metrics.
+    (reference-free; when given and requiring grad, they get their gradients). Returns the
+    loss (mean over pairs) and detached metrics.
+
+    ``memory_budget``: bytes the loss may allocate beyond its inputs and the gradients it
+    returns; None is a tenth of the CUDA device's memory (512 MiB on CPU). Within it
+    ``dpo_fast.planner`` takes the fastest route (whole pairs at 6NHV, else two-pass at
+    8NHV); tiles never go below 16 tokens x 128 vocabulary rows, whatever the budget.
+    Under ``torch.autocast`` floating inputs run in the autocast dtype.
     """
     cfg = _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha,
                        ref_chosen_logps is not None or ref_rejected_logps is not None)
@@ -173,9 +209,9 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
     if check_finite:
         check.check_finite(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
 
-    chunks = _whole_pair_chunks(prep, weight, bias, cfg, memory_budget)
-    if chunks is not None:
-        loss, stats = _pair_chunk_route(prep, weight, bias, cfg, chunks, ref_chosen_logps, ref_rejected_logps)
+    plan = _plan_loss(prep, weight, bias, cfg, memory_budget)
+    if plan.route == "whole-pairs":
+        loss, stats = _pair_chunk_route(prep, weight, bias, cfg, plan.chunks, ref_chosen_logps, ref_rejected_logps)
         out = finish_stats(stats, prep.labels, prep.vocab_size, KEPT_ONLY)
     else:
         out = _kept_token_outputs(prep, weight, bias)
@@ -194,50 +230,33 @@ def _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop
                       float(cpo_alpha))
 
 
-def _whole_pair_chunks(prep: _Prepared, weight, bias, cfg: LossConfig, memory_budget):
-    """Chunks of whole pairs for the 6NHV route, or None for the two-pass route.
-
-    Taken when gradients are needed, the path tiles with cuBLAS (chunked or torch), every
-    loss type is pair-local, and whole pairs fit the budget. Several chunks add into
-    grad_weight, which stays exact only for a float32 or frozen weight.
-    """
-    if prep.impl not in ("chunked", "torch") or not _needs_grad(prep.hidden, weight, bias):
-        return None
-    if prep.two_pass_only:
-        return None
-    if prep.layout.num_kept == 0:  # every token ignored: no logits to tile (an empty workspace cannot be viewed)
-        return None
-    if not all_pair_local(cfg.loss_types):
-        return None
+def _plan_loss(prep: _Prepared, weight, bias, cfg: LossConfig, memory_budget) -> planner.Plan:
+    """The planner's route for this call. Whole pairs need: gradients, a path that tiles with cuBLAS
+    (chunked or torch), a head held whole on this rank, kept tokens, and pair-local loss types."""
+    whole_pairs = (prep.impl in ("chunked", "torch") and _needs_grad(prep.hidden, weight, bias)
+                   and not prep.two_pass_only and prep.layout.num_kept > 0 and all_pair_local(cfg.loss_types))
     lengths = prep.layout.lengths_host
     pairs = len(lengths) // 2
-    tokens = [lengths[p] + lengths[p + pairs] for p in range(pairs)]
-    chunks = plan_pair_chunks(tokens, weight.shape[0], prep.hidden.dtype,
-                              memory_budget or DEFAULT_MEMORY_BUDGET)
-    if chunks is None:
-        return None
-    if len(chunks) > 1 and weight.requires_grad and weight.dtype != torch.float32:
-        return None
-    return chunks
+    budget = memory_budget or planner.default_memory_budget(prep.hidden.device)
+    return planner.plan_loss([lengths[p] + lengths[p + pairs] for p in range(pairs)], weight.shape[0],
+                             weight.shape[1], prep.hidden.dtype, torch.is_grad_enabled() and weight.requires_grad,
+                             budget, prep.hidden.device.type, whole_pairs=whole_pairs)
 
 
 def _pair_chunk_route(prep: _Prepared, weight, bias, cfg: LossConfig, chunks, ref_chosen, ref_rejected):
     layout = prep.layout
     spans = list(layout.sequence_slices())
     pairs = len(spans) // 2
-    tokens_by_pair = [(spans[p], spans[p + pairs]) for p in range(pairs)]
     lengths = layout.lengths
     total_chosen = float(sum(layout.lengths_host[:pairs]))
 
-    def chunk_loss(chunk, chosen, rejected):
-        index = torch.tensor(chunk, device=lengths.device)
-        terms = pair_terms(chosen, rejected, None if ref_chosen is None else ref_chosen[index],
-                           None if ref_rejected is None else ref_rejected[index], lengths[index],
-                           lengths[index + pairs], cfg, total_chosen, pairs)
+    def chunk_loss(first, last, chosen, rejected, ref_c, ref_r):
+        terms = pair_terms(chosen, rejected, ref_c, ref_r, lengths[first:last], lengths[pairs + first:pairs + last],
+                           cfg, total_chosen, pairs)
         return pair_losses(terms, cfg.loss_types, cfg.loss_weights).sum() / pairs
 
-    return PairChunkLoss.apply(prep.hidden, weight, bias, prep.labels, prep.engine.rows, prep.transform,
-                               tokens_by_pair, chunks, chunk_loss)
+    return PairChunkLoss.apply(prep.hidden, weight, bias, prep.labels, ref_chosen, ref_rejected, prep.engine.rows,
+                               prep.transform, spans, lengths, chunks, chunk_loss)
 
 
 class DPOLoss(torch.nn.Module):

@@ -6,7 +6,7 @@ which is deterministic on every device (no atomics).
 """
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -19,6 +19,7 @@ class TokenLayout:
     num_sequences: int
     lengths: torch.Tensor  # [R] kept tokens per sequence (int64, on device)
     lengths_host: List[int]
+    flags_host: List[int] = ()
 
     @property
     def num_kept(self) -> int:
@@ -50,32 +51,46 @@ class TokenLayout:
 
 
 def build_layout(labels: torch.Tensor, ignore_index: int, sequence_ids: Optional[torch.Tensor] = None,
-                 cu_seqlens: Optional[torch.Tensor] = None) -> TokenLayout:
-    """Labels [R, T] (a sequence per row) or [N] with ``sequence_ids`` / ``cu_seqlens`` (packed)."""
+                 cu_seqlens: Optional[torch.Tensor] = None, flags: Sequence[torch.Tensor] = ()) -> TokenLayout:
+    """Labels [R, T] (a sequence per row) or [N] with ``sequence_ids`` / ``cu_seqlens`` (packed).
+
+    One host read: the per-sequence lengths, with the device scalars ``flags`` (a caller's
+    checks) in the same transfer (``TokenLayout.flags_host``); the kept positions then come
+    from ``nonzero_static`` with the size known. ``sequence_ids`` need one more read (the
+    number of sequences).
+    """
     flat = labels.reshape(-1)
     kept_mask = flat != ignore_index
-    kept_index = kept_mask.nonzero().squeeze(1)
+    ids = None
     if labels.dim() == 2:
         num_sequences = labels.shape[0]
-        seq_of_kept = kept_index // labels.shape[1]
+        lengths = kept_mask.view(labels.shape).sum(1)
     elif cu_seqlens is not None:
         num_sequences = cu_seqlens.numel() - 1
-        seq_of_kept = torch.searchsorted(cu_seqlens.to(kept_index.device, torch.int64), kept_index, right=True) - 1
+        kept_before = torch.cat([kept_mask.new_zeros(1, dtype=torch.int64), kept_mask.cumsum(0)])
+        bounds = cu_seqlens.to(flat.device, torch.int64)
+        lengths = kept_before[bounds[1:]] - kept_before[bounds[:-1]]
     elif sequence_ids is not None:
         ids = sequence_ids.reshape(-1).to(torch.int64)
         num_sequences = int(ids.max().item()) + 1 if ids.numel() else 0
-        seq_of_kept = ids[kept_index]
-        order = torch.sort(seq_of_kept, stable=True).indices
-        kept_index, seq_of_kept = kept_index[order], seq_of_kept[order]
+        lengths = torch.zeros(num_sequences, dtype=torch.int64, device=flat.device).scatter_add_(
+            0, ids, kept_mask.to(torch.int64))
     else:  # tokens without sequences: one pseudo-sequence holds them all
         num_sequences = 1
-        seq_of_kept = torch.zeros_like(kept_index)
-    lengths = torch.bincount(seq_of_kept, minlength=num_sequences)[:num_sequences]
+        lengths = kept_mask.sum().reshape(1)
+    lengths = lengths.to(torch.int64)
+    host = torch.cat([lengths] + [f.reshape(1).to(lengths) for f in flags]).tolist()  # the host read
+    lengths_host, flags_host = host[:num_sequences], host[num_sequences:]
+    kept_index = torch.nonzero_static(kept_mask, size=sum(lengths_host)).squeeze(1)
+    if ids is not None:
+        order = torch.sort(ids[kept_index], stable=True).indices
+        kept_index = kept_index[order]
     return TokenLayout(
         labels_shape=labels.shape,
         kept_index=kept_index,
         kept_labels=flat[kept_index],
         num_sequences=num_sequences,
         lengths=lengths,
-        lengths_host=lengths.tolist(),
+        lengths_host=lengths_host,
+        flags_host=flags_host,
     )

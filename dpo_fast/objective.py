@@ -71,7 +71,7 @@ def batch_loss(sequence_logps, lengths, ref_chosen_logps, ref_rejected_logps, cf
     pairs = sequence_logps.shape[0] // 2
     chosen_lengths, rejected_lengths = lengths[:pairs], lengths[pairs:]
     terms = pair_terms(sequence_logps[:pairs], sequence_logps[pairs:], ref_chosen_logps, ref_rejected_logps,
-                       chosen_lengths, rejected_lengths, cfg, float(chosen_lengths.sum()), pairs)
+                       chosen_lengths, rejected_lengths, cfg, chosen_lengths.sum(), pairs)  # no host read
     return pair_losses(terms, cfg.loss_types, cfg.loss_weights).mean().to(sequence_logps.dtype)
 
 

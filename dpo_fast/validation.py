@@ -126,8 +126,14 @@ def check_impl(impl):
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-def check_labels_range(labels, vocab_size, ignore_index):
-    if labels.numel() == 0:
+def labels_out_of_range(labels, vocab_size, ignore_index) -> torch.Tensor:
+    """Device count of labels outside [0, vocab_size) and not ignore_index (read with the layout's lengths)."""
+    return (((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)).sum()
+
+
+def check_labels_range(labels, vocab_size, ignore_index, bad_count: Optional[int] = None):
+    """``bad_count``: :func:`labels_out_of_range` already read on the host (no second sync when 0)."""
+    if labels.numel() == 0 or bad_count == 0:
         return
     bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
     if bool(bad.any()):

@@ -4,15 +4,15 @@ import pytest
 import torch
 
 import dpo_fast
-from dpo_fast import api, chunked, reference
+from dpo_fast import api, chunked, planner, reference
 from dpo_fast.losses import LOSSES
 from dpo_fast.objective import LossConfig
 from dpo_fast.transform import LogitTransform
 from helpers import abs_or_rel_err, AllocationRecorder, make_batch, rel_err
 
 IMPLS = ["torch", "chunked"]
-# None: default budget (one tile, whole pairs). 3000 bytes: tiles of a few tokens by a few
-# dozen vocabulary rows, so every loop runs many times and the two-pass route is taken.
+# None: default budget (one tile, whole pairs). 3000 bytes: below the planner's floor, so tiles are
+# 16 tokens by the whole (small) vocabulary, the token loop runs several times and the two-pass route is taken.
 BUDGETS = [None, 3000]
 
 
@@ -113,9 +113,12 @@ def test_whole_pair_route_equals_two_pass_route(impl, device, monkeypatch):
     two_pass = dpo_fast.dpo_loss(h, w, labels, impl=impl, loss_type="aot_unpaired")  # not pair-local
     assert not calls
     calls.clear()
-    # A budget of one pair per chunk: several chunks, allowed for a float32 weight.
-    per_pair = max(int((labels[p] != -100).sum() + (labels[p + 3] != -100).sum()) for p in range(3))
-    several = dpo_fast.dpo_loss(h, w, labels, impl=impl, memory_budget=per_pair * 64 * 4)
+    # A budget the planner answers with one pair per chunk: several chunks (6NHV still).
+    lengths = (labels != -100).sum(1).tolist()
+    pair_tokens = [lengths[p] + lengths[p + 3] for p in range(3)]
+    budget = next(b for b in range(1000, 100000, 500)
+                  if len(planner.plan_loss(pair_tokens, 64, 16, h.dtype, True, b, "cpu").chunks) >= 2)
+    several = dpo_fast.dpo_loss(h, w, labels, impl=impl, memory_budget=budget)
     assert len(calls) == 1
     assert rel_err(several.loss, whole.loss) < 1e-6
     g_whole, g_several = _grads(whole.loss, (h, w)), _grads(several.loss, (h, w))
