@@ -89,9 +89,10 @@ def sequence_outputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], lab
 def _(hidden, weight, bias, labels, sequence_ids, cu_seqlens, ref_chosen_logps, ref_rejected_logps, paired,
       ignore_index, temperature, logit_scale, softcap, impl, memory_budget, check_finite, filter_eps):
     per_token = hidden.new_empty(labels.shape, dtype=torch.float32)
+    lse = hidden.new_empty(labels.shape, dtype=torch.float64)  # float64: see rows.TokenStats
     rows = _num_sequences_fake(labels, sequence_ids, cu_seqlens)
     per_sequence = [hidden.new_empty((rows,), dtype=torch.float32) for _ in range(4)]
-    return (per_token, per_token.clone(), per_sequence[0], hidden.new_empty((rows,), dtype=torch.int64),
+    return (per_token, lse, per_sequence[0], hidden.new_empty((rows,), dtype=torch.int64),
             *per_sequence[1:])
 
 
@@ -258,8 +259,9 @@ def logits_outputs(logits: Tensor, labels: Tensor, ref_chosen_logps: Optional[Te
 
 @logits_outputs.register_fake
 def _(logits, labels, ref_chosen_logps, ref_rejected_logps, ignore_index, temperature, impl, check_finite):
-    per_token = [logits.new_empty(labels.shape, dtype=torch.float32) for _ in range(5)]
-    return (*per_token[:4], logits.new_empty(labels.shape, dtype=torch.bool), per_token[4])
+    per_token = [logits.new_empty(labels.shape, dtype=torch.float32) for _ in range(4)]
+    lse = logits.new_empty(labels.shape, dtype=torch.float64)  # float64: see rows.TokenStats
+    return (*per_token, logits.new_empty(labels.shape, dtype=torch.bool), lse)
 
 
 @torch.library.custom_op("dpo_fast::logits_outputs_backward", mutates_args=())

@@ -46,7 +46,12 @@ def init_stats(num_rows: int, device) -> torch.Tensor:
 
 @dataclass
 class TokenStats:
-    """Per-token results finished from the statistics (all float32 but ``is_top1``)."""
+    """Per-token results finished from the statistics.
+
+    ``lse`` is float64: the backward forms ``log p = z - lse``, and a float32 lse would put
+    half an ulp of ``lse`` into every log-prob (see ``logsoftmax_gather.split_lse``).
+    ``is_top1`` is bool; the rest have the statistics' dtype (float32).
+    """
 
     logps: torch.Tensor
     lse: torch.Tensor
@@ -63,12 +68,12 @@ def finish_stats(stats: torch.Tensor, labels: torch.Tensor, vocab_size: int, ign
     """Turn folded statistics into log-probs and metrics; ignored rows give zeros."""
     active = labels != ignore_index
     sum_exp = stats[STAT_SUMEXP]
-    lse = stats[STAT_MAX] + torch.log(sum_exp)
+    lse = stats[STAT_MAX].double() + torch.log(sum_exp.double())
     with torch.no_grad():
-        safe_sum = torch.where(sum_exp > 0, sum_exp, torch.ones_like(sum_exp))
-        entropy = lse - stats[STAT_ZEXP] / safe_sum
+        safe_sum = torch.where(sum_exp > 0, sum_exp, torch.ones_like(sum_exp)).double()
+        entropy = (lse - stats[STAT_ZEXP].double() / safe_sum).to(stats.dtype)
         log_sum_sq = torch.log(stats[STAT_SQEXP]) - 2 * torch.log(sum_exp)
-    zero = torch.zeros_like(lse)
+    zero = torch.zeros_like(sum_exp)
     return TokenStats(
         # (target - max) - log(sum) rather than target - lse: a confident token's log-prob is then
         # not the difference of two nearly equal large numbers (Sterbenz: target - max is exact).
@@ -149,21 +154,29 @@ class TorchRows:
         rows, cols = tile.shape
         for r0, r1 in self._slabs(rows, cols):
             z, dz = transform.apply_with_derivative(tile[r0:r1].float())
-            row_lse = lse[r0:r1]
+            row_lse = lse[r0:r1].double()
             ignored = (labels[r0:r1] == ignore_index) | (row_lse == float("-inf"))
             # +inf makes p exactly 0 on rows without gradient, with no overflow in exp().
-            row_lse = torch.where(ignored, torch.full_like(row_lse, float("inf")), row_lse)[:, None]
-            p = torch.exp(z - row_lse)
+            lse_hi, lse_lo = split_lse(torch.where(ignored, torch.full_like(row_lse, float("inf")), row_lse))
+            log_p = (z - lse_hi[:, None]) - lse_lo[:, None]
+            p = torch.exp(log_p)
             local = (labels[r0:r1] - vocab_start)[:, None]
             onehot = (torch.arange(cols, device=tile.device)[None, :] == local).float()
-            g = torch.where(ignored, torch.zeros_like(row_lse[:, 0]), grad_logp[r0:r1])[:, None]
+            g = torch.where(ignored, torch.zeros_like(grad_logp[r0:r1]), grad_logp[r0:r1])[:, None]
             grad = g * (onehot - p)
             if grad_entropy is not None:
                 ge = torch.where(ignored, torch.zeros_like(g[:, 0]), grad_entropy[r0:r1])[:, None]
                 h = entropy[r0:r1][:, None]
-                grad = grad - torch.where(p > 0, ge * p * (z - row_lse + h), torch.zeros_like(p))
+                grad = grad - torch.where(p > 0, ge * p * (log_p + h), torch.zeros_like(p))
             grad = torch.where(ignored[:, None], torch.zeros_like(grad), grad * dz)
             out[r0:r1] = grad.to(out.dtype)
+
+
+def split_lse(lse: torch.Tensor):
+    """``logsoftmax_gather.split_lse`` in PyTorch: float64 lse -> float32 (hi, lo), hi + lo = lse."""
+    hi = lse.float()
+    lo = torch.where(torch.isfinite(hi), (lse.double() - hi.double()).float(), torch.zeros_like(hi))
+    return hi, lo
 
 
 def rows_for(device: torch.device, backend: Optional[str] = None):
