@@ -19,6 +19,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from .function import refuse_second_order
 from .rows import KEPT_ONLY, finish_stats, init_stats
 from .transform import LogitTransform
 
@@ -260,6 +261,7 @@ class PairChunkLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
+        refuse_second_order("dpo_loss (whole-pair route)")  # the saved gradients carry no graph
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
         return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None, None, None, None, None

@@ -30,6 +30,7 @@ import torch
 
 from . import api
 from . import validation as check
+from .function import refuse_second_order
 from .logits_path import LogitsLogpsFunction
 from .losses import pair_losses
 from .objective import dpo_output, pair_terms
@@ -143,6 +144,7 @@ def _sequence_setup(ctx, inputs, output):
 
 
 def _sequence_backward(ctx, grad_token, _grad_lse, grad_sequence, *_metrics):
+    refuse_second_order("token_logps / sequence_logps / dpo_loss (under torch.compile)")
     hidden, weight, bias, labels, sequence_ids, cu_seqlens, lse = ctx.saved_tensors
     grad_token = torch.zeros_like(lse) if grad_token is None else grad_token
     grad_sequence = lse.new_zeros(0) if grad_sequence is None else grad_sequence
@@ -285,6 +287,7 @@ def _logits_setup(ctx, inputs, output):
 
 
 def _logits_backward(ctx, grad_logps, *_metrics):
+    refuse_second_order("the log-probs from logits (under torch.compile)")
     logits, labels, lse = ctx.saved_tensors
     if grad_logps is None:
         grad_logps = torch.zeros_like(lse)
