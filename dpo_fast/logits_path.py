@@ -73,7 +73,7 @@ class LogitsLogpsFunction(torch.autograd.Function):
         if inplace:
             check_inplace_logits(logits)
         flat_labels = labels.reshape(-1)
-        stats = init_stats(flat_labels.numel(), logits.device)
+        stats = init_stats(flat_labels.numel(), logits.device, rows.stats_dtype(logits.dtype))
         offset = 0
         for block in row_blocks(logits):
             end = offset + block.shape[0]
@@ -93,7 +93,7 @@ class LogitsLogpsFunction(torch.autograd.Function):
         logits, labels, lse = ctx.saved_tensors
         grad = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad_rows = None if ctx.inplace else grad.view(-1, logits.shape[-1])
-        grad_logps = grad_logps.float().contiguous()
+        grad_logps = grad_logps.to(ctx.rows.stats_dtype(logits.dtype)).contiguous()
         offset = 0
         for block in row_blocks(logits):
             end = offset + block.shape[0]

@@ -261,7 +261,8 @@ def logits_outputs(logits: Tensor, labels: Tensor, ref_chosen_logps: Optional[Te
 
 @logits_outputs.register_fake
 def _(logits, labels, ref_chosen_logps, ref_rejected_logps, ignore_index, temperature, impl, check_finite):
-    per_token = [logits.new_empty(labels.shape, dtype=torch.float32) for _ in range(4)]
+    dtype = _logits_rows(impl).stats_dtype(logits.dtype)  # float64 logits on torch rows stay float64
+    per_token = [logits.new_empty(labels.shape, dtype=dtype) for _ in range(4)]
     lse = logits.new_empty(labels.shape, dtype=torch.float64)  # float64: see rows.TokenStats
     return (*per_token, logits.new_empty(labels.shape, dtype=torch.bool), lse)
 

@@ -38,8 +38,8 @@ def triton_runs_on(device: torch.device) -> bool:
 KEPT_ONLY = -1
 
 
-def init_stats(num_rows: int, device) -> torch.Tensor:
-    stats = torch.zeros(NUM_STATS, num_rows, dtype=torch.float32, device=device)
+def init_stats(num_rows: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    stats = torch.zeros(NUM_STATS, num_rows, dtype=dtype, device=device)
     stats[STAT_MAX] = float("-inf")
     return stats
 
@@ -50,7 +50,8 @@ class TokenStats:
 
     ``lse`` is float64: the backward forms ``log p = z - lse``, and a float32 lse would put
     half an ulp of ``lse`` into every log-prob (see ``logsoftmax_gather.split_lse``).
-    ``is_top1`` is bool; the rest have the statistics' dtype (float32).
+    ``is_top1`` is bool; the rest have the statistics' dtype (float32, or float64 where the
+    rows computed in float64: :meth:`TorchRows.stats_dtype`).
     """
 
     logps: torch.Tensor
@@ -82,7 +83,7 @@ def finish_stats(stats: torch.Tensor, labels: torch.Tensor, vocab_size: int, ign
         entropy=torch.where(active, entropy, zero),
         log_sum_sq_probs=torch.where(active, log_sum_sq, zero),
         mean_logits=torch.where(active, stats[STAT_ZSUM] / vocab_size, zero),
-        is_top1=active & (stats[STAT_ARGMAX] == labels.to(torch.float32)),
+        is_top1=active & (stats[STAT_ARGMAX] == labels.to(stats.dtype)),
     )
 
 
@@ -90,6 +91,11 @@ class TritonRows:
     """Row work through ``dpo_fast.kernels.logsoftmax_gather``."""
 
     name = "triton"
+
+    @staticmethod
+    def stats_dtype(input_dtype: torch.dtype) -> torch.dtype:
+        """The kernels compute in float32 whatever the input dtype (float64 included)."""
+        return torch.float32
 
     def stats(self, tile, labels, stats, *, vocab_start, ignore_index, transform: LogitTransform):
         from dpo_fast.kernels import logsoftmax_gather
@@ -117,6 +123,11 @@ class TorchRows:
     def __init__(self, slab_elements: int = 1 << 18):
         self.slab_elements = slab_elements
 
+    @staticmethod
+    def stats_dtype(input_dtype: torch.dtype) -> torch.dtype:
+        """float64 inputs are computed (and returned) in float64; every other dtype in float32."""
+        return torch.float64 if input_dtype == torch.float64 else torch.float32
+
     def _slabs(self, rows: int, cols: int):
         step = max(1, self.slab_elements // max(cols, 1))
         for start in range(0, rows, step):
@@ -125,7 +136,7 @@ class TorchRows:
     def stats(self, tile, labels, stats, *, vocab_start, ignore_index, transform: LogitTransform):
         rows, cols = tile.shape
         for r0, r1 in self._slabs(rows, cols):
-            z = transform.apply(tile[r0:r1].float())
+            z = transform.apply(tile[r0:r1].to(stats.dtype))
             active = labels[r0:r1] != ignore_index
             st = stats[:, r0:r1]
             old_max = st[STAT_MAX]
@@ -144,7 +155,7 @@ class TorchRows:
                 st[STAT_ZEXP] * rescale + (e * torch.where(e > 0, z, torch.zeros_like(z))).sum(1),
                 st[STAT_SQEXP] * rescale * rescale + (e * e).sum(1),
                 st[STAT_ZSUM] + z.sum(1),
-                torch.where(block_max > old_max, (block_arg + vocab_start).float(), st[STAT_ARGMAX]),
+                torch.where(block_max > old_max, (block_arg + vocab_start).to(st.dtype), st[STAT_ARGMAX]),
                 torch.where(has_target, target, st[STAT_TARGET]),
             ])
             st.copy_(torch.where(active, updated, st))
@@ -153,15 +164,19 @@ class TorchRows:
              entropy=None, grad_entropy=None):
         rows, cols = tile.shape
         for r0, r1 in self._slabs(rows, cols):
-            z, dz = transform.apply_with_derivative(tile[r0:r1].float())
+            z, dz = transform.apply_with_derivative(tile[r0:r1].to(self.stats_dtype(tile.dtype)))
             row_lse = lse[r0:r1].double()
             ignored = (labels[r0:r1] == ignore_index) | (row_lse == float("-inf"))
             # +inf makes p exactly 0 on rows without gradient, with no overflow in exp().
-            lse_hi, lse_lo = split_lse(torch.where(ignored, torch.full_like(row_lse, float("inf")), row_lse))
-            log_p = (z - lse_hi[:, None]) - lse_lo[:, None]
+            row_lse = torch.where(ignored, torch.full_like(row_lse, float("inf")), row_lse)
+            if z.dtype == torch.float64:
+                log_p = z - row_lse[:, None]
+            else:
+                lse_hi, lse_lo = split_lse(row_lse)
+                log_p = (z - lse_hi[:, None]) - lse_lo[:, None]
             p = torch.exp(log_p)
             local = (labels[r0:r1] - vocab_start)[:, None]
-            onehot = (torch.arange(cols, device=tile.device)[None, :] == local).float()
+            onehot = (torch.arange(cols, device=tile.device)[None, :] == local).to(z.dtype)
             g = torch.where(ignored, torch.zeros_like(grad_logp[r0:r1]), grad_logp[r0:r1])[:, None]
             grad = g * (onehot - p)
             if grad_entropy is not None:

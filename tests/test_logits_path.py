@@ -212,3 +212,31 @@ def test_inplace_logits_used_by_two_calls_fails_like_pytorch(impl, second_inplac
     second = dpo_fast.token_logps_from_logits(logits, labels, impl=impl, inplace=True)  # its backward runs first
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (first.sum() + second.sum()).backward()
+
+
+# ----------------------------------------------------------------------------------------
+# float64 logits: computed in float64 on PyTorch rows; the Triton rows compute in float32
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows,vocab,scale", [(1, 7, 3.0), (6, 300, 3.0), (5, 1000, 1e3)])
+def test_float64_logits_on_torch_rows_are_float64_exact(rows, vocab, scale, device):
+    logits = (torch.randn(rows, vocab, device=device, dtype=torch.float64) * scale).requires_grad_()
+    labels = _labels((rows,), vocab, device, ignore_frac=0.2)
+    labels[0] = 0
+    ours = dpo_fast.token_logps_from_logits(logits, labels, impl="torch", temperature=0.7)
+    oracle, _ = reference.token_outputs_from_logits(logits, labels, transform=LogitTransform(temperature=0.7))
+    assert ours.dtype == torch.float64
+    upstream = torch.randn_like(ours)
+    (grad,) = torch.autograd.grad((ours * upstream).sum(), logits)
+    (grad64,) = torch.autograd.grad((oracle * upstream).sum(), logits)
+    # float64 rounding of sums over V terms: far below anything float32 statistics could give (~1e-7).
+    assert rel_err(ours, oracle) < 1e-12 and rel_err(grad, grad64) < 1e-12
+
+
+def test_float64_logits_on_triton_rows_are_float32():
+    # Documented: the Triton row kernels keep float32 statistics and return float32.
+    logits = torch.randn(4, 50, dtype=torch.float64) * 3
+    labels = torch.randint(0, 50, (4,))
+    ours = dpo_fast.token_logps_from_logits(logits, labels, impl="chunked")
+    oracle, _ = reference.token_outputs_from_logits(logits, labels)
+    assert ours.dtype == torch.float32 and rel_err(ours, oracle) < 1e-5
