@@ -14,7 +14,7 @@ from .layout import TokenLayout, build_layout
 from .logits_path import LogitsLogpsFunction
 from .losses import all_pair_local, pair_losses
 from .objective import DPOOutput, LossConfig, batch_loss, dpo_output, pair_terms
-from .rows import KEPT_ONLY, TokenStats, TorchRows, TritonRows, finish_stats, triton_runs_on
+from .rows import KEPT_ONLY, TokenStats, TorchRows, TritonRows, finish_stats, triton_cpu_problem, triton_runs_on
 from .transform import LogitTransform
 
 
@@ -48,8 +48,9 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
         return "chunked" if triton_runs_on(device) else "torch"
     if impl in ("chunked", "fused") and not triton_runs_on(device):
+        why = f" ({triton_cpu_problem()})" if device.type == "cpu" else ""
         raise ValueError(f"impl={impl!r} needs Triton on a CUDA device (or TRITON_INTERPRET=1 for CPU tensors); "
-                         f"got a tensor on {device}: use impl='torch' or 'auto'")
+                         f"got a tensor on {device}{why}: use impl='torch' or 'auto'")
     return impl
 
 

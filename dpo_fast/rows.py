@@ -7,6 +7,7 @@ and the autograd plumbing are written once.
 """
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,13 +26,47 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
     HAS_TRITON = False
 
 
+def _built_for_interpreter() -> bool:
+    """Whether triton's own jit functions (``tl.sum``...) were made for the interpreter.
+
+    Triton decides once, when ``triton.language`` is imported, from ``TRITON_INTERPRET``; our
+    kernels decide when their module is first imported. Both must agree, or a kernel fails
+    inside the interpreter ("Cannot call @triton.jit'd outside of the scope of a kernel").
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    import triton.language.standard as standard
+
+    built = [getattr(standard, "sum", None)]
+    kernels = sys.modules.get("dpo_fast.kernels.logsoftmax_gather")
+    if kernels is not None:
+        built.append(kernels._row_grad_kernel)
+    return all(isinstance(fn, InterpretedFunction) for fn in built if fn is not None)
+
+
+def triton_cpu_problem() -> Optional[str]:
+    """Why Triton kernels cannot run on CPU tensors in this process; None when they can."""
+    if not HAS_TRITON:
+        return "triton is not installed"
+    wanted = os.environ.get("TRITON_INTERPRET") == "1"
+    built = _built_for_interpreter()
+    if wanted and built:
+        return None
+    if wanted:
+        return ("TRITON_INTERPRET=1 was set after triton was imported, which then built its kernels for the GPU: "
+                "set it before the first import of triton or dpo_fast")
+    if built:
+        return ("triton was imported under TRITON_INTERPRET=1, which is no longer set: keep it at 1 for as long "
+                "as dpo_fast runs CPU tensors")
+    return "Triton runs CPU tensors only through its interpreter (TRITON_INTERPRET=1 before importing triton)"
+
+
 def triton_runs_on(device: torch.device) -> bool:
-    """Triton kernels run on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1``."""
+    """Triton kernels run on CUDA, and on CPU tensors through the interpreter (:func:`triton_cpu_problem`)."""
     if not HAS_TRITON:
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cpu" and triton_cpu_problem() is None
 
 
 # Ignore index for tensors of kept tokens only: their labels lie in [0, V), never here.
