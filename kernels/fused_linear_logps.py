@@ -143,6 +143,8 @@ def _row_inputs(labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr, grad_entropy_pt
                 HAS_ENTROPY_GRAD: tl.constexpr):
     """Per-token backward inputs; rows outside the batch or without a distribution get g = 0.
 
+    ``lse`` (float64, or float32) comes back as float32 ``(lse_hi, lse_lo)``: see ``split_lse``.
+
     Their lse becomes +inf, as in the row kernels: every p is then exactly 0, and exp()
     never overflows into an inf * 0 = NaN.
     """
@@ -161,11 +163,11 @@ def _row_inputs(labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr, grad_entropy_pt
 
 @triton.jit
 def _logits_grad(s, cols, col_ok, row_ok, label, lse_hi, lse_lo, g, entropy, g_entropy, scale, softcap,
-                 inv_temperature,
-                 HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr):
+                 inv_temperature, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr):
     """(d loss / d raw logit, d loss / d z) of a tile, float32, zero outside the batch and vocabulary.
 
-    d log p_label / dz = onehot - p;  d entropy / dz = -p (z - lse + entropy).
+    d log p_label / dz = onehot - p;  d entropy / dz = -p (log p + entropy), with
+    log p = (z - lse_hi) - lse_lo (``split_lse``: exact near the max, so confident tokens keep 1 - p).
     """
     z, dz_ds = _post_process(s, scale, softcap, inv_temperature, HAS_SOFTCAP)
     z = tl.where(col_ok[None, :], z, float("-inf"))  # columns past the vocabulary: p = 0
@@ -331,7 +333,7 @@ def _grad_hidden_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
     label, lse_hi, lse_lo, g, entropy, g_entropy = _row_inputs(labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr,
-                                                    grad_entropy_ptr, rows, row_ok, HAS_ENTROPY_GRAD)
+                                                               grad_entropy_ptr, rows, row_ok, HAS_ENTROPY_GRAD)
     dh_rows = dh_ptr + split.to(tl.int64) * n * H + rows[:, None] * H
     v_begin, v_end = _split_range(split, V, num_splits, BLOCK_V)
     for v0 in range(v_begin, v_end, BLOCK_V):
@@ -339,8 +341,8 @@ def _grad_hidden_kernel(
         col_ok = cols < v_end
         s = _logits_tile(h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, rows, row_ok, cols,
                          col_ok, H, HAS_BIAS, BLOCK_K, BLOCK_N, BLOCK_V, DOT_PRECISION)
-        grad_s, grad_z = _logits_grad(s, cols, col_ok, row_ok, label, lse_hi, lse_lo, g, entropy, g_entropy, scale, softcap,
-                                      inv_temperature, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
+        grad_s, grad_z = _logits_grad(s, cols, col_ok, row_ok, label, lse_hi, lse_lo, g, entropy, g_entropy, scale,
+                                      softcap, inv_temperature, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
         if _worth_computing(grad_z, filter_eps, FILTER):
             # dz is rounded to the weight dtype, as the chunked path's in-place tile is.
             dz = _operand(grad_s.to(w_ptr.dtype.element_ty))
@@ -371,11 +373,11 @@ def _grad_weight_kernel(
         rows = t0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < n
         label, lse_hi, lse_lo, g, entropy, g_entropy = _row_inputs(labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr,
-                                                        grad_entropy_ptr, rows, row_ok, HAS_ENTROPY_GRAD)
+                                                                   grad_entropy_ptr, rows, row_ok, HAS_ENTROPY_GRAD)
         s = _logits_tile(h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, rows, row_ok, cols,
                          col_ok, H, HAS_BIAS, BLOCK_K, BLOCK_N, BLOCK_V, DOT_PRECISION)
-        grad_s, grad_z = _logits_grad(s, cols, col_ok, row_ok, label, lse_hi, lse_lo, g, entropy, g_entropy, scale, softcap,
-                                      inv_temperature, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
+        grad_s, grad_z = _logits_grad(s, cols, col_ok, row_ok, label, lse_hi, lse_lo, g, entropy, g_entropy, scale,
+                                      softcap, inv_temperature, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
         if _worth_computing(grad_z, filter_eps, FILTER):
             if NEED_BIAS:
                 db += tl.sum(grad_s, axis=0)
