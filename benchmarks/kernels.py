@@ -55,7 +55,7 @@ def _row_kernel_args(dtype):
                   scale=0.5, softcap=30.0, inv_temperature=0.7)
     return {
         "_row_stats_kernel": dict(common, stats_ptr=Ptr("fp32"), stats_stride=ROW_TILE_ROWS),
-        "_row_grad_kernel": dict(common, out_ptr=Ptr(dtype), out_row_stride=ROW_TILE_COLS, lse_ptr=Ptr("fp32"),
+        "_row_grad_kernel": dict(common, out_ptr=Ptr(dtype), out_row_stride=ROW_TILE_COLS, lse_ptr=Ptr("fp64"),
                                  grad_logp_ptr=Ptr("fp32"), entropy_ptr=Ptr("fp32"), grad_entropy_ptr=Ptr("fp32")),
     }
 
@@ -68,7 +68,7 @@ def _fused_kernel_args(dtype, splits):
     return dict(
         h_ptr=Ptr(dtype), stride_hn=HIDDEN, stride_hk=1, w_ptr=Ptr(dtype), stride_wv=HIDDEN, stride_wk=1,
         b_ptr=Ptr(dtype), labels_ptr=Ptr("i64"), partial_ptr=Ptr("fp32"), stats_ptr=Ptr("fp32"),
-        lse_ptr=Ptr("fp32"), grad_logp_ptr=Ptr("fp32"), entropy_ptr=Ptr("fp32"), grad_entropy_ptr=Ptr("fp32"),
+        lse_ptr=Ptr("fp64"), grad_logp_ptr=Ptr("fp32"), entropy_ptr=Ptr("fp32"), grad_entropy_ptr=Ptr("fp32"),
         dh_ptr=Ptr("fp32"), dw_ptr=Ptr("fp32"), db_ptr=Ptr("fp32"),
         n=TOKENS, V=VOCAB, H=HIDDEN, num_splits=splits, n_bucket=TOKENS, v_start=0, v_end=VOCAB,
         scale=0.5, softcap=30.0, inv_temperature=0.7, filter_eps=1e-4,

@@ -15,7 +15,7 @@ from .layout import TokenLayout, build_layout
 from .logits_path import LogitsLogpsFunction
 from .losses import all_pair_local, pair_losses
 from .objective import DPOOutput, LossConfig, batch_loss, dpo_output, pair_terms
-from .rows import KEPT_ONLY, TokenStats, TorchRows, TritonRows, finish_stats, triton_runs_on
+from .rows import KEPT_ONLY, TokenStats, TorchRows, TritonRows, finish_stats, triton_cpu_problem, triton_runs_on
 from .transform import LogitTransform
 
 
@@ -79,7 +79,9 @@ def _in_autocast_dtype(fn):
 def resolve_impl(impl: str, device: torch.device) -> str:
     """The impl a call runs (``planner.choose_impl``), after checking the name."""
     check.check_impl(impl)
-    return planner.choose_impl(impl, device, triton_runs_on(device))
+    runs = triton_runs_on(device)
+    why_not = triton_cpu_problem() if not runs and device.type == "cpu" else None
+    return planner.choose_impl(impl, device, runs, why_not)
 
 
 def make_engine(impl: str, memory_budget: Optional[int], filter_eps: float = 0.0, device=None):

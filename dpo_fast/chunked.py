@@ -23,6 +23,7 @@ import torch
 
 from . import planner
 from .cost_model import COPY_SLAB_BYTES
+from .function import refuse_second_order
 from .planner import Chunk, plan_tiles  # noqa: F401  (tile sizes live in the planner; re-exported)
 from .rows import KEPT_ONLY, finish_stats, init_stats
 from .transform import LogitTransform
@@ -236,6 +237,7 @@ class PairChunkLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
+        refuse_second_order("dpo_loss (whole-pair route)")  # the saved gradients carry no graph
         scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
         grad_hidden, grad_weight, grad_bias, grad_ref_c, grad_ref_r = map(scale, ctx.saved_tensors)
         return grad_hidden, grad_weight, grad_bias, None, grad_ref_c, grad_ref_r, None, None, None, None, None, None

@@ -30,6 +30,7 @@ import torch
 
 from . import api
 from . import validation as check
+from .function import refuse_second_order
 from .logits_path import LogitsLogpsFunction
 from .losses import pair_losses
 from .objective import dpo_output, pair_terms
@@ -89,9 +90,10 @@ def sequence_outputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], lab
 def _(hidden, weight, bias, labels, sequence_ids, cu_seqlens, ref_chosen_logps, ref_rejected_logps, paired,
       ignore_index, temperature, logit_scale, softcap, impl, memory_budget, check_finite, filter_eps):
     per_token = hidden.new_empty(labels.shape, dtype=torch.float32)
+    lse = hidden.new_empty(labels.shape, dtype=torch.float64)  # float64: see rows.TokenStats
     rows = _num_sequences_fake(labels, sequence_ids, cu_seqlens)
     per_sequence = [hidden.new_empty((rows,), dtype=torch.float32) for _ in range(4)]
-    return (per_token, per_token.clone(), per_sequence[0], hidden.new_empty((rows,), dtype=torch.int64),
+    return (per_token, lse, per_sequence[0], hidden.new_empty((rows,), dtype=torch.int64),
             *per_sequence[1:])
 
 
@@ -142,6 +144,7 @@ def _sequence_setup(ctx, inputs, output):
 
 
 def _sequence_backward(ctx, grad_token, _grad_lse, grad_sequence, *_metrics):
+    refuse_second_order("token_logps / sequence_logps / dpo_loss (under torch.compile)")
     hidden, weight, bias, labels, sequence_ids, cu_seqlens, lse = ctx.saved_tensors
     grad_token = torch.zeros_like(lse) if grad_token is None else grad_token
     grad_sequence = lse.new_zeros(0) if grad_sequence is None else grad_sequence
@@ -167,10 +170,22 @@ def _checked_sequence_outputs(hidden, weight, labels, bias, ignore_index, temper
     check.check_filter_eps(filter_eps, impl)
     if paired and sequence_ids is None:  # otherwise the count of sequences is known only when the op runs
         rows = labels.shape[0] if labels.dim() == 2 else 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        check.check_pairs(rows, *refs, hidden.device)
+        _check_pairs_at_trace(rows, refs, hidden.device)
     return sequence_outputs(hidden, weight, bias, labels, sequence_ids, cu_seqlens, *refs, paired, ignore_index,
                             float(temperature), float(logit_scale), None if softcap is None else float(softcap), impl,
                             memory_budget, bool(check_finite), float(filter_eps))
+
+
+def _check_pairs_at_trace(rows, refs, device):
+    """The pair checks that can run while tracing; an odd or zero count is left to the op.
+
+    Raised here, a ValueError becomes ``torch._dynamo.exc.Unsupported`` ("Observed exception")
+    under ``fullgraph=True``. The op checks the count again when it runs, before any kernel,
+    and its ValueError leaves the compiled function as is; the graph around it is traced
+    with ``rows // 2`` pairs (``_pair_loss_output``).
+    """
+    if rows >= 2 and rows % 2 == 0:
+        check.check_pairs(rows, *refs, device)
 
 
 def token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
@@ -213,9 +228,9 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
 
 def _pair_loss_output(sequence, lengths, ref_chosen, ref_rejected, cfg, mean_logits, top1, entropy):
     """``objective.batch_loss`` with the chosen-token count kept on the device (no host sync in the graph)."""
-    pairs = sequence.shape[0] // 2
-    terms = pair_terms(sequence[:pairs], sequence[pairs:], ref_chosen, ref_rejected, lengths[:pairs],
-                       lengths[pairs:], cfg, lengths[:pairs].sum().float(), pairs)
+    pairs = sequence.shape[0] // 2  # an odd count never runs: the op refuses it (_check_pairs_at_trace)
+    terms = pair_terms(sequence[:pairs], sequence[pairs:2 * pairs], ref_chosen, ref_rejected, lengths[:pairs],
+                       lengths[pairs:2 * pairs], cfg, lengths[:pairs].sum().float(), pairs)
     loss = pair_losses(terms, cfg.loss_types, cfg.loss_weights).mean().to(sequence.dtype)
     return dpo_output(loss, sequence, lengths, ref_chosen, ref_rejected, cfg, mean_logits, top1, entropy)
 
@@ -241,11 +256,13 @@ class _Saved(SimpleNamespace):
 @torch.library.custom_op("dpo_fast::logits_outputs", mutates_args=())
 def logits_outputs(logits: Tensor, labels: Tensor, ref_chosen_logps: Optional[Tensor],
                    ref_rejected_logps: Optional[Tensor], ignore_index: int, temperature: float, impl: str,
-                   check_finite: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   check_finite: bool, paired: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(log-probs, entropy, log sum p^2, mean logit, top-1, lse), each shaped like ``labels``.
 
-    The reference log-probs are inputs only for ``check_finite``.
+    The reference log-probs are inputs only for ``check_finite`` and, with ``paired``, the pair checks.
     """
+    if paired:
+        check.check_pairs(labels.shape[0], ref_chosen_logps, ref_rejected_logps, logits.device)
     check.check_labels_range(labels, logits.shape[-1], ignore_index)
     if check_finite:
         check.check_finite(logits=logits, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
@@ -257,9 +274,11 @@ def logits_outputs(logits: Tensor, labels: Tensor, ref_chosen_logps: Optional[Te
 
 
 @logits_outputs.register_fake
-def _(logits, labels, ref_chosen_logps, ref_rejected_logps, ignore_index, temperature, impl, check_finite):
-    per_token = [logits.new_empty(labels.shape, dtype=torch.float32) for _ in range(5)]
-    return (*per_token[:4], logits.new_empty(labels.shape, dtype=torch.bool), per_token[4])
+def _(logits, labels, ref_chosen_logps, ref_rejected_logps, ignore_index, temperature, impl, check_finite, paired):
+    dtype = _logits_rows(impl).stats_dtype(logits.dtype)  # float64 logits on torch rows stay float64
+    per_token = [logits.new_empty(labels.shape, dtype=dtype) for _ in range(4)]
+    lse = logits.new_empty(labels.shape, dtype=torch.float64)  # float64: see rows.TokenStats
+    return (*per_token, logits.new_empty(labels.shape, dtype=torch.bool), lse)
 
 
 @torch.library.custom_op("dpo_fast::logits_outputs_backward", mutates_args=())
@@ -277,29 +296,32 @@ def _(grad_logps, logits, labels, lse, ignore_index, temperature, impl):
 
 
 def _logits_setup(ctx, inputs, output):
-    logits, labels, _ref_c, _ref_r, ignore_index, temperature, impl, _check_finite = inputs
+    logits, labels, _ref_c, _ref_r, ignore_index, temperature, impl, _check_finite, _paired = inputs
     ctx.save_for_backward(logits, labels, output[5])
     ctx.settings = dict(ignore_index=ignore_index, temperature=temperature, impl=impl)
 
 
 def _logits_backward(ctx, grad_logps, *_metrics):
+    refuse_second_order("the log-probs from logits (under torch.compile)")
     logits, labels, lse = ctx.saved_tensors
     if grad_logps is None:
         grad_logps = torch.zeros_like(lse)
-    return (logits_outputs_backward(grad_logps, logits, labels, lse, **ctx.settings),) + (None,) * 7
+    return (logits_outputs_backward(grad_logps, logits, labels, lse, **ctx.settings),) + (None,) * 8
 
 
 logits_outputs.register_autograd(_logits_backward, setup_context=_logits_setup)
 
 
-def _checked_logits_outputs(logits, labels, ignore_index, temperature, impl, check_finite, refs=(None, None)):
+def _checked_logits_outputs(logits, labels, ignore_index, temperature, impl, check_finite, refs=(None, None),
+                            paired=False):
     check.check_logits_inputs(logits, labels)
     check.check_transform(temperature, 1.0, None)
     check.check_ignore_index(ignore_index, labels.dtype)
     impl = api.resolve_impl(impl, logits.device)
     if impl == "fused":
         raise ValueError("impl='fused' works from hidden states; for logits use impl='chunked', 'torch' or 'auto'")
-    return logits_outputs(logits, labels, *refs, ignore_index, float(temperature), impl, bool(check_finite))
+    return logits_outputs(logits, labels, *refs, ignore_index, float(temperature), impl, bool(check_finite),
+                          paired)
 
 
 def token_logps_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, inplace=False, impl="auto",
@@ -322,9 +344,10 @@ def dpo_loss_from_logits(logits, labels, *, ref_chosen_logps=None, ref_rejected_
     check.check_logits_inputs(logits, labels)
     if labels.dim() != 2:
         raise ValueError(f"labels must be [rows, seq] (a sequence per row), got shape {tuple(labels.shape)}")
-    check.check_pairs(labels.shape[0], ref_chosen_logps, ref_rejected_logps, logits.device)
+    _check_pairs_at_trace(labels.shape[0], (ref_chosen_logps, ref_rejected_logps), logits.device)
     logps, entropy, _, mean_logits, top1, _ = _checked_logits_outputs(
-        logits, labels, ignore_index, temperature, impl, check_finite, refs=(ref_chosen_logps, ref_rejected_logps))
+        logits, labels, ignore_index, temperature, impl, check_finite, refs=(ref_chosen_logps, ref_rejected_logps),
+        paired=True)
     lengths = (labels != ignore_index).sum(-1)
     return _pair_loss_output(logps.sum(-1), lengths, ref_chosen_logps, ref_rejected_logps, cfg, mean_logits.sum(-1),
                              top1.float().sum(-1), entropy.sum(-1))

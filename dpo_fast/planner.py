@@ -18,7 +18,7 @@ that runs those tiles (about 16 KiB of float32 logits) rather than 1 x 1 GEMMs.
 import functools
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -225,8 +225,8 @@ def _chunk_limits(shape: cm.Shape, pair_tokens, memory_budget: int, staged: bool
     return [limit for limit in (whole, split) if limit]
 
 
-def choose_impl(impl: str, device: torch.device, triton_available: bool) -> str:
-    """'auto' -> 'chunked' where Triton runs, else 'torch'.
+def choose_impl(impl: str, device: torch.device, triton_available: bool, why_not: Optional[str] = None) -> str:
+    """'auto' -> 'chunked' where Triton runs, else 'torch'. ``why_not``: why Triton cannot run here, for the error.
 
     Both take the routes of :func:`plan_loss`; 'fused' (no logits in memory forward, priced by
     ``cost_model.fused_forward_tiled_backward``) costs 8NHV with a trainable head, never less
@@ -235,6 +235,7 @@ def choose_impl(impl: str, device: torch.device, triton_available: bool) -> str:
     if impl == "auto":
         return "chunked" if triton_available else "torch"
     if impl in ("chunked", "fused") and not triton_available:
+        why = f" ({why_not})" if why_not else ""
         raise ValueError(f"impl={impl!r} needs Triton on a CUDA device (or TRITON_INTERPRET=1 for CPU tensors); "
-                         f"got a tensor on {device}: use impl='torch' or 'auto'")
+                         f"got a tensor on {device}{why}: use impl='torch' or 'auto'")
     return impl

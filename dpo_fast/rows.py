@@ -7,6 +7,7 @@ and the autograd plumbing are written once.
 """
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,28 +26,68 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
     HAS_TRITON = False
 
 
+def _built_for_interpreter() -> bool:
+    """Whether triton's own jit functions (``tl.sum``...) were made for the interpreter.
+
+    Triton decides once, when ``triton.language`` is imported, from ``TRITON_INTERPRET``; our
+    kernels decide when their module is first imported. Both must agree, or a kernel fails
+    inside the interpreter ("Cannot call @triton.jit'd outside of the scope of a kernel").
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    import triton.language.standard as standard
+
+    built = [getattr(standard, "sum", None)]
+    kernels = sys.modules.get("dpo_fast.kernels.logsoftmax_gather")
+    if kernels is not None:
+        built.append(kernels._row_grad_kernel)
+    return all(isinstance(fn, InterpretedFunction) for fn in built if fn is not None)
+
+
+def triton_cpu_problem() -> Optional[str]:
+    """Why Triton kernels cannot run on CPU tensors in this process; None when they can."""
+    if not HAS_TRITON:
+        return "triton is not installed"
+    wanted = os.environ.get("TRITON_INTERPRET") == "1"
+    built = _built_for_interpreter()
+    if wanted and built:
+        return None
+    if wanted:
+        return ("TRITON_INTERPRET=1 was set after triton was imported, which then built its kernels for the GPU: "
+                "set it before the first import of triton or dpo_fast")
+    if built:
+        return ("triton was imported under TRITON_INTERPRET=1, which is no longer set: keep it at 1 for as long "
+                "as dpo_fast runs CPU tensors")
+    return "Triton runs CPU tensors only through its interpreter (TRITON_INTERPRET=1 before importing triton)"
+
+
 def triton_runs_on(device: torch.device) -> bool:
-    """Triton kernels run on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1``."""
+    """Triton kernels run on CUDA, and on CPU tensors through the interpreter (:func:`triton_cpu_problem`)."""
     if not HAS_TRITON:
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cpu" and triton_cpu_problem() is None
 
 
 # Ignore index for tensors of kept tokens only: their labels lie in [0, V), never here.
 KEPT_ONLY = -1
 
 
-def init_stats(num_rows: int, device) -> torch.Tensor:
-    stats = torch.zeros(NUM_STATS, num_rows, dtype=torch.float32, device=device)
+def init_stats(num_rows: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    stats = torch.zeros(NUM_STATS, num_rows, dtype=dtype, device=device)
     stats[STAT_MAX] = float("-inf")
     return stats
 
 
 @dataclass
 class TokenStats:
-    """Per-token results finished from the statistics (all float32 but ``is_top1``)."""
+    """Per-token results finished from the statistics.
+
+    ``lse`` is float64: the backward forms ``log p = z - lse``, and a float32 lse would put
+    half an ulp of ``lse`` into every log-prob (see ``logsoftmax_gather.split_lse``).
+    ``is_top1`` is bool; the rest have the statistics' dtype (float32, or float64 where the
+    rows computed in float64: :meth:`TorchRows.stats_dtype`).
+    """
 
     logps: torch.Tensor
     lse: torch.Tensor
@@ -63,12 +104,12 @@ def finish_stats(stats: torch.Tensor, labels: torch.Tensor, vocab_size: int, ign
     """Turn folded statistics into log-probs and metrics; ignored rows give zeros."""
     active = labels != ignore_index
     sum_exp = stats[STAT_SUMEXP]
-    lse = stats[STAT_MAX] + torch.log(sum_exp)
+    lse = stats[STAT_MAX].double() + torch.log(sum_exp.double())
     with torch.no_grad():
-        safe_sum = torch.where(sum_exp > 0, sum_exp, torch.ones_like(sum_exp))
-        entropy = lse - stats[STAT_ZEXP] / safe_sum
+        safe_sum = torch.where(sum_exp > 0, sum_exp, torch.ones_like(sum_exp)).double()
+        entropy = (lse - stats[STAT_ZEXP].double() / safe_sum).to(stats.dtype)
         log_sum_sq = torch.log(stats[STAT_SQEXP]) - 2 * torch.log(sum_exp)
-    zero = torch.zeros_like(lse)
+    zero = torch.zeros_like(sum_exp)
     return TokenStats(
         # (target - max) - log(sum) rather than target - lse: a confident token's log-prob is then
         # not the difference of two nearly equal large numbers (Sterbenz: target - max is exact).
@@ -77,7 +118,7 @@ def finish_stats(stats: torch.Tensor, labels: torch.Tensor, vocab_size: int, ign
         entropy=torch.where(active, entropy, zero),
         log_sum_sq_probs=torch.where(active, log_sum_sq, zero),
         mean_logits=torch.where(active, stats[STAT_ZSUM] / vocab_size, zero),
-        is_top1=active & (stats[STAT_ARGMAX] == labels.to(torch.float32)),
+        is_top1=active & (stats[STAT_ARGMAX] == labels.to(stats.dtype)),
     )
 
 
@@ -85,6 +126,11 @@ class TritonRows:
     """Row work through ``dpo_fast.kernels.logsoftmax_gather``."""
 
     name = "triton"
+
+    @staticmethod
+    def stats_dtype(input_dtype: torch.dtype) -> torch.dtype:
+        """The kernels compute in float32 whatever the input dtype (float64 included)."""
+        return torch.float32
 
     def stats(self, tile, labels, stats, *, vocab_start, ignore_index, transform: LogitTransform):
         from dpo_fast.kernels import logsoftmax_gather
@@ -112,6 +158,11 @@ class TorchRows:
     def __init__(self, slab_elements: int = 1 << 18):
         self.slab_elements = slab_elements
 
+    @staticmethod
+    def stats_dtype(input_dtype: torch.dtype) -> torch.dtype:
+        """float64 inputs are computed (and returned) in float64; every other dtype in float32."""
+        return torch.float64 if input_dtype == torch.float64 else torch.float32
+
     def _slabs(self, rows: int, cols: int):
         step = max(1, self.slab_elements // max(cols, 1))
         for start in range(0, rows, step):
@@ -120,7 +171,7 @@ class TorchRows:
     def stats(self, tile, labels, stats, *, vocab_start, ignore_index, transform: LogitTransform):
         rows, cols = tile.shape
         for r0, r1 in self._slabs(rows, cols):
-            z = transform.apply(tile[r0:r1].float())
+            z = transform.apply(tile[r0:r1].to(stats.dtype))
             active = labels[r0:r1] != ignore_index
             st = stats[:, r0:r1]
             old_max = st[STAT_MAX]
@@ -139,7 +190,7 @@ class TorchRows:
                 st[STAT_ZEXP] * rescale + (e * torch.where(e > 0, z, torch.zeros_like(z))).sum(1),
                 st[STAT_SQEXP] * rescale * rescale + (e * e).sum(1),
                 st[STAT_ZSUM] + z.sum(1),
-                torch.where(block_max > old_max, (block_arg + vocab_start).float(), st[STAT_ARGMAX]),
+                torch.where(block_max > old_max, (block_arg + vocab_start).to(st.dtype), st[STAT_ARGMAX]),
                 torch.where(has_target, target, st[STAT_TARGET]),
             ])
             st.copy_(torch.where(active, updated, st))
@@ -148,22 +199,34 @@ class TorchRows:
              entropy=None, grad_entropy=None):
         rows, cols = tile.shape
         for r0, r1 in self._slabs(rows, cols):
-            z, dz = transform.apply_with_derivative(tile[r0:r1].float())
-            row_lse = lse[r0:r1]
+            z, dz = transform.apply_with_derivative(tile[r0:r1].to(self.stats_dtype(tile.dtype)))
+            row_lse = lse[r0:r1].double()
             ignored = (labels[r0:r1] == ignore_index) | (row_lse == float("-inf"))
             # +inf makes p exactly 0 on rows without gradient, with no overflow in exp().
-            row_lse = torch.where(ignored, torch.full_like(row_lse, float("inf")), row_lse)[:, None]
-            p = torch.exp(z - row_lse)
+            row_lse = torch.where(ignored, torch.full_like(row_lse, float("inf")), row_lse)
+            if z.dtype == torch.float64:
+                log_p = z - row_lse[:, None]
+            else:
+                lse_hi, lse_lo = split_lse(row_lse)
+                log_p = (z - lse_hi[:, None]) - lse_lo[:, None]
+            p = torch.exp(log_p)
             local = (labels[r0:r1] - vocab_start)[:, None]
-            onehot = (torch.arange(cols, device=tile.device)[None, :] == local).float()
-            g = torch.where(ignored, torch.zeros_like(row_lse[:, 0]), grad_logp[r0:r1])[:, None]
+            onehot = (torch.arange(cols, device=tile.device)[None, :] == local).to(z.dtype)
+            g = torch.where(ignored, torch.zeros_like(grad_logp[r0:r1]), grad_logp[r0:r1])[:, None]
             grad = g * (onehot - p)
             if grad_entropy is not None:
                 ge = torch.where(ignored, torch.zeros_like(g[:, 0]), grad_entropy[r0:r1])[:, None]
                 h = entropy[r0:r1][:, None]
-                grad = grad - torch.where(p > 0, ge * p * (z - row_lse + h), torch.zeros_like(p))
+                grad = grad - torch.where(p > 0, ge * p * (log_p + h), torch.zeros_like(p))
             grad = torch.where(ignored[:, None], torch.zeros_like(grad), grad * dz)
             out[r0:r1] = grad.to(out.dtype)
+
+
+def split_lse(lse: torch.Tensor):
+    """``logsoftmax_gather.split_lse`` in PyTorch: float64 lse -> float32 (hi, lo), hi + lo = lse."""
+    hi = lse.float()
+    lo = torch.where(torch.isfinite(hi), (lse.double() - hi.double()).float(), torch.zeros_like(hi))
+    return hi, lo
 
 
 def rows_for(device: torch.device, backend: Optional[str] = None):

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from . import stats_layout
 from .logsoftmax_gather import (  # the statistics layout as Triton constexprs, defined once there
-    STAT_ARGMAX, STAT_MAX, STAT_SQEXP, STAT_SUMEXP, STAT_TARGET, STAT_ZEXP, STAT_ZSUM, _post_process,
+    STAT_ARGMAX, STAT_MAX, STAT_SQEXP, STAT_SUMEXP, STAT_TARGET, STAT_ZEXP, STAT_ZSUM, _post_process, split_lse,
 )
 
 try:  # the launchers need torch; compiling the kernels ahead of time (benchmarks/kernels.py) does not
@@ -222,37 +222,41 @@ def _row_inputs(labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr, grad_entropy_pt
                 HAS_ENTROPY_GRAD: tl.constexpr):
     """Per-token backward inputs; rows outside the batch or without a distribution get g = 0.
 
+    ``lse`` (float64, or float32) comes back as float32 ``(lse_hi, lse_lo)``: see ``split_lse``.
+
     Their lse becomes +inf, as in the row kernels: every p is then exactly 0, and exp()
     never overflows into an inf * 0 = NaN.
     """
     label = tl.load(labels_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
     dead = (~row_ok) | (lse == float("-inf"))
     g = tl.where(dead, 0.0, tl.load(grad_logp_ptr + rows, mask=row_ok, other=0.0))
-    lse = tl.where(dead, float("inf"), lse)
+    lse_hi, lse_lo = split_lse(tl.where(dead, float("inf"), lse))  # log p = (z - hi) - lo, exact near the max
     g_entropy = g * 0.0
     entropy = g * 0.0
     if HAS_ENTROPY_GRAD:
         g_entropy = tl.where(dead, 0.0, tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0))
         entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
-    return label, lse, g, entropy, g_entropy
+    return label, lse_hi, lse_lo, g, entropy, g_entropy
 
 
 @triton.jit
-def _logits_grad(s, cols, col_ok, row_ok, label, lse, g, entropy, g_entropy, scale, softcap, inv_temperature,
-                 HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr):
+def _logits_grad(s, cols, col_ok, row_ok, label, lse_hi, lse_lo, g, entropy, g_entropy, scale, softcap,
+                 inv_temperature, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr):
     """(d loss / d raw logit, d loss / d z) of a tile, float32, zero outside the batch and vocabulary.
 
-    d log p_label / dz = onehot - p;  d entropy / dz = -p (z - lse + entropy).
+    d log p_label / dz = onehot - p;  d entropy / dz = -p (log p + entropy), with
+    log p = (z - lse_hi) - lse_lo (``split_lse``: exact near the max, so confident tokens keep 1 - p).
     """
     z, dz_ds = _post_process(s, scale, softcap, inv_temperature, HAS_SOFTCAP)
     z = tl.where(col_ok[None, :], z, float("-inf"))  # columns past the vocabulary: p = 0
-    p = tl.exp(z - lse[:, None])
+    log_p = (z - lse_hi[:, None]) - lse_lo[:, None]
+    p = tl.exp(log_p)
     onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
     grad_z = g[:, None] * (onehot - p)
     if HAS_ENTROPY_GRAD:
         # Where p is 0 (masked columns, dead rows) z - lse may be -inf: use 0 to keep 0 * inf out.
-        log_p = tl.where(p > 0, z - lse[:, None], 0.0)
+        log_p = tl.where(p > 0, log_p, 0.0)
         grad_z -= g_entropy[:, None] * p * (log_p + entropy[:, None])
     grad_z = tl.where(row_ok[:, None] & col_ok[None, :], grad_z, 0.0)
     return grad_z * dz_ds, grad_z
@@ -407,8 +411,8 @@ def _grad_hidden_kernel(
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
-    label, lse, g, entropy, g_entropy = _row_inputs(labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr,
-                                                    grad_entropy_ptr, rows, row_ok, HAS_ENTROPY_GRAD)
+    label, lse_hi, lse_lo, g, entropy, g_entropy = _row_inputs(labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr,
+                                                               grad_entropy_ptr, rows, row_ok, HAS_ENTROPY_GRAD)
     dh_rows = dh_ptr + split.to(tl.int64) * n * H + rows[:, None] * H
     v_begin, v_end = _split_range(split, V, num_splits, BLOCK_V)
     for v0 in range(v_begin, v_end, BLOCK_V):
@@ -416,8 +420,8 @@ def _grad_hidden_kernel(
         col_ok = cols < v_end
         s = _logits_tile(h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, rows, row_ok, cols,
                          col_ok, H, HAS_BIAS, BLOCK_K, BLOCK_N, BLOCK_V, DOT_PRECISION)
-        grad_s, grad_z = _logits_grad(s, cols, col_ok, row_ok, label, lse, g, entropy, g_entropy, scale, softcap,
-                                      inv_temperature, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
+        grad_s, grad_z = _logits_grad(s, cols, col_ok, row_ok, label, lse_hi, lse_lo, g, entropy, g_entropy, scale,
+                                      softcap, inv_temperature, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
         if _worth_computing(grad_z, filter_eps, FILTER):
             # dz is rounded to the weight dtype, as the chunked path's in-place tile is.
             dz = _operand(grad_s.to(w_ptr.dtype.element_ty))
@@ -447,12 +451,12 @@ def _grad_weight_kernel(
     for t0 in range(0, n, BLOCK_N):
         rows = t0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < n
-        label, lse, g, entropy, g_entropy = _row_inputs(labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr,
-                                                        grad_entropy_ptr, rows, row_ok, HAS_ENTROPY_GRAD)
+        label, lse_hi, lse_lo, g, entropy, g_entropy = _row_inputs(labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr,
+                                                                   grad_entropy_ptr, rows, row_ok, HAS_ENTROPY_GRAD)
         s = _logits_tile(h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, rows, row_ok, cols,
                          col_ok, H, HAS_BIAS, BLOCK_K, BLOCK_N, BLOCK_V, DOT_PRECISION)
-        grad_s, grad_z = _logits_grad(s, cols, col_ok, row_ok, label, lse, g, entropy, g_entropy, scale, softcap,
-                                      inv_temperature, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
+        grad_s, grad_z = _logits_grad(s, cols, col_ok, row_ok, label, lse_hi, lse_lo, g, entropy, g_entropy, scale,
+                                      softcap, inv_temperature, HAS_SOFTCAP, HAS_ENTROPY_GRAD)
         if _worth_computing(grad_z, filter_eps, FILTER):
             if NEED_BIAS:
                 db += tl.sum(grad_s, axis=0)
@@ -572,7 +576,7 @@ def backward(hidden, weight, bias, labels, lse, grad_logp, *, entropy=None, grad
     has_entropy_grad = grad_entropy is not None
     grad_entropy = grad_entropy.float().contiguous() if has_entropy_grad else grad_logp
     entropy = entropy.float().contiguous() if has_entropy_grad else grad_logp
-    lse = lse.float().contiguous()
+    lse = lse.double().contiguous()  # float64: see logsoftmax_gather.split_lse
     labels = labels.contiguous()
     # Contiguous outputs: the kernels address float32 rows as row * H.
     grad_hidden = torch.zeros(n, hidden_size, dtype=hidden.dtype, device=device) if need_hidden else None

@@ -211,8 +211,39 @@ def test_custom_ops_pass_opcheck(device):
         assert set(result.values()) == {"SUCCESS"}, result
     logits = torch.randn(4, 5, 30, device=device, requires_grad=True)
     labels = torch.randint(0, 30, (4, 5), device=device)
-    result = torch.library.opcheck(ops.logits_outputs, (logits, labels, None, None, -100, 0.7, "torch", False))
+    for paired in (False, True):
+        result = torch.library.opcheck(ops.logits_outputs,
+                                       (logits, labels, None, None, -100, 0.7, "torch", False, paired))
+        assert set(result.values()) == {"SUCCESS"}, result
+    # float64 logits on PyTorch rows come back float64: the fake implementation must say so too.
+    result = torch.library.opcheck(ops.logits_outputs, (logits.detach().double().requires_grad_(), labels, None,
+                                                        None, -100, 0.7, "torch", False, False))
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+_ODD_COUNT_CALLS = {
+    "rows": lambda h, w, labels, packed: dpo_fast.dpo_loss(h, w, labels, impl="torch").loss,
+    "one_row": lambda h, w, labels, packed: dpo_fast.dpo_loss(h[:1], w, labels[:1], impl="torch").loss,
+    "with_refs": lambda h, w, labels, packed: dpo_fast.dpo_loss(
+        h, w, labels, impl="torch", ref_chosen_logps=torch.zeros(1), ref_rejected_logps=torch.zeros(1)).loss,
+    "cu_seqlens": lambda h, w, labels, packed: dpo_fast.dpo_loss(
+        h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), impl="torch", cu_seqlens=packed).loss,
+    "from_logits": lambda h, w, labels, packed: dpo_fast.dpo_loss_from_logits(h @ w.t(), labels, impl="torch").loss,
+    "module": lambda h, w, labels, packed: dpo_fast.DPOLoss(impl="torch")(h, w, labels).loss,
+}
+
+
+@pytest.mark.parametrize("call", sorted(_ODD_COUNT_CALLS))
+def test_odd_sequence_count_under_fullgraph_is_the_library_value_error(call, device):
+    # Raised while tracing, the ValueError would become torch._dynamo.exc.Unsupported ("Observed exception")
+    # under fullgraph=True; the op refuses the count when it runs, before any kernel.
+    h, w, _, labels = make_batch(2, 5, 16, 40, device=device)
+    h, labels = h[:3], labels[:3]
+    labels[:, -1] = 1  # every sequence has a token
+    packed = torch.tensor([0, 5, 10, 15], dtype=torch.int32, device=device)
+    compiled = torch.compile(_ODD_COUNT_CALLS[call], fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match="even, non-zero number of sequences"):
+        compiled(h, w, labels, packed)
 
 
 # ----------------------------------------------------------------------------------------

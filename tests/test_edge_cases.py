@@ -20,6 +20,9 @@ Documented behaviour checked here:
 """
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -357,3 +360,34 @@ def test_every_loss_formula_is_finite_in_float32_at_extreme_margins(beta):
         assert torch.isfinite(loss32).all() and torch.isfinite(grad32).all(), name
         # ipo squares margins of hundreds: float32 keeps ~1e-5 of it.
         assert ((loss32.double() - loss64).abs() / loss64.abs().clamp(min=1)).max() < 1e-4, name
+
+
+_INTERPRET_SET_LATE = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import torch
+import dpo_fast
+os.environ["TRITON_INTERPRET"] = "1"  # too late: triton already built its own functions for the GPU
+logits, labels = torch.randn(3, 20), torch.randint(0, 20, (3,))
+h, w = torch.randn(3, 8), torch.randn(20, 8)
+for call in (lambda: dpo_fast.token_logps_from_logits(logits, labels, impl="chunked"),
+             lambda: dpo_fast.token_logps(h, w, labels, impl="chunked"),
+             lambda: dpo_fast.token_logps(h, w, labels, impl="fused")):
+    try:
+        call()
+        raise SystemExit("no error")
+    except ValueError as e:
+        assert "TRITON_INTERPRET=1 was set after triton was imported" in str(e), e
+# impl="auto" takes the PyTorch rows, exactly.
+expected = torch.log_softmax(logits.double(), -1).gather(1, labels[:, None]).squeeze(1)
+assert torch.allclose(dpo_fast.token_logps_from_logits(logits, labels).double(), expected, rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors only reach Triton through the interpreter")
+def test_triton_interpret_set_after_import_is_a_clear_value_error():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _INTERPRET_SET_LATE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]

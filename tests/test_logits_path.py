@@ -154,3 +154,89 @@ def test_argmax_ties_go_to_the_first_maximum(device):
     labels2 = labels.view(1, 3).repeat(2, 1)
     out = dpo_fast.dpo_loss_from_logits(logits.view(1, 3, 20).repeat(2, 1, 1), labels2, impl="chunked")
     assert float(out.token_accuracy) == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------------------------------
+# inplace=True: the gradient overwrites the logits, so aliasing must be refused or detected
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_refuses_expanded_logits_before_any_kernel(impl, device):
+    base = torch.randn(1, 6, 50, device=device, requires_grad=True)
+    logits = base.expand(4, 6, 50)  # stride 0: four rows share each element
+    labels = _labels((4, 6), 50, device)
+    with pytest.raises(ValueError, match="inplace=True needs logits whose elements do not share memory"):
+        dpo_fast.token_logps_from_logits(logits, labels, impl=impl, inplace=True)
+    # Without inplace the same expanded logits are read only, and the gradient sums over the copies.
+    logps = dpo_fast.token_logps_from_logits(logits, labels, impl=impl)
+    upstream = torch.randn_like(logps)
+    (grad,) = torch.autograd.grad((logps * upstream).sum(), base)
+    base64 = base.detach().double().requires_grad_()
+    oracle, _ = reference.token_outputs_from_logits(base64.expand(4, 6, 50), labels)
+    (grad64,) = torch.autograd.grad((oracle * upstream.double()).sum(), base64)
+    assert rel_err(grad, grad64) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_over_logits_another_op_saved_fails_like_pytorch(impl, device):
+    leaf = torch.randn(3, 5, 40, device=device, requires_grad=True)
+    labels = _labels((3, 5), 40, device)
+    logits = leaf * 2
+    saved_by_pow = (logits ** 2).sum()  # pow saves the logits; its backward runs after ours
+    logps = dpo_fast.token_logps_from_logits(logits, labels, impl=impl, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (logps.sum() + saved_by_pow).backward()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_when_the_other_saved_use_is_done_first_is_exact(impl, device):
+    leaf = torch.randn(3, 5, 40, device=device, requires_grad=True)
+    labels = _labels((3, 5), 40, device)
+    logits = leaf * 2
+    logps = dpo_fast.token_logps_from_logits(logits, labels, impl=impl, inplace=True)
+    saved_by_pow = (logits ** 2).sum()  # made later, so its backward runs before ours overwrites
+    (grad,) = torch.autograd.grad(logps.sum() + saved_by_pow, leaf)
+    leaf64 = leaf.detach().double().requires_grad_()
+    oracle, _ = reference.token_outputs_from_logits(leaf64 * 2, labels)
+    (grad64,) = torch.autograd.grad(oracle.sum() + ((leaf64 * 2) ** 2).sum(), leaf64)
+    assert rel_err(grad, grad64) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("second_inplace", [True, False])
+def test_inplace_logits_used_by_two_calls_fails_like_pytorch(impl, second_inplace, device):
+    leaf = torch.randn(3, 5, 40, device=device, requires_grad=True)
+    labels = _labels((3, 5), 40, device)
+    logits = leaf * 2
+    first = dpo_fast.token_logps_from_logits(logits, labels, impl=impl, inplace=second_inplace)
+    second = dpo_fast.token_logps_from_logits(logits, labels, impl=impl, inplace=True)  # its backward runs first
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (first.sum() + second.sum()).backward()
+
+
+# ----------------------------------------------------------------------------------------
+# float64 logits: computed in float64 on PyTorch rows; the Triton rows compute in float32
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows,vocab,scale", [(1, 7, 3.0), (6, 300, 3.0), (5, 1000, 1e3)])
+def test_float64_logits_on_torch_rows_are_float64_exact(rows, vocab, scale, device):
+    logits = (torch.randn(rows, vocab, device=device, dtype=torch.float64) * scale).requires_grad_()
+    labels = _labels((rows,), vocab, device, ignore_frac=0.2)
+    labels[0] = 0
+    ours = dpo_fast.token_logps_from_logits(logits, labels, impl="torch", temperature=0.7)
+    oracle, _ = reference.token_outputs_from_logits(logits, labels, transform=LogitTransform(temperature=0.7))
+    assert ours.dtype == torch.float64
+    upstream = torch.randn_like(ours)
+    (grad,) = torch.autograd.grad((ours * upstream).sum(), logits)
+    (grad64,) = torch.autograd.grad((oracle * upstream).sum(), logits)
+    # float64 rounding of sums over V terms: far below anything float32 statistics could give (~1e-7).
+    assert rel_err(ours, oracle) < 1e-12 and rel_err(grad, grad64) < 1e-12
+
+
+def test_float64_logits_on_triton_rows_are_float32():
+    # Documented: the Triton row kernels keep float32 statistics and return float32.
+    logits = torch.randn(4, 50, dtype=torch.float64) * 3
+    labels = torch.randint(0, 50, (4,))
+    ours = dpo_fast.token_logps_from_logits(logits, labels, impl="chunked")
+    oracle, _ = reference.token_outputs_from_logits(logits, labels)
+    assert ours.dtype == torch.float32 and rel_err(ours, oracle) < 1e-5
