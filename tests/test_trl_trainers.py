@@ -243,3 +243,62 @@ def test_trainer_matches_stock(name, impl, compact, monkeypatch):
     fused = _run(name, patched=True, impl=impl, compact=compact, monkeypatch=monkeypatch)
     _compare(stock, fused)
     print(f"{name} {impl}: {fused['calls']} dpo-fast calls; worst per-token output differences {fused['worst']}")
+
+
+def _head_inputs(n=24, h=16, v=200, dtype=torch.float32):
+    hidden = torch.randn(n, h).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h) * 0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,))
+    return hidden, weight, targets
+
+
+def test_an_argument_dpo_fast_lacks_runs_trls_function_with_one_warning():
+    """TRL's dev branch passes ``sampling_mask [N, K]``: that call goes to TRL's function, never a TypeError."""
+    calls = []
+
+    class TRLFunction:  # stands in for a newer TRL's function that takes the extra argument
+        @staticmethod
+        def apply(*args, **kwargs):
+            calls.append((len(args), sorted(kwargs)))
+            return trl_utils._ChunkedLogProbFunction.apply(*args[:9])
+
+    hidden, weight, targets = _head_inputs()
+    chunked = dpo_trl.ChunkedLogProb(impl="torch", fallback=TRLFunction)
+    mask = torch.ones(hidden.shape[0], 4, dtype=torch.bool)
+    dpo_trl._state.pop("warned", None)
+    with pytest.warns(UserWarning, match="sampling_mask") as caught:
+        out = chunked.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, ("entropy",), sampling_mask=mask)
+        chunked.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, ("entropy",), sampling_mask=mask)
+        chunked.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, ("entropy",), mask)  # positional
+    assert len([w for w in caught if "sampling_mask" in str(w.message)]) == 1, "one warning per argument"
+    assert calls == [(9, ["sampling_mask"]), (9, ["sampling_mask"]), (10, [])]
+    out[0].sum().backward()  # TRL's own function, differentiable as ever
+    # An argument passed as None asks for nothing dpo-fast lacks: dpo-fast serves the call.
+    calls.clear()
+    chunked.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, ("entropy",), sampling_mask=None)
+    assert calls == []
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+def test_cast_lm_head_to_fp32_keeps_a_float32_head(weight_dtype):
+    """``cast_lm_head_to_fp32=True`` hands over float32 hidden states outside autocast with a 16-bit head:
+    TRL computes the products in float32, and so must the drop-in (not round the hidden states to 16 bits)."""
+    hidden, weight, targets = _head_inputs(dtype=torch.float32)
+    weight = weight.detach().to(weight_dtype).requires_grad_()
+    ours = dpo_trl.ChunkedLogProb(impl="torch").apply(hidden, weight, None, targets, 1.0, 64, None, 1.0,
+                                                      dpo_trl.TRL_OUTPUTS[1:])
+    theirs = trl_utils._ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0,
+                                                     dpo_trl.TRL_OUTPUTS[1:])
+    exact = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, targets[:, None])[:, 0]
+    for name, a, b in zip(dpo_trl.TRL_OUTPUTS, ours, theirs):
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    # float32 precision, far inside 16-bit rounding of the hidden states (~4e-3 relative for bf16)
+    torch.testing.assert_close(ours[0].double(), exact, rtol=1e-5, atol=1e-5)
+    grads_ours = torch.autograd.grad(ours[0].sum(), (hidden, weight))
+    grads_theirs = torch.autograd.grad(theirs[0].sum(), (hidden, weight))
+    assert grads_ours[1].dtype == weight_dtype
+    for a, b in zip(grads_ours, grads_theirs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2 if a.dtype != torch.float32 else 1e-5, atol=1e-5)

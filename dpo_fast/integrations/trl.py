@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 
 from .. import api
+from ..distributed import gathered
 from ..hf import DPOComputation, HeadComputation, SequenceLogpsComputation, fused_forward, head_precision
 
 FUSED_HEAD_SINCE = "1.15.0"  # first TRL whose DPOTrainer routes through _ChunkedLogProbFunction
@@ -69,16 +70,30 @@ class ChunkedLogProb:
     dpo-fast tiles by ``memory_budget``), ``final_logit_softcapping``, ``logit_scale``,
     ``outputs`` (names of the optional outputs to return; the others are None).
 
+    The products run in TRL's compute dtype: the autocast dtype under autocast, else the
+    hidden states' dtype (so ``cast_lm_head_to_fp32=True``, which hands over float32 hidden
+    states outside autocast, keeps a float32 head over a 16-bit weight).
+
+    An argument TRL adds in a later version (its development branch has ``sampling_mask``)
+    that dpo-fast does not implement sends that call to TRL's own function (``fallback``),
+    with one warning naming the argument: never a TypeError in the middle of training.
+
     TRL calls it inside the model's forward with a ZeRO-3 head already gathered; the
     backward gathers it again (``dpo_fast.distributed``), as TRL's own function does.
     """
 
-    def __init__(self, impl: str = "auto", memory_budget: Optional[int] = None):
-        self.impl, self.memory_budget = impl, memory_budget
+    def __init__(self, impl: str = "auto", memory_budget: Optional[int] = None, fallback=None):
+        self.impl, self.memory_budget, self.fallback = impl, memory_budget, fallback
 
     def apply(self, hidden, weight, bias, targets, temperature=1.0, chunk_size=None, final_logit_softcapping=None,
-              logit_scale=1.0, outputs=TRL_OUTPUTS[1:]):
-        with head_precision(hidden, weight, bias) as (hidden, weight, bias):
+              logit_scale=1.0, outputs=TRL_OUTPUTS[1:], *more, **named):
+        unknown = [f"argument {9 + i}" for i, value in enumerate(more) if value is not None]
+        unknown += [name for name, value in named.items() if value is not None]
+        if unknown:
+            return self._trl_function(", ".join(unknown)).apply(
+                hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs,
+                *more, **named)
+        with _trl_compute_precision(hidden, weight, bias) as (hidden, weight, bias):
             prep = api._prepare(hidden, weight, targets, bias, -100, float(temperature),
                                 1.0 if logit_scale is None else float(logit_scale), final_logit_softcapping,
                                 self.impl, None, None, self.memory_budget, False)
@@ -97,13 +112,37 @@ class ChunkedLogProb:
                                  mean_logits=scatter(kept.mean_logits), is_top1=scatter(kept.is_top1))
         return tuple(per_token[name] if name == "log_probs" or name in outputs else None for name in TRL_OUTPUTS)
 
+    def _trl_function(self, what):
+        _warn_fallback(f"{what} of TRL's chunked log-prob function", "_ChunkedLogProbFunction")
+        if self.fallback is not None:
+            return self.fallback
+        from trl.kernels import ChunkedLogProbFunction
+
+        return ChunkedLogProbFunction
+
+
+@contextlib.contextmanager
+def _trl_compute_precision(hidden, weight, bias):
+    """(hidden, weight, bias) in TRL's compute dtype: autocast's when it is on, else the hidden states' dtype."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        with head_precision(hidden, weight, bias) as cast:
+            yield cast
+        return
+    dtype = hidden.dtype
+    if weight.dtype != dtype:  # differentiable casts: the gradient reaches the head in its own dtype
+        with gathered(weight, bias):
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    elif bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    yield hidden, weight, bias
+
 
 def _patch_fused_head(impl, memory_budget):
     import trl.trainer.utils as trl_utils
 
     if "fused_head" not in _state:
         _state["fused_head"] = (trl_utils, trl_utils._ChunkedLogProbFunction)
-    trl_utils._ChunkedLogProbFunction = ChunkedLogProb(impl, memory_budget)
+    trl_utils._ChunkedLogProbFunction = ChunkedLogProb(impl, memory_budget, fallback=_state["fused_head"][1])
 
 
 # ----------------------------------------------------------------------------------------
@@ -133,12 +172,12 @@ def _unsupported_setting(trainer, return_outputs) -> Optional[str]:
     return None
 
 
-def _warn_fallback(reason, method="_compute_loss"):
+def _warn_fallback(reason, method="_compute_loss (full logits)"):
     seen = _state.setdefault("warned", set())
     if (reason, method) not in seen:
         seen.add((reason, method))
-        warnings.warn(f"dpo-fast: {reason} is not supported by the fused DPO loss; this step runs TRL's own "
-                      f"{method} (full logits)", stacklevel=3)
+        warnings.warn(f"dpo-fast: {reason} is not supported; this call runs TRL's own {method}",
+                      stacklevel=3)
 
 
 def _trainer_module():
@@ -343,7 +382,7 @@ def _fused_concatenated_forward(self, model, batch, is_ref_model=False):
     """
     reason = _unsupported_forward(self, batch, is_ref_model)
     if reason is not None:
-        _warn_fallback(reason, "concatenated_forward")
+        _warn_fallback(reason, "concatenated_forward (full logits)")
         return _state["concatenated_forward"][1](self, model, batch, is_ref_model)
     settings = _state["settings"]
     input_ids, attention_mask, loss_mask = _concatenated_model_inputs(self, batch)
