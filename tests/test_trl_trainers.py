@@ -111,7 +111,32 @@ def _rloo(args_dir, policy, tok, **extra):
                        train_dataset=data, processing_class=tok)
 
 
-TRAINERS = {"sft": _sft, "kto": _kto, "grpo": _grpo, "rloo": _rloo}
+def _preference_data():
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": PROMPTS, "chosen": [c for _, c, _ in harness.PAIRS],
+                              "rejected": [r for _, _, r in harness.PAIRS]})
+
+
+def _cpo(args_dir, policy, tok, **extra):
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    args = CPOConfig(output_dir=args_dir, per_device_train_batch_size=4, max_steps=STEPS, learning_rate=LR, beta=0.5,
+                     **_common(), **extra)
+    return CPOTrainer(model=policy, args=args, train_dataset=_preference_data(), processing_class=tok)
+
+
+def _orpo(args_dir, policy, tok, **extra):
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    args = ORPOConfig(output_dir=args_dir, per_device_train_batch_size=4, max_steps=STEPS, learning_rate=LR,
+                      beta=0.5, **_common(), **extra)
+    return ORPOTrainer(model=policy, args=args, train_dataset=_preference_data(), processing_class=tok)
+
+
+TRAINERS = {"sft": _sft, "kto": _kto, "grpo": _grpo, "rloo": _rloo, "cpo": _cpo, "orpo": _orpo}
+# Trainers that build full logits in TRL; patch_trl replaces their concatenated_forward.
+FULL_LOGITS = {"cpo": "trl.experimental.cpo.CPOTrainer", "orpo": "trl.experimental.orpo.ORPOTrainer"}
 
 
 def _common():
@@ -170,7 +195,25 @@ def _run(trainer_name, patched, impl="torch", compact=False, monkeypatch=None, *
     stock_calls = []
     trl_function = trl_utils._ChunkedLogProbFunction
     shadow = _Shadow(trl_function)
-    if patched:
+    if trainer_name in FULL_LOGITS:
+        # Calls of concatenated_forward (stock) against forwards that went through dpo-fast (patched).
+        import importlib
+
+        module_name, class_name = FULL_LOGITS[trainer_name].rsplit(".", 1)
+        cls = getattr(importlib.import_module(module_name), class_name)
+        if patched:
+            assert dpo_trl.patch_trl(impl=impl) == "fused_head"
+            counted, target, attr = dpo_trl.fused_forward, dpo_trl, "fused_forward"
+        else:
+            counted, target, attr = cls.concatenated_forward, cls, "concatenated_forward"
+
+        def counting(*args, **kwargs):
+            stock_calls.append(1)
+            return counted(*args, **kwargs)
+
+        monkeypatch.setattr(target, attr, counting)
+        shadow.calls = None
+    elif patched:
         assert dpo_trl.patch_trl(impl=impl) == "fused_head"
         monkeypatch.setattr(dpo_trl.ChunkedLogProb, "apply", lambda chunked, *args: shadow(chunked, *args))
     else:
@@ -195,7 +238,8 @@ def _run(trainer_name, patched, impl="torch", compact=False, monkeypatch=None, *
     history = [{k: v for k, v in entry.items() if k not in UNTIMED} for entry in trainer.state.log_history
                if "loss" in entry]
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    return dict(history=history, params=params, calls=shadow.calls if patched else len(stock_calls),
+    calls = shadow.calls if patched and shadow.calls is not None else len(stock_calls)
+    return dict(history=history, params=params, calls=calls,
                 worst=shadow.worst, fallbacks=[str(w.message) for w in caught if "dpo-fast" in str(w.message)])
 
 
@@ -228,13 +272,14 @@ def _moved(stock):
 _STOCK = {}
 
 
-def _stock(name, compact, monkeypatch):
-    if (name, compact) not in _STOCK:
-        _STOCK[name, compact] = _run(name, patched=False, compact=compact, monkeypatch=monkeypatch)
-    return _STOCK[name, compact]
+def _stock(name, compact, monkeypatch, **extra):
+    key = (name, compact, tuple(sorted(extra.items())))
+    if key not in _STOCK:
+        _STOCK[key] = _run(name, patched=False, compact=compact, monkeypatch=monkeypatch, **extra)
+    return _STOCK[key]
 
 
-@pytest.mark.parametrize("name", list(TRAINERS))
+@pytest.mark.parametrize("name", [name for name in TRAINERS if name not in FULL_LOGITS])
 @pytest.mark.parametrize("impl, compact", [("torch", False), ("chunked", True)],
                          ids=["torch-every-position", "triton-scored-only"])
 def test_trainer_matches_stock(name, impl, compact, monkeypatch):
@@ -243,6 +288,17 @@ def test_trainer_matches_stock(name, impl, compact, monkeypatch):
     fused = _run(name, patched=True, impl=impl, compact=compact, monkeypatch=monkeypatch)
     _compare(stock, fused)
     print(f"{name} {impl}: {fused['calls']} dpo-fast calls; worst per-token output differences {fused['worst']}")
+
+
+@pytest.mark.parametrize("name, extra", [("cpo", {}), ("cpo", {"loss_type": "simpo", "cpo_alpha": 0.0}),
+                                         ("orpo", {})], ids=["cpo-sigmoid-nll", "cpo-simpo", "orpo"])
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+def test_full_logits_trainer_matches_stock(name, extra, impl, monkeypatch):
+    """CPO and ORPO (trl.experimental) build [B, T, V] logits; patched, their concatenated_forward runs dpo-fast."""
+    stock = _stock(name, False, monkeypatch, **extra)
+    assert _moved(stock) > 1e-3, "the stock run did not train"
+    fused = _run(name, patched=True, impl=impl, monkeypatch=monkeypatch, **extra)
+    _compare(stock, fused)
 
 
 def _head_inputs(n=24, h=16, v=200, dtype=torch.float32):

@@ -39,7 +39,8 @@ import torch
 
 from .. import api
 from ..distributed import gathered
-from ..hf import DPOComputation, HeadComputation, SequenceLogpsComputation, fused_forward, head_precision
+from ..hf import (DPOComputation, HeadComputation, SequenceLogpsComputation, fused_forward, head_precision,
+                  shift_targets)
 
 FUSED_HEAD_SINCE = "1.15.0"  # first TRL whose DPOTrainer routes through _ChunkedLogProbFunction
 COMPUTE_LOSS_SINCE = "0.29.0"  # first TRL whose DPOTrainer has _compute_loss (full logits)
@@ -420,6 +421,150 @@ def _patch_concatenated_forward(impl, memory_budget):
 
 
 # ----------------------------------------------------------------------------------------
+# trl.experimental CPOTrainer and ORPOTrainer: concatenated_forward
+# ----------------------------------------------------------------------------------------
+
+class PositionOutputsComputation(HeadComputation):
+    """Per-token log-probs (differentiable) at scored positions and the vocab-mean logit at every position.
+
+    Returns ``(log_probs, mean_logits, targets)``, each ``[rows, T]``. CPO and ORPO log the
+    mean of their full ``[rows, T, V]`` logits, padding and prompt positions included; each
+    position has V logits, so that is the mean of ``mean_logits``. Without a softcap the
+    vocab-mean logit is linear in the hidden state (``scale * (h . mean(W) + mean(b))``):
+    one [N, H] x [H] product covers every position; with a softcap the unscored positions
+    take a forward-only pass of the kernel.
+    """
+
+    def __init__(self, impl, memory_budget):
+        self.impl, self.memory_budget = impl, memory_budget
+
+    def from_hidden(self, hidden, targets, head):
+        t = head.transform
+        with head_precision(hidden, head.weight, head.bias) as (hidden, weight, bias):
+            prep = api._prepare(hidden, weight, targets, bias, -100, 1.0, t.scale, t.softcap, self.impl, None, None,
+                                self.memory_budget, False)
+            log_probs = prep.layout.scatter(api._kept_token_outputs(prep, weight, bias).logps)
+            with torch.no_grad():
+                if t.softcap is None:
+                    mean_w = weight.float().mean(0)
+                    mean_b = 0.0 if bias is None else bias.float().mean()
+                    mean_logits = (hidden.float() @ mean_w + mean_b) * t.scale
+                else:
+                    every = api._prepare(hidden.detach(), weight.detach(), targets.clamp(min=0), None if bias is None
+                                         else bias.detach(), -100, 1.0, t.scale, t.softcap, self.impl, None, None,
+                                         self.memory_budget, False)
+                    stats = api._kept_token_outputs(every, weight.detach(), None if bias is None else bias.detach())
+                    mean_logits = every.layout.scatter(stats.mean_logits.float())
+        return log_probs, mean_logits, targets
+
+    def from_logits(self, logits, targets):
+        impl = "auto" if self.impl == "fused" else self.impl
+        log_probs = api._logits_outputs(logits, targets, -100, 1.0, False, impl)[0]
+        return log_probs, logits.detach().float().mean(-1), targets
+
+
+def _unsupported_preference_forward(trainer) -> Optional[str]:
+    """Why this CPO/ORPO ``concatenated_forward`` must run TRL's own code, or None."""
+    if trainer.is_encoder_decoder:
+        return "an encoder-decoder model"
+    if trainer.aux_loss_enabled:
+        return "a MoE auxiliary loss"
+    return None
+
+
+def _preference_forward(trainer, model, batch, padding_value, targets_of):
+    """Runs the backbone on TRL's concatenated batch; ``targets_of(concatenated, pairs)`` gives the labels.
+
+    Returns (log_probs, mean_logits, shifted targets, shifted completion mask, pairs)."""
+    concatenated = trainer.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=padding_value,
+                                               device=trainer.accelerator.device)
+    pairs = batch["chosen_labels"].shape[0]
+    labels = targets_of(concatenated, pairs)
+    settings = _state["settings"]
+    computation = PositionOutputsComputation(settings["impl"], settings["memory_budget"])
+    with trainer.accelerator.autocast(), fused_forward(model, computation) as call:
+        log_probs, mean_logits, targets = call(input_ids=concatenated["concatenated_input_ids"],
+                                               attention_mask=concatenated["concatenated_attention_mask"],
+                                               labels=labels)
+    completion = shift_targets(concatenated["concatenated_labels"].to(targets.device)) != -100
+    return log_probs, mean_logits, targets, completion, pairs
+
+
+def _fused_cpo_forward(self, model, batch):
+    """``CPOTrainer.concatenated_forward`` without [N, V] logits: the same five outputs and meanings.
+
+    ``chosen_logps`` / ``rejected_logps``: sums over completion tokens (means under ``ipo``
+    and ``simpo``); the "logits" are the per-position vocab-mean logits ``[B, T]``, whose
+    mean is the mean of TRL's logits; ``nll_loss``: mean NLL over chosen completion tokens
+    (0 when ``cpo_alpha == 0``). TRL's ``cpo_loss`` and ``get_batch_loss_metrics`` run as they are.
+    """
+    reason = _unsupported_preference_forward(self)
+    if reason is not None:
+        _warn_fallback(reason, "CPOTrainer.concatenated_forward (full logits)")
+        return _state["cpo"][1](self, model, batch)
+    log_probs, mean_logits, _, completion, pairs = _preference_forward(
+        self, model, batch, self.pad_token_id, lambda concatenated, pairs: concatenated["concatenated_labels"])
+    sums, counts = (log_probs * completion).sum(-1), completion.sum(-1)
+    logps = sums / counts if self.loss_type in ("ipo", "simpo") else sums
+    if self.cpo_alpha == 0:
+        nll_loss = torch.tensor(0.0, device=self.accelerator.device)
+    else:
+        nll_loss = -sums[:pairs].sum() / counts[:pairs].sum()
+    return logps[:pairs], logps[pairs:], mean_logits[:pairs], mean_logits[pairs:], nll_loss
+
+
+def _orpo_targets(concatenated, pairs):
+    """ORPO's NLL covers the chosen prompt and response (every attended token); the odds ratio the
+    rejected completion: chosen rows score every attended token, rejected rows their completion."""
+    input_ids, attention = concatenated["concatenated_input_ids"], concatenated["concatenated_attention_mask"]
+    chosen = input_ids[:pairs].masked_fill(attention[:pairs] == 0, -100)
+    return torch.cat((chosen, concatenated["concatenated_labels"][pairs:]))
+
+
+def _fused_orpo_forward(self, model, batch):
+    """``ORPOTrainer.concatenated_forward`` without [N, V] logits: the same five outputs and meanings.
+
+    ``chosen_logps`` / ``rejected_logps``: means over completion tokens; the "logits" are the
+    vocab-mean logits of every position but the last ``[B, T - 1]`` (TRL's ``logits[:, :-1]``);
+    ``nll_loss``: mean NLL over every attended chosen token, prompt included. TRL's
+    ``odds_ratio_loss`` and ``get_batch_loss_metrics`` run as they are.
+    """
+    reason = _unsupported_preference_forward(self)
+    if reason is not None:
+        _warn_fallback(reason, "ORPOTrainer.concatenated_forward (full logits)")
+        return _state["orpo"][1](self, model, batch)
+    log_probs, mean_logits, targets, completion, pairs = _preference_forward(self, model, batch, self.padding_value,
+                                                                            _orpo_targets)
+    nll_tokens = targets[:pairs] != -100
+    nll_loss = -(log_probs[:pairs] * nll_tokens).sum() / nll_tokens.sum()
+    logps = (log_probs * completion).sum(-1) / completion.sum(-1)
+    mean_logits = mean_logits[:, :-1]
+    return logps[:pairs], logps[pairs:], mean_logits[:pairs], mean_logits[pairs:], nll_loss
+
+
+def _patch_preference_trainers(impl, memory_budget):
+    """CPOTrainer and ORPOTrainer of trl.experimental, where this TRL has them."""
+    import importlib
+
+    patched = []
+    for name, module_name, class_name, replacement in (
+            ("cpo", "trl.experimental.cpo", "CPOTrainer", _fused_cpo_forward),
+            ("orpo", "trl.experimental.orpo", "ORPOTrainer", _fused_orpo_forward)):
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            continue
+        if "concatenated_forward" not in vars(cls):
+            continue
+        _state["settings"] = dict(impl=impl, memory_budget=memory_budget)
+        if name not in _state:
+            _state[name] = (cls, vars(cls)["concatenated_forward"], "concatenated_forward")
+        cls.concatenated_forward = replacement
+        patched.append(name)
+    return patched
+
+
+# ----------------------------------------------------------------------------------------
 # public switch
 # ----------------------------------------------------------------------------------------
 
@@ -435,6 +580,7 @@ def patch_trl(impl: str = "auto", memory_budget: Optional[int] = None) -> str:
     version = trl_version()
     if version >= Version(FUSED_HEAD_SINCE):
         _patch_fused_head(impl, memory_budget)
+        _patch_preference_trainers(impl, memory_budget)
         return "fused_head"
     if version >= Version(COMPUTE_LOSS_SINCE):
         _patch_compute_loss(impl, memory_budget)
@@ -453,7 +599,7 @@ def unpatch_trl() -> None:
     if "fused_head" in _state:
         module, original = _state.pop("fused_head")
         module._ChunkedLogProbFunction = original
-    for name in ("compute_loss", "compute_ref_log_probs", "concatenated_forward"):
+    for name in ("compute_loss", "compute_ref_log_probs", "concatenated_forward", "cpo", "orpo"):
         if name in _state:
             cls, original, attr = _state.pop(name)
             setattr(cls, attr, original)
