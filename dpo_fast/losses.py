@@ -2,7 +2,8 @@
 
 Every execution path and the float64 reference call :func:`pair_losses`, so a formula is
 written once. Definitions follow TRL's ``DPOTrainer`` (``ipo`` and ``sigmoid_norm``
-divide by completion length; ``sft`` is the mean NLL over chosen tokens), its
+divide by the number of scored completion tokens, where TRL's DPOTrainer counts one more for
+a completion that starts at position 0; ``sft`` is the mean NLL over chosen tokens), its
 ``CPOTrainer`` for the reference-free ``simpo`` and ``cpo``, and its ``ORPOTrainer``
 for the reference-free ``orpo``.
 

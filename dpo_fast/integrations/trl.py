@@ -38,6 +38,8 @@ from typing import Optional
 import torch
 
 from .. import api
+from ..losses import pair_losses
+from ..objective import dpo_output, pair_terms
 from ..distributed import gathered
 from ..hf import (DPOComputation, HeadComputation, SequenceLogpsComputation, fused_forward, head_precision,
                   shift_targets)
@@ -247,12 +249,49 @@ def _fused_compute_loss(self, model, inputs, return_outputs=False):
     loss_kwargs = dict(beta=self.beta, loss_type=list(self.loss_types), loss_weights=list(self.loss_weights),
                        label_smoothing=self.label_smoothing, discopop_tau=self.args.discopop_tau,
                        impl=settings["impl"], memory_budget=settings["memory_budget"])
-    computation = DPOComputation(ref_chosen, ref_rejected, loss_kwargs)
+    divisor = _trl_length_divisor(self.loss_types, completion_mask)
+    computation = (DPOComputation(ref_chosen, ref_rejected, loss_kwargs) if divisor is None
+                   else TokenOutputsComputation(settings["impl"], settings["memory_budget"]))
     # The trainer's model call normally carries accelerate's autocast; this forward is ours, so enter it here.
     with self.accelerator.autocast(), fused_forward(model, computation) as call:
         out = call(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
+    if divisor is not None:
+        out = _loss_with_trl_lengths(out, divisor, ref_chosen, ref_rejected, loss_kwargs)
     _log_metrics(self, mode, out, inputs, completion_mask)
     return out.loss
+
+
+# Loss types whose TRL 0.29-1.14 formula divides by the completion length.
+_LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
+
+
+def _trl_length_divisor(loss_types, completion_mask):
+    """TRL 0.29-1.14's ipo and sigmoid_norm divide by ``completion_mask.sum(-1)``: the unshifted mask, which
+    counts one token more than are scored when a completion starts at position 0 (an empty prompt, or a
+    prompt cut away by truncation). dpo-fast divides by the scored tokens. Returns TRL's divisor [2B] where
+    the two differ for this batch, else None (then the loss runs on dpo_loss's own route, pairs included)."""
+    if not any(name in _LENGTH_NORMALISED for name in loss_types):
+        return None
+    divisor = completion_mask.sum(-1)
+    return divisor if bool((divisor != completion_mask[..., 1:].sum(-1)).any()) else None
+
+
+def _loss_with_trl_lengths(token_outputs, divisor, ref_chosen, ref_rejected, loss_kwargs):
+    """dpo_loss's output from per-token outputs, with TRL's length divisor in the length-normalised formulas
+    (token means in the metrics and the sft NLL keep the scored-token counts, as TRL's do)."""
+    log_probs, entropy, mean_logits, is_top1, targets = token_outputs
+    scored = targets != -100
+    lengths = scored.sum(-1)
+    pairs = lengths.shape[0] // 2
+    cfg = api._loss_config(loss_kwargs["loss_type"], loss_kwargs["loss_weights"], loss_kwargs["beta"],
+                           loss_kwargs["label_smoothing"], 0.5, loss_kwargs["discopop_tau"], 1.0, True)
+    sequence = log_probs.sum(-1)
+    divisor = divisor.to(sequence.device)
+    terms = pair_terms(sequence[:pairs], sequence[pairs:], ref_chosen, ref_rejected, divisor[:pairs], divisor[pairs:],
+                       cfg, float(lengths[:pairs].sum()), pairs)
+    loss = pair_losses(terms, cfg.loss_types, cfg.loss_weights).mean().to(sequence.dtype)
+    return dpo_output(loss, sequence.detach(), lengths, ref_chosen, ref_rejected, cfg, mean_logits.sum(-1),
+                      is_top1.float().sum(-1), entropy.sum(-1))
 
 
 def _log_metrics(trainer, mode, out, inputs, completion_mask):
@@ -309,10 +348,11 @@ _VISION_BATCH_KEYS = ("pixel_values", "pixel_attention_mask", "image_sizes", "to
 
 
 class TokenOutputsComputation(HeadComputation):
-    """Per-token log-probs (differentiable) and vocab-mean logits, shaped like the targets.
+    """Per-token log-probs (differentiable), entropy, vocab-mean logits and top-1 flags, shaped like the targets.
 
-    Returns ``(log_probs, mean_logits, targets)``, each ``[rows, T]``: small tensors from which
-    the caller takes whichever per-sequence reductions its trainer version logs.
+    Returns ``(log_probs, entropy, mean_logits, is_top1, targets)``, each ``[rows, T]`` (0 where
+    not scored): small tensors from which the caller takes whichever per-sequence reductions its
+    trainer version logs.
     """
 
     def __init__(self, impl, memory_budget):
@@ -325,12 +365,13 @@ class TokenOutputsComputation(HeadComputation):
                                 self.memory_budget, False)
             kept = api._kept_token_outputs(prep, weight, bias)
             scatter = prep.layout.scatter
-            return scatter(kept.logps), scatter(kept.mean_logits.detach().float()), targets
+            return (scatter(kept.logps), scatter(kept.entropy.detach()), scatter(kept.mean_logits.detach().float()),
+                    scatter(kept.is_top1), targets)
 
     def from_logits(self, logits, targets):
         impl = "auto" if self.impl == "fused" else self.impl
-        log_probs, _, _, mean_logits, _ = api._logits_outputs(logits, targets, -100, 1.0, False, impl)
-        return log_probs, mean_logits, targets
+        log_probs, entropy, _, mean_logits, is_top1 = api._logits_outputs(logits, targets, -100, 1.0, False, impl)
+        return log_probs, entropy.detach(), mean_logits, is_top1, targets
 
 
 def _unsupported_forward(trainer, batch, is_ref_model) -> Optional[str]:
@@ -390,7 +431,8 @@ def _fused_concatenated_forward(self, model, batch, is_ref_model=False):
     labels = input_ids.masked_fill(loss_mask == 0, -100)
     computation = TokenOutputsComputation(settings["impl"], settings["memory_budget"])
     with self.accelerator.autocast(), fused_forward(model, computation) as call:
-        log_probs, mean_logits, targets = call(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        log_probs, _, mean_logits, _, targets = call(input_ids=input_ids, attention_mask=attention_mask,
+                                                     labels=labels)
     scored = targets != -100
     pairs = batch["prompt_input_ids"].shape[0]
     lengths = scored.sum(-1)
