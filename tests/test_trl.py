@@ -55,8 +55,10 @@ def _always_unpatch():
     dpo_trl.unpatch_trl()
 
 
-def test_chunked_logprob_matches_trl_function():
-    """The drop-in against TRL's own ChunkedLogProbFunction: five outputs and all gradients."""
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+def test_chunked_logprob_matches_trl_function(impl):
+    """The drop-in against TRL's own ChunkedLogProbFunction: five outputs and all gradients, with targets that
+    carry -100 (dropped before any product, outputs 0 there), on the PyTorch and Triton engines."""
     from trl.trainer.utils import _ChunkedLogProbFunction as trl_function
 
     n, h, v = 40, 24, 300
@@ -69,8 +71,7 @@ def test_chunked_logprob_matches_trl_function():
     settings = (1.3, 128, 4.0, 0.8)  # temperature, chunk_size, softcap, logit_scale
     upstream = torch.randn(n), torch.randn(n)
 
-    ours = dpo_trl.ChunkedLogProb(impl="torch").apply(hidden, weight, bias, targets, *settings,
-                                                      dpo_trl.TRL_OUTPUTS[1:])
+    ours = dpo_trl.ChunkedLogProb(impl=impl).apply(hidden, weight, bias, targets, *settings, dpo_trl.TRL_OUTPUTS[1:])
     (ours[0] * upstream[0] + ours[1] * upstream[1]).sum().backward()
     our_grads = [t.grad.clone() for t in (hidden, weight, bias)]
     for t in (hidden, weight, bias):
@@ -88,7 +89,7 @@ def test_chunked_logprob_matches_trl_function():
     for name, a, t in zip(("hidden", "weight", "bias"), our_grads, (hidden, weight, bias)):
         torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=1e-5, msg=name)
 
-    only_logps = dpo_trl.ChunkedLogProb(impl="torch").apply(hidden, weight, bias, targets, *settings, ())
+    only_logps = dpo_trl.ChunkedLogProb(impl=impl).apply(hidden, weight, bias, targets, *settings, ())
     assert only_logps[0] is not None and all(x is None for x in only_logps[1:])
 
 

@@ -358,3 +358,34 @@ def test_cast_lm_head_to_fp32_keeps_a_float32_head(weight_dtype):
     assert grads_ours[1].dtype == weight_dtype
     for a, b in zip(grads_ours, grads_theirs):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2 if a.dtype != torch.float32 else 1e-5, atol=1e-5)
+
+
+def test_dpo_wpo_weighting_uses_log_sum_sq_probs_like_stock():
+    """DPOTrainer's WPO weighting (``use_weighting``) is the one TRL 1.16 metric path that reads
+    ``log_sum_sq_probs``: patched, it must give stock's losses and metrics too."""
+    stock = harness.run(patched=False, use_weighting=True, optim="sgd")
+    fused = harness.run(patched=True, use_weighting=True, optim="sgd")
+    assert fused["patch"] == "fused_head" and not fused["fallbacks"], fused["fallbacks"]
+    harness.compare(stock, fused)
+    assert abs(stock["head"] - fused["head"]) <= 1e-5 * max(1.0, abs(stock["head"]))
+
+
+def test_cpo_orpo_settings_without_a_fused_equivalent_run_trl_code():
+    from types import SimpleNamespace
+
+    base = dict(is_encoder_decoder=False, aux_loss_enabled=False)
+    assert dpo_trl._unsupported_preference_forward(SimpleNamespace(**base)) is None
+    for change in (dict(is_encoder_decoder=True), dict(aux_loss_enabled=True)):
+        assert dpo_trl._unsupported_preference_forward(SimpleNamespace(**dict(base, **change))) is not None
+
+
+def test_patch_reaches_cpo_and_orpo_and_unpatch_restores_them():
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    originals = CPOTrainer.concatenated_forward, ORPOTrainer.concatenated_forward
+    dpo_trl.patch_trl(impl="torch")
+    assert CPOTrainer.concatenated_forward is dpo_trl._fused_cpo_forward
+    assert ORPOTrainer.concatenated_forward is dpo_trl._fused_orpo_forward
+    dpo_trl.unpatch_trl()
+    assert (CPOTrainer.concatenated_forward, ORPOTrainer.concatenated_forward) == originals
