@@ -36,8 +36,8 @@ OLDER_TRL = {
     # Empty prompts: TRL's ipo and sigmoid_norm divide by the unshifted completion mask (one token more than
     # are scored when a completion starts at position 0); the patched trainer must use TRL's divisor. Plain SGD:
     # Adam's first steps turn float32 rounding in near-zero gradients into lr-sized parameter changes.
-    "1.14.2": [{"loss_type": ["sigmoid", "sft"]}, {"loss_type": "ipo", "precompute_ref": True},
-               {"loss_type": ["sigmoid_norm", "ipo", "sft"], "empty_prompts": True, "optim": "sgd"}],
+    "1.14.2": [{"loss_type": ["sigmoid_norm", "ipo", "sft"], "empty_prompts": True, "optim": "sgd"},
+               {"loss_type": ["sigmoid", "sft"]}, {"loss_type": "ipo", "precompute_ref": True}],
     "0.29.1": [{"loss_type": ["hinge", "sft"]},  # 0.29 refuses empty prompts; keep_end truncation cuts them away
                {"loss_type": "ipo", "max_length": 3, "truncation_mode": "keep_end", "optim": "sgd"}],
     # concatenated_forward: sums with the sft NLL and rpo_alpha, IPO's means with precomputed reference

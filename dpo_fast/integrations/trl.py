@@ -1,4 +1,4 @@
-"""Switch TRL's DPO trainer to dpo-fast: ``patch_trl()`` once, before ``trainer.train()``.
+"""Switch TRL's trainers to dpo-fast: ``patch_trl()`` once, before ``trainer.train()``.
 
 How the switch is made depends on the installed TRL:
 
@@ -8,6 +8,8 @@ How the switch is made depends on the installed TRL:
   returns the same five per-token tensors (log-probs, entropy, log(sum p^2), mean logit,
   top-1 flag), computed by dpo-fast. TRL keeps its loss, its metrics and its distributed
   plumbing (the call already runs inside the model's forward, under ZeRO-3 gathering).
+  ``trl.experimental``'s CPOTrainer and ORPOTrainer, which build full logits, get a
+  ``concatenated_forward`` that returns the same values from dpo-fast's per-token path.
 - 0.29 <= trl < 1.15: ``DPOTrainer._compute_loss`` builds full logits. It is replaced by a
   version that runs the backbone once inside the model's forward and takes the loss and
   every logged metric from :func:`dpo_fast.dpo_loss`, under the same metric names and
@@ -26,8 +28,9 @@ How the switch is made depends on the installed TRL:
   logits are built.
 - older TRL is refused with an error.
 
-Verified against the stock trainer in the test suite: trl 1.16.0, 1.14.2, 0.29.1 and 0.28.0;
-1.15.0 by reading its source (the same fused-head call as 1.16.0).
+Verified against the stock trainer in the test suite: DPO on trl 1.16.0, 1.14.2, 0.29.1 and
+0.28.0 (1.15.0 by reading its source: the same fused-head call as 1.16.0); SFT, KTO, GRPO,
+RLOO, CPO and ORPO on trl 1.16.0 (tests/test_trl_trainers.py).
 """
 
 import contextlib
@@ -611,8 +614,8 @@ def _patch_preference_trainers(impl, memory_budget):
 # ----------------------------------------------------------------------------------------
 
 def patch_trl(impl: str = "auto", memory_budget: Optional[int] = None) -> str:
-    """Make TRL's DPO training run dpo-fast. Returns which patch was applied ('fused_head', 'compute_loss' or
-    'concatenated_forward').
+    """Make TRL's trainers run dpo-fast. Returns which patch was applied ('fused_head', 'compute_loss' or
+    'concatenated_forward'); with 'fused_head', trl.experimental's CPO and ORPO trainers are patched too.
 
     ``impl`` and ``memory_budget`` are :func:`dpo_fast.dpo_loss`'s. Call :func:`unpatch_trl` to undo.
     """
