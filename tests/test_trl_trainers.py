@@ -377,6 +377,14 @@ def test_cpo_orpo_settings_without_a_fused_equivalent_run_trl_code():
     assert dpo_trl._unsupported_preference_forward(SimpleNamespace(**base)) is None
     for change in (dict(is_encoder_decoder=True), dict(aux_loss_enabled=True)):
         assert dpo_trl._unsupported_preference_forward(SimpleNamespace(**dict(base, **change))) is not None
+    # A LoRA adapter on lm_head: dpo-fast would read the base weight alone, so TRL's code runs.
+    peft = pytest.importorskip("peft")
+    tok = harness.tokenizer()
+    plain = harness.model(len(tok))
+    assert dpo_trl._unsupported_preference_forward(SimpleNamespace(**base), plain) is None
+    adapted = peft.get_peft_model(harness.model(len(tok)), peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    reason = dpo_trl._unsupported_preference_forward(SimpleNamespace(**base), adapted)
+    assert reason is not None and "PEFT adapter" in reason, reason
 
 
 def test_patch_reaches_cpo_and_orpo_and_unpatch_restores_them():

@@ -45,7 +45,7 @@ from ..losses import pair_losses
 from ..objective import dpo_output, pair_terms
 from ..distributed import gathered
 from ..hf import (DPOComputation, HeadComputation, SequenceLogpsComputation, fused_forward, head_precision,
-                  shift_targets)
+                  resolve_head, shift_targets)
 
 FUSED_HEAD_SINCE = "1.15.0"  # first TRL whose DPOTrainer routes through _ChunkedLogProbFunction
 COMPUTE_LOSS_SINCE = "0.29.0"  # first TRL whose DPOTrainer has _compute_loss (full logits)
@@ -508,12 +508,17 @@ class PositionOutputsComputation(HeadComputation):
         return log_probs, logits.detach().float().mean(-1), targets
 
 
-def _unsupported_preference_forward(trainer) -> Optional[str]:
+def _unsupported_preference_forward(trainer, model=None) -> Optional[str]:
     """Why this CPO/ORPO ``concatenated_forward`` must run TRL's own code, or None."""
     if trainer.is_encoder_decoder:
         return "an encoder-decoder model"
     if trainer.aux_loss_enabled:
         return "a MoE auxiliary loss"
+    if model is not None:
+        try:  # a head dpo-fast cannot read (a PEFT adapter on lm_head, no separate backbone)
+            resolve_head(model)
+        except (NotImplementedError, TypeError) as exc:
+            return f"this model ({str(exc).split(';')[0]})"
     return None
 
 
@@ -543,7 +548,7 @@ def _fused_cpo_forward(self, model, batch):
     mean is the mean of TRL's logits; ``nll_loss``: mean NLL over chosen completion tokens
     (0 when ``cpo_alpha == 0``). TRL's ``cpo_loss`` and ``get_batch_loss_metrics`` run as they are.
     """
-    reason = _unsupported_preference_forward(self)
+    reason = _unsupported_preference_forward(self, model)
     if reason is not None:
         _warn_fallback(reason, "CPOTrainer.concatenated_forward (full logits)")
         return _state["cpo"][1](self, model, batch)
@@ -574,7 +579,7 @@ def _fused_orpo_forward(self, model, batch):
     ``nll_loss``: mean NLL over every attended chosen token, prompt included. TRL's
     ``odds_ratio_loss`` and ``get_batch_loss_metrics`` run as they are.
     """
-    reason = _unsupported_preference_forward(self)
+    reason = _unsupported_preference_forward(self, model)
     if reason is not None:
         _warn_fallback(reason, "ORPOTrainer.concatenated_forward (full logits)")
         return _state["orpo"][1](self, model, batch)
