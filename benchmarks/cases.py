@@ -53,6 +53,9 @@ class Case:
     tokens: int  # completion tokens per sequence
     dtype: str  # "bfloat16" or "float32"
     softcap: Optional[float] = None
+    # "dpo": the sigmoid DPO loss; "grpo": per-token log-probs and entropy of 2 * pairs completions
+    # (a GRPO group), policy-gradient loss with advantages +-1 (benchmarks.methods.grpo_loss)
+    objective: str = "dpo"
 
     @property
     def num_tokens(self) -> int:
@@ -86,6 +89,8 @@ GPU_CASES: List[Case] = [
     _gpu("llama3-8b", 4096, 128256, 1, 8192),
     _gpu("gemma2-2b", 2304, 256000, 4, 1024, softcap=30.0),
     _gpu("qwen2.5-7b", 3584, 152064, 1, 8192),
+    # GRPO: a group of 8 completions of 2048 tokens, log-probs + entropy, forward+backward.
+    Case("qwen2.5-7b grpo 8x2048", "qwen2.5-7b", 3584, 152064, 4, 2048, "bfloat16", objective="grpo"),
 ]
 
 # CPU shapes keep `make bench` near two minutes on two cores. The tiny case is the only one
@@ -94,6 +99,7 @@ CPU_CASES: List[Case] = [
     Case("tiny 2x32", "tiny", 64, 1024, 2, 32, "float32"),
     Case("small 2x128", "small", 256, 8192, 2, 128, "float32"),
     Case("medium 2x128", "medium", 512, 32000, 2, 128, "float32"),
+    Case("grpo tiny 8x16", "tiny", 64, 1024, 4, 16, "float32", objective="grpo"),
 ]
 # Not in the default CPU sweep (time): a softcapped head, for `--cases "softcap 2x128"`.
 EXTRA_CASES: List[Case] = [

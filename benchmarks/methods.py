@@ -283,5 +283,116 @@ METHODS: List[Method] = [
            triton_interpreter=True),
 ]
 
+
+
+# ---------------------------------------------------------------------------------------
+# GRPO-shaped cases: per-token log-probs and entropy of a group of completions
+# ---------------------------------------------------------------------------------------
+
+def grpo_advantages(rows: int, device) -> torch.Tensor:
+    """Group-normalised advantages of a group whose completions alternate between two rewards: +-1."""
+    return torch.tensor([1.0, -1.0], device=device).repeat((rows + 1) // 2)[:rows]
+
+
+def grpo_loss(sequence_logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """GRPO's on-policy loss (TRL's loss_type "dapo": token sum over the batch's tokens), from sequence sums.
+
+    Per token ``-A * exp(logp - logp.detach())``: the ratio is 1 in value and its gradient is the
+    log-prob's, so the loss is linear in the sequence sums: ``-sum_i A_i (s_i - s_i.detach() + T_i) / sum T``.
+    """
+    advantages = grpo_advantages(sequence_logps.shape[0], sequence_logps.device).to(sequence_logps.dtype)
+    ratio_sums = sequence_logps - sequence_logps.detach() + lengths.to(sequence_logps.dtype)
+    return -(advantages * ratio_sums).sum() / lengths.sum()
+
+
+def _grpo_from_token_logps(token_logps: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+    labels = inputs.labels
+    return grpo_loss(token_logps.reshape(labels.shape).float().sum(-1), (labels != IGNORE).sum(-1))
+
+
+def _objective_only(objective: str, check):
+    def unavailable(case, device):
+        if case.objective != objective:
+            return f"a {objective} method; this is a {case.objective} case"
+        return check(case, device)
+
+    return unavailable
+
+
+def _build_naive_grpo(inputs: Inputs):
+    def fn():
+        logps, metrics = _naive_token_outputs(inputs.hidden, inputs.weight, inputs.labels, inputs.transform)
+        fn.entropy = metrics["entropy"]  # computed in the same pass, as TRL's GRPO logs it
+        return _grpo_from_token_logps(logps, inputs)
+
+    return fn
+
+
+def _build_trl_grpo(inputs: Inputs):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    shimmed = _trl_backward_imports()
+    chunk = getattr(sys.modules["trl.trainer.utils"], "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
+    H = inputs.case.hidden_size
+
+    def fn():
+        logps, fn.entropy = ChunkedLogProbFunction.apply(inputs.hidden.reshape(-1, H), inputs.weight, None,
+                                                         inputs.labels.reshape(-1), 1.0, chunk, inputs.case.softcap,
+                                                         1.0, ("entropy",))[:2]
+        return _grpo_from_token_logps(logps, inputs)
+
+    fn.note = shimmed
+    return fn
+
+
+def _liger_grpo_unavailable(case, device):
+    if case.softcap is not None:
+        return "LigerFusedLinearGRPOLoss has no logit softcapping"
+    return _missing("liger_kernel")
+
+
+def _build_liger_grpo(inputs: Inputs):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    # beta=0 (no reference model, TRL's default), on-policy (old log-probs = current), token-sum loss.
+    loss = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo",
+                                    compiled=inputs.hidden.device.type == "cuda")
+    mask = (inputs.labels != IGNORE).float()
+    advantages = grpo_advantages(inputs.labels.shape[0], inputs.labels.device)
+    fn = lambda: loss(inputs.hidden, inputs.weight, inputs.labels, mask, advantages)[0]  # noqa: E731
+    fn.note = "Liger's GRPO loss returns no per-token entropy"
+    return fn
+
+
+def _build_dpo_fast_grpo(inputs: Inputs, impl: str):
+    from dpo_fast.integrations.trl import ChunkedLogProb
+
+    chunked, H = ChunkedLogProb(impl=impl), inputs.case.hidden_size
+
+    def fn():  # the call TRL's GRPOTrainer makes under patch_trl()
+        logps, fn.entropy = chunked.apply(inputs.hidden.reshape(-1, H), inputs.weight, None,
+                                          inputs.labels.reshape(-1), 1.0, None, inputs.case.softcap, 1.0,
+                                          ("entropy",))[:2]
+        return _grpo_from_token_logps(logps, inputs)
+
+    return fn
+
+
+METHODS = [Method(m.name, m.exact, m.summary, _objective_only("dpo", m.unavailable), m.build, m.triton_interpreter)
+           for m in METHODS] + [
+    Method("naive-grpo", True, "full logits, float32 log_softmax, gather, entropy; GRPO loss",
+           _objective_only("grpo", lambda case, device: None), _build_naive_grpo),
+    Method("trl-chunked-grpo", True, "TRL ChunkedLogProbFunction (log-probs + entropy) as GRPOTrainer calls it",
+           _objective_only("grpo", _trl_unavailable), _build_trl_grpo),
+    Method("liger-grpo", True, "Liger LigerFusedLinearGRPOLoss (beta=0, loss_type='dapo'), no entropy",
+           _objective_only("grpo", _liger_grpo_unavailable), _build_liger_grpo),
+    Method("dpo-fast-grpo-torch", True, "dpo-fast's TRL drop-in (log-probs + entropy) impl='torch'",
+           _objective_only("grpo", _dpo_fast_unavailable("torch")),
+           lambda inputs: _build_dpo_fast_grpo(inputs, "torch")),
+    Method("dpo-fast-grpo-chunked", True, "dpo-fast's TRL drop-in (log-probs + entropy) impl='chunked'",
+           _objective_only("grpo", _dpo_fast_unavailable("chunked")),
+           lambda inputs: _build_dpo_fast_grpo(inputs, "chunked"), triton_interpreter=True),
+]
+
 BY_NAME: Dict[str, Method] = {m.name: m for m in METHODS}
 BASELINE = "naive-eager"

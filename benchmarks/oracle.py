@@ -47,8 +47,13 @@ def compute_oracle(inputs, keep_dtype=torch.float64, beta: float = 0.1) -> Oracl
     rows, tokens = labels.shape
     sequence = oracle_sequence_logps(hidden, weight, labels, transform).requires_grad_()
     lengths = (labels != -100).sum(-1)
-    loss = batch_loss(sequence, lengths, inputs.ref_chosen_logps.double(), inputs.ref_rejected_logps.double(),
-                      LossConfig(beta=beta))
+    if inputs.case.objective == "grpo":
+        from .methods import grpo_loss
+
+        loss = grpo_loss(sequence, lengths)
+    else:
+        loss = batch_loss(sequence, lengths, inputs.ref_chosen_logps.double(), inputs.ref_rejected_logps.double(),
+                          LossConfig(beta=beta))
     (grad_sequence,) = torch.autograd.grad(loss, sequence)
     grad_token = grad_sequence.repeat_interleave(tokens)  # d loss / d logp of every token
 

@@ -17,7 +17,7 @@ from benchmarks.methods import METHODS
 from benchmarks.oracle import compute_oracle
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASES = CPU_CASES[:2]  # tiny (every path, the interpreter included) and small
+CASES = CPU_CASES[:2] + [c for c in CPU_CASES if c.objective == "grpo"]  # tiny, small and the GRPO case
 # float32 inputs: exact methods agree with float64 to float32 rounding of a few-thousand-term sums.
 LOSS_TOL = 1e-4
 GRAD_TOL = {True: 1e-3, False: 5e-2}  # exact / approximate (gradient filtering)

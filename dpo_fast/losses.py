@@ -2,8 +2,10 @@
 
 Every execution path and the float64 reference call :func:`pair_losses`, so a formula is
 written once. Definitions follow TRL's ``DPOTrainer`` (``ipo`` and ``sigmoid_norm``
-divide by completion length; ``sft`` is the mean NLL over chosen tokens) and its
-``CPOTrainer`` for the reference-free ``simpo`` and ``cpo``.
+divide by the number of scored completion tokens, where TRL's DPOTrainer counts one more for
+a completion that starts at position 0; ``sft`` is the mean NLL over chosen tokens), its
+``CPOTrainer`` for the reference-free ``simpo`` and ``cpo``, and its ``ORPOTrainer``
+for the reference-free ``orpo``.
 
 A formula maps :class:`PairTerms` (tensors of shape ``[pairs]``) to a per-pair loss.
 The batch loss is ``sum_k weight_k * mean_pairs(loss_k)``. ``pair_local`` formulas give
@@ -148,6 +150,26 @@ def _cpo(t):
             + t.cpo_alpha * t.chosen_nll_share())
 
 
+_FLOAT32_HALF_ULP_OF_ONE = 2.0 ** -24
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x <= 0, each branch where it does not cancel (Maechler 2012)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def _orpo(t):
+    # Odds ratio preference optimisation (Hong et al. 2024): the chosen NLL minus beta times
+    # logsigmoid of the log odds ratio of the length-averaged log-probs,
+    # log odds(y) = log p - log(1 - p) with log p the mean token log-prob.
+    # A float32 mean log-prob of exactly 0 says only that 1 - p is below float32 rounding of 1
+    # (2**-24); the odds are infinite at 0 (TRL's formula gives inf/NaN there), finite at that bound.
+    chosen = (t.chosen_logps / t.chosen_lengths.clamp(min=1)).clamp(max=-_FLOAT32_HALF_ULP_OF_ONE)
+    rejected = (t.rejected_logps / t.rejected_lengths.clamp(min=1)).clamp(max=-_FLOAT32_HALF_ULP_OF_ONE)
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+    return t.chosen_nll_share() - t.beta * F.logsigmoid(log_odds)
+
+
 @dataclass(frozen=True)
 class LossSpec:
     formula: Callable[[PairTerms], torch.Tensor]
@@ -174,6 +196,7 @@ LOSSES: Dict[str, LossSpec] = {
     "sigmoid_norm": LossSpec(_sigmoid_norm),
     "simpo": LossSpec(_simpo, reference_free=True),
     "cpo": LossSpec(_cpo, reference_free=True),
+    "orpo": LossSpec(_orpo, reference_free=True),
 }
 
 

@@ -56,9 +56,11 @@ def model(vocab_size, seed=0):
     return LlamaForCausalLM(config).float()
 
 
-def run(patched, steps=3, seed=0, impl="torch", loss_type="sigmoid", precompute_ref=False, **config):
+def run(patched, steps=3, seed=0, impl="torch", loss_type="sigmoid", precompute_ref=False, empty_prompts=False,
+        **config):
     """Log history (one dict per step) of a DPOTrainer run; ``patched`` applies dpo_fast's patch_trl.
 
+    ``empty_prompts``: every other example has an empty prompt, so its completion starts at position 0.
     ``config``: further DPOConfig fields (``rpo_alpha``, ``max_length``, ...)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -67,7 +69,8 @@ def run(patched, steps=3, seed=0, impl="torch", loss_type="sigmoid", precompute_
 
     tok = tokenizer()
     policy = model(len(tok), seed)
-    data = Dataset.from_dict({"prompt": [p for p, _, _ in PAIRS], "chosen": [c for _, c, _ in PAIRS],
+    prompts = [("" if empty_prompts and i % 2 else p) for i, (p, _, _) in enumerate(PAIRS)]
+    data = Dataset.from_dict({"prompt": prompts, "chosen": [c for _, c, _ in PAIRS],
                               "rejected": [r for _, _, r in PAIRS]})
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(output_dir=out, per_device_train_batch_size=4, max_steps=steps, learning_rate=5e-2,

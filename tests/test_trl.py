@@ -33,8 +33,13 @@ from dpo_fast.integrations import trl as dpo_trl  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 # TRL versions of the _compute_loss line, each with the trainer settings it is run with.
 OLDER_TRL = {
-    "1.14.2": [{"loss_type": ["sigmoid", "sft"]}, {"loss_type": "ipo", "precompute_ref": True}],
-    "0.29.1": [{"loss_type": ["hinge", "sft"]}],
+    # Empty prompts: TRL's ipo and sigmoid_norm divide by the unshifted completion mask (one token more than
+    # are scored when a completion starts at position 0); the patched trainer must use TRL's divisor. Plain SGD:
+    # Adam's first steps turn float32 rounding in near-zero gradients into lr-sized parameter changes.
+    "1.14.2": [{"loss_type": ["sigmoid_norm", "ipo", "sft"], "empty_prompts": True, "optim": "sgd"},
+               {"loss_type": ["sigmoid", "sft"]}, {"loss_type": "ipo", "precompute_ref": True}],
+    "0.29.1": [{"loss_type": ["hinge", "sft"]},  # 0.29 refuses empty prompts; keep_end truncation cuts them away
+               {"loss_type": "ipo", "max_length": 3, "truncation_mode": "keep_end", "optim": "sgd"}],
     # concatenated_forward: sums with the sft NLL and rpo_alpha, IPO's means with precomputed reference
     # log-probs, and left-truncation (max_length shorter than prompt + completion).
     "0.28.0": [{"loss_type": ["sigmoid", "sft"], "rpo_alpha": 0.5},
@@ -50,8 +55,10 @@ def _always_unpatch():
     dpo_trl.unpatch_trl()
 
 
-def test_chunked_logprob_matches_trl_function():
-    """The drop-in against TRL's own ChunkedLogProbFunction: five outputs and all gradients."""
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+def test_chunked_logprob_matches_trl_function(impl):
+    """The drop-in against TRL's own ChunkedLogProbFunction: five outputs and all gradients, with targets that
+    carry -100 (dropped before any product, outputs 0 there), on the PyTorch and Triton engines."""
     from trl.trainer.utils import _ChunkedLogProbFunction as trl_function
 
     n, h, v = 40, 24, 300
@@ -64,8 +71,7 @@ def test_chunked_logprob_matches_trl_function():
     settings = (1.3, 128, 4.0, 0.8)  # temperature, chunk_size, softcap, logit_scale
     upstream = torch.randn(n), torch.randn(n)
 
-    ours = dpo_trl.ChunkedLogProb(impl="torch").apply(hidden, weight, bias, targets, *settings,
-                                                      dpo_trl.TRL_OUTPUTS[1:])
+    ours = dpo_trl.ChunkedLogProb(impl=impl).apply(hidden, weight, bias, targets, *settings, dpo_trl.TRL_OUTPUTS[1:])
     (ours[0] * upstream[0] + ours[1] * upstream[1]).sum().backward()
     our_grads = [t.grad.clone() for t in (hidden, weight, bias)]
     for t in (hidden, weight, bias):
@@ -83,7 +89,7 @@ def test_chunked_logprob_matches_trl_function():
     for name, a, t in zip(("hidden", "weight", "bias"), our_grads, (hidden, weight, bias)):
         torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=1e-5, msg=name)
 
-    only_logps = dpo_trl.ChunkedLogProb(impl="torch").apply(hidden, weight, bias, targets, *settings, ())
+    only_logps = dpo_trl.ChunkedLogProb(impl=impl).apply(hidden, weight, bias, targets, *settings, ())
     assert only_logps[0] is not None and all(x is None for x in only_logps[1:])
 
 

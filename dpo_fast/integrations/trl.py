@@ -1,4 +1,4 @@
-"""Switch TRL's DPO trainer to dpo-fast: ``patch_trl()`` once, before ``trainer.train()``.
+"""Switch TRL's trainers to dpo-fast: ``patch_trl()`` once, before ``trainer.train()``.
 
 How the switch is made depends on the installed TRL:
 
@@ -8,6 +8,8 @@ How the switch is made depends on the installed TRL:
   returns the same five per-token tensors (log-probs, entropy, log(sum p^2), mean logit,
   top-1 flag), computed by dpo-fast. TRL keeps its loss, its metrics and its distributed
   plumbing (the call already runs inside the model's forward, under ZeRO-3 gathering).
+  ``trl.experimental``'s CPOTrainer and ORPOTrainer, which build full logits, get a
+  ``concatenated_forward`` that returns the same values from dpo-fast's per-token path.
 - 0.29 <= trl < 1.15: ``DPOTrainer._compute_loss`` builds full logits. It is replaced by a
   version that runs the backbone once inside the model's forward and takes the loss and
   every logged metric from :func:`dpo_fast.dpo_loss`, under the same metric names and
@@ -26,8 +28,9 @@ How the switch is made depends on the installed TRL:
   logits are built.
 - older TRL is refused with an error.
 
-Verified against the stock trainer in the test suite: trl 1.16.0, 1.14.2, 0.29.1 and 0.28.0;
-1.15.0 by reading its source (the same fused-head call as 1.16.0).
+Verified against the stock trainer in the test suite: DPO on trl 1.16.0, 1.14.2, 0.29.1 and
+0.28.0 (1.15.0 by reading its source: the same fused-head call as 1.16.0); SFT, KTO, GRPO,
+RLOO, CPO and ORPO on trl 1.16.0 (tests/test_trl_trainers.py).
 """
 
 import contextlib
@@ -38,7 +41,11 @@ from typing import Optional
 import torch
 
 from .. import api
-from ..hf import DPOComputation, HeadComputation, SequenceLogpsComputation, fused_forward, head_precision
+from ..losses import pair_losses
+from ..objective import dpo_output, pair_terms
+from ..distributed import gathered
+from ..hf import (DPOComputation, HeadComputation, SequenceLogpsComputation, fused_forward, head_precision,
+                  resolve_head, shift_targets)
 
 FUSED_HEAD_SINCE = "1.15.0"  # first TRL whose DPOTrainer routes through _ChunkedLogProbFunction
 COMPUTE_LOSS_SINCE = "0.29.0"  # first TRL whose DPOTrainer has _compute_loss (full logits)
@@ -69,16 +76,30 @@ class ChunkedLogProb:
     dpo-fast tiles by ``memory_budget``), ``final_logit_softcapping``, ``logit_scale``,
     ``outputs`` (names of the optional outputs to return; the others are None).
 
+    The products run in TRL's compute dtype: the autocast dtype under autocast, else the
+    hidden states' dtype (so ``cast_lm_head_to_fp32=True``, which hands over float32 hidden
+    states outside autocast, keeps a float32 head over a 16-bit weight).
+
+    An argument TRL adds in a later version (its development branch has ``sampling_mask``)
+    that dpo-fast does not implement sends that call to TRL's own function (``fallback``),
+    with one warning naming the argument: never a TypeError in the middle of training.
+
     TRL calls it inside the model's forward with a ZeRO-3 head already gathered; the
     backward gathers it again (``dpo_fast.distributed``), as TRL's own function does.
     """
 
-    def __init__(self, impl: str = "auto", memory_budget: Optional[int] = None):
-        self.impl, self.memory_budget = impl, memory_budget
+    def __init__(self, impl: str = "auto", memory_budget: Optional[int] = None, fallback=None):
+        self.impl, self.memory_budget, self.fallback = impl, memory_budget, fallback
 
     def apply(self, hidden, weight, bias, targets, temperature=1.0, chunk_size=None, final_logit_softcapping=None,
-              logit_scale=1.0, outputs=TRL_OUTPUTS[1:]):
-        with head_precision(hidden, weight, bias) as (hidden, weight, bias):
+              logit_scale=1.0, outputs=TRL_OUTPUTS[1:], *more, **named):
+        unknown = [f"argument {9 + i}" for i, value in enumerate(more) if value is not None]
+        unknown += [name for name, value in named.items() if value is not None]
+        if unknown:
+            return self._trl_function(", ".join(unknown)).apply(
+                hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs,
+                *more, **named)
+        with _trl_compute_precision(hidden, weight, bias) as (hidden, weight, bias):
             prep = api._prepare(hidden, weight, targets, bias, -100, float(temperature),
                                 1.0 if logit_scale is None else float(logit_scale), final_logit_softcapping,
                                 self.impl, None, None, self.memory_budget, False)
@@ -97,13 +118,37 @@ class ChunkedLogProb:
                                  mean_logits=scatter(kept.mean_logits), is_top1=scatter(kept.is_top1))
         return tuple(per_token[name] if name == "log_probs" or name in outputs else None for name in TRL_OUTPUTS)
 
+    def _trl_function(self, what):
+        _warn_fallback(f"{what} of TRL's chunked log-prob function", "_ChunkedLogProbFunction")
+        if self.fallback is not None:
+            return self.fallback
+        from trl.kernels import ChunkedLogProbFunction
+
+        return ChunkedLogProbFunction
+
+
+@contextlib.contextmanager
+def _trl_compute_precision(hidden, weight, bias):
+    """(hidden, weight, bias) in TRL's compute dtype: autocast's when it is on, else the hidden states' dtype."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        with head_precision(hidden, weight, bias) as cast:
+            yield cast
+        return
+    dtype = hidden.dtype
+    if weight.dtype != dtype:  # differentiable casts: the gradient reaches the head in its own dtype
+        with gathered(weight, bias):
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    elif bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    yield hidden, weight, bias
+
 
 def _patch_fused_head(impl, memory_budget):
     import trl.trainer.utils as trl_utils
 
     if "fused_head" not in _state:
         _state["fused_head"] = (trl_utils, trl_utils._ChunkedLogProbFunction)
-    trl_utils._ChunkedLogProbFunction = ChunkedLogProb(impl, memory_budget)
+    trl_utils._ChunkedLogProbFunction = ChunkedLogProb(impl, memory_budget, fallback=_state["fused_head"][1])
 
 
 # ----------------------------------------------------------------------------------------
@@ -133,12 +178,12 @@ def _unsupported_setting(trainer, return_outputs) -> Optional[str]:
     return None
 
 
-def _warn_fallback(reason, method="_compute_loss"):
+def _warn_fallback(reason, method="_compute_loss (full logits)"):
     seen = _state.setdefault("warned", set())
     if (reason, method) not in seen:
         seen.add((reason, method))
-        warnings.warn(f"dpo-fast: {reason} is not supported by the fused DPO loss; this step runs TRL's own "
-                      f"{method} (full logits)", stacklevel=3)
+        warnings.warn(f"dpo-fast: {reason} is not supported; this call runs TRL's own {method}",
+                      stacklevel=3)
 
 
 def _trainer_module():
@@ -207,12 +252,49 @@ def _fused_compute_loss(self, model, inputs, return_outputs=False):
     loss_kwargs = dict(beta=self.beta, loss_type=list(self.loss_types), loss_weights=list(self.loss_weights),
                        label_smoothing=self.label_smoothing, discopop_tau=self.args.discopop_tau,
                        impl=settings["impl"], memory_budget=settings["memory_budget"])
-    computation = DPOComputation(ref_chosen, ref_rejected, loss_kwargs)
+    divisor = _trl_length_divisor(self.loss_types, completion_mask)
+    computation = (DPOComputation(ref_chosen, ref_rejected, loss_kwargs) if divisor is None
+                   else TokenOutputsComputation(settings["impl"], settings["memory_budget"]))
     # The trainer's model call normally carries accelerate's autocast; this forward is ours, so enter it here.
     with self.accelerator.autocast(), fused_forward(model, computation) as call:
         out = call(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
+    if divisor is not None:
+        out = _loss_with_trl_lengths(out, divisor, ref_chosen, ref_rejected, loss_kwargs)
     _log_metrics(self, mode, out, inputs, completion_mask)
     return out.loss
+
+
+# Loss types whose TRL 0.29-1.14 formula divides by the completion length.
+_LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
+
+
+def _trl_length_divisor(loss_types, completion_mask):
+    """TRL 0.29-1.14's ipo and sigmoid_norm divide by ``completion_mask.sum(-1)``: the unshifted mask, which
+    counts one token more than are scored when a completion starts at position 0 (an empty prompt, or a
+    prompt cut away by truncation). dpo-fast divides by the scored tokens. Returns TRL's divisor [2B] where
+    the two differ for this batch, else None (then the loss runs on dpo_loss's own route, pairs included)."""
+    if not any(name in _LENGTH_NORMALISED for name in loss_types):
+        return None
+    divisor = completion_mask.sum(-1)
+    return divisor if bool((divisor != completion_mask[..., 1:].sum(-1)).any()) else None
+
+
+def _loss_with_trl_lengths(token_outputs, divisor, ref_chosen, ref_rejected, loss_kwargs):
+    """dpo_loss's output from per-token outputs, with TRL's length divisor in the length-normalised formulas
+    (token means in the metrics and the sft NLL keep the scored-token counts, as TRL's do)."""
+    log_probs, entropy, mean_logits, is_top1, targets = token_outputs
+    scored = targets != -100
+    lengths = scored.sum(-1)
+    pairs = lengths.shape[0] // 2
+    cfg = api._loss_config(loss_kwargs["loss_type"], loss_kwargs["loss_weights"], loss_kwargs["beta"],
+                           loss_kwargs["label_smoothing"], 0.5, loss_kwargs["discopop_tau"], 1.0, True)
+    sequence = log_probs.sum(-1)
+    divisor = divisor.to(sequence.device)
+    terms = pair_terms(sequence[:pairs], sequence[pairs:], ref_chosen, ref_rejected, divisor[:pairs], divisor[pairs:],
+                       cfg, float(lengths[:pairs].sum()), pairs)
+    loss = pair_losses(terms, cfg.loss_types, cfg.loss_weights).mean().to(sequence.dtype)
+    return dpo_output(loss, sequence.detach(), lengths, ref_chosen, ref_rejected, cfg, mean_logits.sum(-1),
+                      is_top1.float().sum(-1), entropy.sum(-1))
 
 
 def _log_metrics(trainer, mode, out, inputs, completion_mask):
@@ -269,10 +351,11 @@ _VISION_BATCH_KEYS = ("pixel_values", "pixel_attention_mask", "image_sizes", "to
 
 
 class TokenOutputsComputation(HeadComputation):
-    """Per-token log-probs (differentiable) and vocab-mean logits, shaped like the targets.
+    """Per-token log-probs (differentiable), entropy, vocab-mean logits and top-1 flags, shaped like the targets.
 
-    Returns ``(log_probs, mean_logits, targets)``, each ``[rows, T]``: small tensors from which
-    the caller takes whichever per-sequence reductions its trainer version logs.
+    Returns ``(log_probs, entropy, mean_logits, is_top1, targets)``, each ``[rows, T]`` (0 where
+    not scored): small tensors from which the caller takes whichever per-sequence reductions its
+    trainer version logs.
     """
 
     def __init__(self, impl, memory_budget):
@@ -285,12 +368,13 @@ class TokenOutputsComputation(HeadComputation):
                                 self.memory_budget, False)
             kept = api._kept_token_outputs(prep, weight, bias)
             scatter = prep.layout.scatter
-            return scatter(kept.logps), scatter(kept.mean_logits.detach().float()), targets
+            return (scatter(kept.logps), scatter(kept.entropy.detach()), scatter(kept.mean_logits.detach().float()),
+                    scatter(kept.is_top1), targets)
 
     def from_logits(self, logits, targets):
         impl = "auto" if self.impl == "fused" else self.impl
-        log_probs, _, _, mean_logits, _ = api._logits_outputs(logits, targets, -100, 1.0, False, impl)
-        return log_probs, mean_logits, targets
+        log_probs, entropy, _, mean_logits, is_top1 = api._logits_outputs(logits, targets, -100, 1.0, False, impl)
+        return log_probs, entropy.detach(), mean_logits, is_top1, targets
 
 
 def _unsupported_forward(trainer, batch, is_ref_model) -> Optional[str]:
@@ -343,14 +427,15 @@ def _fused_concatenated_forward(self, model, batch, is_ref_model=False):
     """
     reason = _unsupported_forward(self, batch, is_ref_model)
     if reason is not None:
-        _warn_fallback(reason, "concatenated_forward")
+        _warn_fallback(reason, "concatenated_forward (full logits)")
         return _state["concatenated_forward"][1](self, model, batch, is_ref_model)
     settings = _state["settings"]
     input_ids, attention_mask, loss_mask = _concatenated_model_inputs(self, batch)
     labels = input_ids.masked_fill(loss_mask == 0, -100)
     computation = TokenOutputsComputation(settings["impl"], settings["memory_budget"])
     with self.accelerator.autocast(), fused_forward(model, computation) as call:
-        log_probs, mean_logits, targets = call(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        log_probs, _, mean_logits, _, targets = call(input_ids=input_ids, attention_mask=attention_mask,
+                                                     labels=labels)
     scored = targets != -100
     pairs = batch["prompt_input_ids"].shape[0]
     lengths = scored.sum(-1)
@@ -381,12 +466,161 @@ def _patch_concatenated_forward(impl, memory_budget):
 
 
 # ----------------------------------------------------------------------------------------
+# trl.experimental CPOTrainer and ORPOTrainer: concatenated_forward
+# ----------------------------------------------------------------------------------------
+
+class PositionOutputsComputation(HeadComputation):
+    """Per-token log-probs (differentiable) at scored positions and the vocab-mean logit at every position.
+
+    Returns ``(log_probs, mean_logits, targets)``, each ``[rows, T]``. CPO and ORPO log the
+    mean of their full ``[rows, T, V]`` logits, padding and prompt positions included; each
+    position has V logits, so that is the mean of ``mean_logits``. Without a softcap the
+    vocab-mean logit is linear in the hidden state (``scale * (h . mean(W) + mean(b))``):
+    one [N, H] x [H] product covers every position; with a softcap the unscored positions
+    take a forward-only pass of the kernel.
+    """
+
+    def __init__(self, impl, memory_budget):
+        self.impl, self.memory_budget = impl, memory_budget
+
+    def from_hidden(self, hidden, targets, head):
+        t = head.transform
+        with head_precision(hidden, head.weight, head.bias) as (hidden, weight, bias):
+            prep = api._prepare(hidden, weight, targets, bias, -100, 1.0, t.scale, t.softcap, self.impl, None, None,
+                                self.memory_budget, False)
+            log_probs = prep.layout.scatter(api._kept_token_outputs(prep, weight, bias).logps)
+            with torch.no_grad():
+                if t.softcap is None:
+                    mean_w = weight.float().mean(0)
+                    mean_b = 0.0 if bias is None else bias.float().mean()
+                    mean_logits = (hidden.float() @ mean_w + mean_b) * t.scale
+                else:
+                    every = api._prepare(hidden.detach(), weight.detach(), targets.clamp(min=0), None if bias is None
+                                         else bias.detach(), -100, 1.0, t.scale, t.softcap, self.impl, None, None,
+                                         self.memory_budget, False)
+                    stats = api._kept_token_outputs(every, weight.detach(), None if bias is None else bias.detach())
+                    mean_logits = every.layout.scatter(stats.mean_logits.float())
+        return log_probs, mean_logits, targets
+
+    def from_logits(self, logits, targets):
+        impl = "auto" if self.impl == "fused" else self.impl
+        log_probs = api._logits_outputs(logits, targets, -100, 1.0, False, impl)[0]
+        return log_probs, logits.detach().float().mean(-1), targets
+
+
+def _unsupported_preference_forward(trainer, model=None) -> Optional[str]:
+    """Why this CPO/ORPO ``concatenated_forward`` must run TRL's own code, or None."""
+    if trainer.is_encoder_decoder:
+        return "an encoder-decoder model"
+    if trainer.aux_loss_enabled:
+        return "a MoE auxiliary loss"
+    if model is not None:
+        try:  # a head dpo-fast cannot read (a PEFT adapter on lm_head, no separate backbone)
+            resolve_head(model)
+        except (NotImplementedError, TypeError) as exc:
+            return f"this model ({str(exc).split(';')[0]})"
+    return None
+
+
+def _preference_forward(trainer, model, batch, padding_value, targets_of):
+    """Runs the backbone on TRL's concatenated batch; ``targets_of(concatenated, pairs)`` gives the labels.
+
+    Returns (log_probs, mean_logits, shifted targets, shifted completion mask, pairs)."""
+    concatenated = trainer.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=padding_value,
+                                               device=trainer.accelerator.device)
+    pairs = batch["chosen_labels"].shape[0]
+    labels = targets_of(concatenated, pairs)
+    settings = _state["settings"]
+    computation = PositionOutputsComputation(settings["impl"], settings["memory_budget"])
+    with trainer.accelerator.autocast(), fused_forward(model, computation) as call:
+        log_probs, mean_logits, targets = call(input_ids=concatenated["concatenated_input_ids"],
+                                               attention_mask=concatenated["concatenated_attention_mask"],
+                                               labels=labels)
+    completion = shift_targets(concatenated["concatenated_labels"].to(targets.device)) != -100
+    return log_probs, mean_logits, targets, completion, pairs
+
+
+def _fused_cpo_forward(self, model, batch):
+    """``CPOTrainer.concatenated_forward`` without [N, V] logits: the same five outputs and meanings.
+
+    ``chosen_logps`` / ``rejected_logps``: sums over completion tokens (means under ``ipo``
+    and ``simpo``); the "logits" are the per-position vocab-mean logits ``[B, T]``, whose
+    mean is the mean of TRL's logits; ``nll_loss``: mean NLL over chosen completion tokens
+    (0 when ``cpo_alpha == 0``). TRL's ``cpo_loss`` and ``get_batch_loss_metrics`` run as they are.
+    """
+    reason = _unsupported_preference_forward(self, model)
+    if reason is not None:
+        _warn_fallback(reason, "CPOTrainer.concatenated_forward (full logits)")
+        return _state["cpo"][1](self, model, batch)
+    log_probs, mean_logits, _, completion, pairs = _preference_forward(
+        self, model, batch, self.pad_token_id, lambda concatenated, pairs: concatenated["concatenated_labels"])
+    sums, counts = (log_probs * completion).sum(-1), completion.sum(-1)
+    logps = sums / counts if self.loss_type in ("ipo", "simpo") else sums
+    if self.cpo_alpha == 0:
+        nll_loss = torch.tensor(0.0, device=self.accelerator.device)
+    else:
+        nll_loss = -sums[:pairs].sum() / counts[:pairs].sum()
+    return logps[:pairs], logps[pairs:], mean_logits[:pairs], mean_logits[pairs:], nll_loss
+
+
+def _orpo_targets(concatenated, pairs):
+    """ORPO's NLL covers the chosen prompt and response (every attended token); the odds ratio the
+    rejected completion: chosen rows score every attended token, rejected rows their completion."""
+    input_ids, attention = concatenated["concatenated_input_ids"], concatenated["concatenated_attention_mask"]
+    chosen = input_ids[:pairs].masked_fill(attention[:pairs] == 0, -100)
+    return torch.cat((chosen, concatenated["concatenated_labels"][pairs:]))
+
+
+def _fused_orpo_forward(self, model, batch):
+    """``ORPOTrainer.concatenated_forward`` without [N, V] logits: the same five outputs and meanings.
+
+    ``chosen_logps`` / ``rejected_logps``: means over completion tokens; the "logits" are the
+    vocab-mean logits of every position but the last ``[B, T - 1]`` (TRL's ``logits[:, :-1]``);
+    ``nll_loss``: mean NLL over every attended chosen token, prompt included. TRL's
+    ``odds_ratio_loss`` and ``get_batch_loss_metrics`` run as they are.
+    """
+    reason = _unsupported_preference_forward(self, model)
+    if reason is not None:
+        _warn_fallback(reason, "ORPOTrainer.concatenated_forward (full logits)")
+        return _state["orpo"][1](self, model, batch)
+    log_probs, mean_logits, targets, completion, pairs = _preference_forward(self, model, batch, self.padding_value,
+                                                                            _orpo_targets)
+    nll_tokens = targets[:pairs] != -100
+    nll_loss = -(log_probs[:pairs] * nll_tokens).sum() / nll_tokens.sum()
+    logps = (log_probs * completion).sum(-1) / completion.sum(-1)
+    mean_logits = mean_logits[:, :-1]
+    return logps[:pairs], logps[pairs:], mean_logits[:pairs], mean_logits[pairs:], nll_loss
+
+
+def _patch_preference_trainers(impl, memory_budget):
+    """CPOTrainer and ORPOTrainer of trl.experimental, where this TRL has them."""
+    import importlib
+
+    patched = []
+    for name, module_name, class_name, replacement in (
+            ("cpo", "trl.experimental.cpo", "CPOTrainer", _fused_cpo_forward),
+            ("orpo", "trl.experimental.orpo", "ORPOTrainer", _fused_orpo_forward)):
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            continue
+        if "concatenated_forward" not in vars(cls):
+            continue
+        _state["settings"] = dict(impl=impl, memory_budget=memory_budget)
+        if name not in _state:
+            _state[name] = (cls, vars(cls)["concatenated_forward"], "concatenated_forward")
+        cls.concatenated_forward = replacement
+        patched.append(name)
+    return patched
+
+
+# ----------------------------------------------------------------------------------------
 # public switch
 # ----------------------------------------------------------------------------------------
 
 def patch_trl(impl: str = "auto", memory_budget: Optional[int] = None) -> str:
-    """Make TRL's DPO training run dpo-fast. Returns which patch was applied ('fused_head', 'compute_loss' or
-    'concatenated_forward').
+    """Make TRL's trainers run dpo-fast. Returns which patch was applied ('fused_head', 'compute_loss' or
+    'concatenated_forward'); with 'fused_head', trl.experimental's CPO and ORPO trainers are patched too.
 
     ``impl`` and ``memory_budget`` are :func:`dpo_fast.dpo_loss`'s. Call :func:`unpatch_trl` to undo.
     """
@@ -396,6 +630,7 @@ def patch_trl(impl: str = "auto", memory_budget: Optional[int] = None) -> str:
     version = trl_version()
     if version >= Version(FUSED_HEAD_SINCE):
         _patch_fused_head(impl, memory_budget)
+        _patch_preference_trainers(impl, memory_budget)
         return "fused_head"
     if version >= Version(COMPUTE_LOSS_SINCE):
         _patch_compute_loss(impl, memory_budget)
@@ -414,7 +649,7 @@ def unpatch_trl() -> None:
     if "fused_head" in _state:
         module, original = _state.pop("fused_head")
         module._ChunkedLogProbFunction = original
-    for name in ("compute_loss", "compute_ref_log_probs", "concatenated_forward"):
+    for name in ("compute_loss", "compute_ref_log_probs", "concatenated_forward", "cpo", "orpo"):
         if name in _state:
             cls, original, attr = _state.pop(name)
             setattr(cls, attr, original)
