@@ -299,12 +299,48 @@ def is_dtensor(x) -> bool:
     return x is not None and module is not None and isinstance(x, module.DTensor)
 
 
+def shards_own_params(module) -> bool:
+    """Whether ``module`` is an FSDP2 module with its own parameter group (``fully_shard(module)``).
+
+    Its parameters are ``DTensor`` shards except while its own forward runs: only calling
+    the module unshards them (and casts them under a ``MixedPrecisionPolicy``), and only the
+    hooks of that call reduce-scatter their gradients.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # nothing is FSDP2-wrapped before it is imported
+    cls = getattr(fsdp, "FSDPModule", None)
+    return cls is not None and isinstance(module, cls)
+
+
+def call_through_module(module: torch.nn.Module, fn, *args):
+    """``fn(*args)`` run as ``module``'s forward, inside ``module(*args)``.
+
+    Calling the module fires every hook its wrappers registered on it. Under FSDP2: before,
+    unshard its parameters (plain tensors for ``fn`` to read from ``module``), cast them and
+    the floating-point ``args`` to the mixed-precision ``param_dtype``; after, reshard; in
+    backward, unshard again before the gradient reaches ``fn``'s outputs, and reduce-scatter
+    the parameters' gradients once ``args``' gradients are computed (at the end of backward
+    when no arg needs a gradient). This is the root fix for a loss that reads a head FSDP2
+    shards on its own, where ``full_tensor()`` would skip the cast and the reduce-scatter.
+    """
+    had_own = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        if had_own:
+            module.forward = previous
+        else:
+            del module.forward
+
+
 FSDP2_ADVICE = (
     "is an FSDP2 DTensor shard: the lm_head was read outside the forward that unshards it. Compute the loss "
     "inside the forward of the module fully_shard() wrapped around the head (for a head sharded on its own: "
     "define the loss as a method of that module and call torch.distributed.fsdp.register_fsdp_forward_method"
-    "(module, 'method_name')), so the head's parameters are plain tensors during the call. Calling "
-    ".full_tensor() instead bypasses FSDP2's own unshard and its mixed-precision cast."
+    "(module, 'method_name')), so the head's parameters are plain tensors during the call; dpo_fast.hf and the "
+    "TRL integration do this themselves. Calling .full_tensor() instead bypasses FSDP2's mixed-precision cast "
+    "and its reduce-scatter: every rank would keep the gradient of its own micro-batch."
 )
 
 

@@ -21,6 +21,7 @@ every wrapper's hooks fire as they would for an ordinary forward.
 """
 
 import contextlib
+import dataclasses
 import types
 import weakref
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import api
-from .distributed import gathered
+from .distributed import call_through_module, gathered, shards_own_params
 from .transform import LogitTransform
 
 # Scale names, first found wins (this is also the order TRL reads them in).
@@ -99,17 +100,6 @@ def _is_lora_layer(module) -> bool:
     return isinstance(module, BaseTunerLayer)
 
 
-def _full(tensor):
-    """FSDP2 holds DTensors; the backbone output is a plain tensor, so gather the head once."""
-    if tensor is None:
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return tensor
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
 @dataclass
 class ResolvedHead:
     backbone: torch.nn.Module
@@ -127,6 +117,27 @@ class ResolvedHead:
     @property
     def frozen(self) -> bool:
         return not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+
+    @property
+    def own_fsdp2_group(self) -> bool:
+        """A head FSDP2 shards on its own: its weight is a DTensor shard outside its own forward."""
+        return shards_own_params(self.head)
+
+    def run(self, fn, hidden, *args):
+        """``fn(hidden, *args, head)`` with this head's parameters as the model's own head call sees them.
+
+        A head that FSDP2 shards on its own is called as a module around ``fn`` (see
+        :func:`dpo_fast.distributed.call_through_module`): its hooks unshard and cast the
+        parameters and reduce-scatter their gradients, as for the model's own ``lm_head`` call.
+        """
+        if not self.own_fsdp2_group:
+            return fn(hidden, *args, self)
+
+        def forward(hidden, *args):
+            unsharded = dataclasses.replace(self, weight=self.head.weight, bias=getattr(self.head, "bias", None))
+            return fn(hidden, *args, unsharded)
+
+        return call_through_module(self.head, forward, hidden, *args)
 
 
 def resolve_head(model: torch.nn.Module) -> ResolvedHead:
@@ -149,7 +160,7 @@ def resolve_head(model: torch.nn.Module) -> ResolvedHead:
         raise TypeError(f"{type(inner).__name__} ({model_type}) has no separate base_model (backbone)")
     if head.weight.dim() != 2:
         raise TypeError(f"lm_head weight of {model_type} must be [vocab, hidden], got shape {tuple(head.weight.shape)}")
-    return ResolvedHead(backbone, head, _full(head.weight), _full(getattr(head, "bias", None)),
+    return ResolvedHead(backbone, head, head.weight, getattr(head, "bias", None),
                         logit_transform_from_config(config), model_type)
 
 
@@ -211,12 +222,15 @@ def reconstruction_error(model, head: ResolvedHead, input_ids, attention_mask=No
     with torch.no_grad(), _eval_mode(model), torch.autocast(tokens.device.type, enabled=False):
         expected = forward(input_ids=tokens, use_cache=False).logits.float()
         hidden = head.backbone(input_ids=tokens, use_cache=False).last_hidden_state
-        with gathered(head.weight, head.bias):  # ZeRO-3: the head is read outside its module
-            hidden = hidden.to(head.weight.device, head.weight.dtype)
-            rebuilt = head.transform.apply(F.linear(hidden, head.weight, head.bias).float())
+        rebuilt = head.transform.apply(head.run(_head_logits, hidden.to(head.weight.device)).float())
     if rebuilt.shape != expected.shape:
         return float("inf")
     return float((rebuilt - expected.to(rebuilt.device)).abs().max() / expected.abs().max().clamp(min=1.0))
+
+
+def _head_logits(hidden, head: ResolvedHead):
+    with gathered(head.weight, head.bias):  # ZeRO-3: the head is read outside its module
+        return F.linear(hidden.to(head.weight.dtype), head.weight, head.bias)
 
 
 def _tolerance(dtype) -> float:
@@ -295,7 +309,7 @@ def _fused_forward_method(original_forward, computation: HeadComputation, fallba
             raise ValueError(f"backbone returned hidden states {tuple(hidden.shape)} for labels {tuple(labels.shape)}")
         # With device_map the backbone may end on another device than the head.
         device = head.weight.device
-        return computation.from_hidden(hidden.to(device), targets.to(device), head)
+        return head.run(computation.from_hidden, hidden.to(device), targets.to(device))
 
     forward._dpo_fast_original = original_forward
     return forward
