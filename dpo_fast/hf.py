@@ -158,8 +158,10 @@ def resolve_head(model: torch.nn.Module) -> ResolvedHead:
     backbone = inner.base_model
     if backbone is inner:
         raise TypeError(f"{type(inner).__name__} ({model_type}) has no separate base_model (backbone)")
-    if head.weight.dim() != 2:
-        raise TypeError(f"lm_head weight of {model_type} must be [vocab, hidden], got shape {tuple(head.weight.shape)}")
+    # A ZeRO-3 partition is an empty tensor outside a gather: DeepSpeed keeps the full shape in ds_shape.
+    shape = tuple(getattr(head.weight, "ds_shape", head.weight.shape))
+    if len(shape) != 2:
+        raise TypeError(f"lm_head weight of {model_type} must be [vocab, hidden], got shape {shape}")
     return ResolvedHead(backbone, head, head.weight, getattr(head, "bias", None),
                         logit_transform_from_config(config), model_type)
 
@@ -288,6 +290,28 @@ class HeadComputation:
         raise NotImplementedError
 
 
+# A dataclass result (DPOOutput) crosses the wrapper's forward as a dict under this key: DeepSpeed's
+# hooks find tensors only in tuples, lists and dicts, and without them it neither fetches a module's
+# parameters for its backward nor releases them after (ZeRO-3 would keep the head gathered).
+_PACKED = "__dpo_fast_dataclass__"
+_PACKED_TYPES = {}
+
+
+def _pack(result):
+    if not dataclasses.is_dataclass(result) or isinstance(result, type):
+        return result
+    name = type(result).__qualname__
+    _PACKED_TYPES[name] = type(result)
+    return {_PACKED: name, **{f.name: getattr(result, f.name) for f in dataclasses.fields(result)}}
+
+
+def _unpack(result):
+    if not (isinstance(result, dict) and result.get(_PACKED) in _PACKED_TYPES):
+        return result
+    fields = dict(result)
+    return _PACKED_TYPES[fields.pop(_PACKED)](**fields)
+
+
 def _fused_forward_method(original_forward, computation: HeadComputation, fallback: str):
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         if labels is None:
@@ -303,13 +327,13 @@ def _fused_forward_method(original_forward, computation: HeadComputation, fallba
         targets = shift_targets(labels)
         if mode == "naive":
             logits = original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-            return computation.from_logits(logits, targets.to(logits.device))
+            return _pack(computation.from_logits(logits, targets.to(logits.device)))
         hidden = head.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         if hidden.shape[:-1] != targets.shape:
             raise ValueError(f"backbone returned hidden states {tuple(hidden.shape)} for labels {tuple(labels.shape)}")
         # With device_map the backbone may end on another device than the head.
         device = head.weight.device
-        return head.run(computation.from_hidden, hidden.to(device), targets.to(device))
+        return _pack(head.run(computation.from_hidden, hidden.to(device), targets.to(device)))
 
     forward._dpo_fast_original = original_forward
     return forward
@@ -321,7 +345,8 @@ def fused_forward(model: torch.nn.Module, computation: HeadComputation, fallback
 
     ``model`` may be wrapped (DDP, FSDP, DeepSpeed, PEFT, torch.compile): the inner
     ``PreTrainedModel``'s forward is swapped, and calling the wrapper keeps its hooks.
-    Yields ``model``. Nested use (a PEFT policy that is its own reference) is allowed.
+    Yields a callable that calls ``model`` and returns ``computation``'s result. Nested use
+    (a PEFT policy that is its own reference) is allowed.
     """
     inner = unwrap_model(model)
     had_own = "forward" in inner.__dict__
@@ -331,7 +356,7 @@ def fused_forward(model: torch.nn.Module, computation: HeadComputation, fallback
     original = getattr(inner.forward, "_dpo_fast_original", inner.forward)
     inner.forward = types.MethodType(_fused_forward_method(original, computation, fallback), inner)
     try:
-        yield model
+        yield lambda *args, **kwargs: _unpack(model(*args, **kwargs))
     finally:
         if had_own:
             inner.forward = previous
