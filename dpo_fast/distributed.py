@@ -217,6 +217,21 @@ def agree(process_group, hidden, labels, local_rows: int, transform) -> "VocabSh
     return VocabShard(offset=sum(local[:rank]), rows=local_rows, vocab_size=vocab_size)
 
 
+def agreed_max(value: float, device) -> float:
+    """The largest ``value`` over all ranks of the default group (one all_reduce); ``value`` alone without one.
+
+    For a decision every data-parallel rank must take alike from its own data: the one-time
+    reconstruction check of ``dpo_fast.hf`` (fused, naive or raise), whose collectives
+    (FSDP2's, DeepSpeed's) would otherwise desynchronise when ranks decide differently.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    finite = value if value == value else float("inf")  # NaN: as bad as it gets
+    total = torch.tensor([finite], dtype=torch.float64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return float(total.item())
+
+
 # Rows of the statistics that add up across shards once rescaled to the global max.
 _SUMMED = (STAT_SUMEXP, STAT_ZEXP, STAT_SQEXP, STAT_ZSUM, STAT_TARGET)
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import api
-from .distributed import call_through_module, gathered, shards_own_params
+from .distributed import agreed_max, call_through_module, gathered, shards_own_params
 from .transform import LogitTransform
 
 # Scale names, first found wins (this is also the order TRL reads them in).
@@ -251,7 +251,9 @@ def verify(model, head: ResolvedHead, input_ids, attention_mask=None, fallback: 
     decided = _VERIFIED.get(model)
     if decided is not None and (decided == "fused" or fallback == "naive"):
         return decided
-    error = reconstruction_error(model, head, input_ids, attention_mask, original_forward)
+    # Each rank checks its own tokens; all take the decision of the worst, so none diverges.
+    error = agreed_max(reconstruction_error(model, head, input_ids, attention_mask, original_forward),
+                       input_ids.device)
     if error <= _tolerance(head.weight.dtype):
         _VERIFIED[model] = "fused"
         return "fused"

@@ -118,3 +118,47 @@ def test_every_rank_raises_the_same_error_promptly(case, reports):
 def test_group_still_works_after_the_errors(reports):
     for report in reports:
         assert report["exact afterwards"] < 1e-5
+
+
+# ----------------------------------------------------------------------------------------
+# the one-time reconstruction check of dpo_fast.hf decides alike on every rank
+# ----------------------------------------------------------------------------------------
+
+def _reconstruction_worker(rank):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    from dpo_fast import hf
+
+    report = {}
+    for fallback in ("raise", "naive"):
+        config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=16,
+                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                          max_position_embeddings=16)
+        model = transformers.LlamaForCausalLM(config).eval()
+        if rank == 1:  # a config that misdescribes the logits on this rank only: its check fails, rank 0's passes
+            model.config.logit_scale = 3.0
+        input_ids = torch.randint(0, VOCAB, (4, 6))
+        labels = input_ids.clone()
+        labels[:, :2] = -100
+        try:
+            hf.dpo_forward(model, input_ids, None, labels, impl="torch", fallback=fallback)
+            report[fallback] = hf._VERIFIED.get(model, "none")
+        except hf.ReconstructionError:
+            report[fallback] = "ReconstructionError"
+    return report
+
+
+@pytest.fixture(scope="module")
+def reconstruction(tmp_path_factory):
+    seed = int.from_bytes(os.urandom(4), "little")
+    found, error = run_ranks({"check": (_reconstruction_worker, ())}, tmp_path_factory.mktemp("ranks"), seed,
+                             timeout_s=30)
+    assert "check" in found, f"ranks did not finish (seed {seed}): {error}"
+    return found["check"]
+
+
+def test_reconstruction_check_decides_alike_on_every_rank(reconstruction):
+    """Rank 1's check fails, rank 0's passes: both raise, or (fallback='naive') both run the naive path."""
+    assert [r["raise"] for r in reconstruction] == ["ReconstructionError"] * WORLD
+    assert [r["naive"] for r in reconstruction] == ["naive"] * WORLD
