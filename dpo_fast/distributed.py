@@ -71,6 +71,167 @@ def vocab_shard(local_rows: int, process_group, device) -> VocabShard:
     return VocabShard(offset=sum(sizes[:rank]), rows=local_rows, vocab_size=sum(sizes))
 
 
+# ----------------------------------------------------------------------------------------
+# agreement across the ranks of a vocabulary-parallel group, before any other collective
+# ----------------------------------------------------------------------------------------
+#
+# A check that passes on one rank and raises on another (a NaN in one shard, a 0-row shard,
+# labels or an ignore mask that differ, one rank without requires_grad) would leave the
+# peers blocked in the merge's all-reduce until the collective timeout. So the first
+# collective of every call is one all_reduce(MAX) of a small float64 vector that carries
+# each rank's outcome and what must agree; every rank reads the same result and raises the
+# same error, or none does. It replaces the all_reduce of the row counts that every call
+# already made, so the agreement costs no extra collective: a vector of 2W + 22 values for W
+# ranks, one GEMV over the kept hidden states (2nH FLOPs against the shard's 2nHV/W) and
+# one host sync, which the row counts already needed.
+
+# Error classes a failing rank reports by code, so that its peers raise the same class.
+_ERROR_CODES = {1: ValueError, 2: TypeError, 3: RuntimeError}
+# Relative to ||hidden||: float32 rounding differences (~1e-7) pass, other hidden states do not.
+_HIDDEN_TOLERANCE = 1e-4
+_AGREED_VALUES = 11  # what agree() sends beside the outcomes and row counts
+_MOD = 65521  # prime: label checksum terms below 2^32, sums below 2^63, reduced below 2^52 (exact in float64)
+
+
+def _error_code(error: BaseException) -> int:
+    return 2 if isinstance(error, TypeError) else 1 if isinstance(error, ValueError) else 3
+
+
+@dataclass
+class GroupCall:
+    """One public call under a ``process_group``: whether it has agreed with its peers yet."""
+
+    process_group: object
+    needs_grad: bool
+    agreed: bool = False
+
+
+_GROUP_CALL: contextvars.ContextVar = contextvars.ContextVar("dpo_fast_group_call", default=None)
+
+
+def _fingerprint(hidden: torch.Tensor, labels: torch.Tensor) -> Tuple[float, float, float]:
+    """(projection of hidden, ||hidden||, label checksum): equal on ranks that pass equal inputs.
+
+    The projection sum_i a_i (h_i . b) with fixed a, b of entries ~ +-1 differs by about
+    ||h - h'|| between different hidden states and moves with any reordering of rows.
+    """
+    n, width = hidden.shape
+    device = hidden.device
+    b = torch.cos(torch.arange(width, device=device, dtype=torch.float32) * 1.7 + 0.3)
+    a = torch.cos(torch.arange(n, device=device, dtype=torch.float64) * 0.9 + 0.7)
+    projection = torch.zeros((), dtype=torch.float64, device=device)
+    square = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, n, 4096):  # float32 copies of 4096 rows at a time
+        rows = hidden[start:start + 4096].float()
+        p = torch.nan_to_num((rows @ b).double(), nan=0.0, posinf=0.0, neginf=0.0)
+        projection += (p * a[start:start + 4096]).sum()
+        square += torch.nan_to_num(rows.double().square().sum(), nan=0.0, posinf=0.0)
+    index = torch.arange(n, device=device, dtype=torch.int64) % _MOD + 1
+    checksum = ((labels.long() % _MOD + 1) * index).sum() % (1 << 52)
+    return projection, square.sqrt(), checksum.double()
+
+
+def _exchange(process_group, device, rank_failed: int, rows: int = 0, values=None):
+    """The one all_reduce(MAX). Returns (failed codes [W], rows [W], reduced values)."""
+    world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+    vec = torch.full((2 * world + 2 * _AGREED_VALUES,), float("-inf"), dtype=torch.float64, device=device)
+    vec[:2 * world] = 0.0
+    vec[rank] = rank_failed
+    vec[world + rank] = rows
+    if values is not None:
+        tail = torch.stack([v if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64, device=device)
+                            for v in values]).to(device=device, dtype=torch.float64)
+        vec[2 * world:2 * world + 2 * len(tail)] = torch.cat([tail, -tail])
+    dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=process_group)
+    vec = vec.tolist()
+    return vec[:world], vec[world:2 * world], vec[2 * world:]
+
+
+def _raise_shared_failure(process_group, failed, own_error=None):
+    """Every rank learns every failing rank's message (an object all_gather, on this error path only)."""
+    messages = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(messages, None if own_error is None else f"{own_error}", group=process_group)
+    if own_error is not None:
+        raise own_error
+    first = next(r for r, code in enumerate(failed) if code > 0)
+    cls = _ERROR_CODES.get(int(failed[first]), RuntimeError)
+    raise cls(f"rank {first} of the process_group rejected the call (every rank raises this): {messages[first]}")
+
+
+def announce_failure(call: GroupCall, error: BaseException, device) -> None:
+    """This rank failed before agreeing: take part in the exchange with its error, then re-raise it."""
+    call.agreed = True
+    failed, _, _ = _exchange(call.process_group, device, _error_code(error))
+    _raise_shared_failure(call.process_group, failed, error)
+
+
+def agree(process_group, hidden, labels, local_rows: int, transform) -> "VocabShard":
+    """The first collective of a vocabulary-parallel call: shard offsets, and one outcome for every rank.
+
+    ``hidden [n, H]`` and ``labels [n]`` are the kept tokens. Raises the same ValueError on every
+    rank when a peer failed before this point, or when what must agree does not: the number of
+    kept tokens (the ignore mask), the hidden size, whether gradients are needed, the logit
+    transform, the labels (a checksum) and the hidden states (a projection), or a label falls
+    outside the full vocabulary.
+    """
+    call = _GROUP_CALL.get()
+    if call is not None and call.process_group is not process_group:
+        call = None
+    if call is not None:
+        call.agreed = True
+    needs_grad = call.needs_grad if call is not None else False
+    projection, norm, checksum = _fingerprint(hidden, labels)
+    kept = labels.numel()
+    top = labels.max() if kept else torch.tensor(-1, device=labels.device)
+    bottom = labels.min() if kept else torch.tensor(0, device=labels.device)
+    softcap = -1.0 if transform.softcap is None else transform.softcap
+    values = [float(kept), float(hidden.shape[-1]), float(needs_grad), transform.scale, softcap,
+              transform.temperature, checksum, projection, norm, top.double(), -bottom.double()]
+    failed, rows, reduced = _exchange(process_group, hidden.device, 0, local_rows, values)
+    if any(code > 0 for code in failed):
+        _raise_shared_failure(process_group, failed)
+    count = len(values)
+    high, low = reduced[:count], [-x for x in reduced[count:2 * count]]
+    vocab_size = int(sum(rows))
+    label_max, label_min = high[9], -high[10]
+    if label_max >= vocab_size or label_min < 0:
+        bad = int(label_max) if label_max >= vocab_size else int(label_min)
+        raise ValueError(f"labels: id {bad} (on at least one rank) is outside [0, {vocab_size}), the vocabulary of "
+                         "all shards of process_group together")
+    names = ("scored tokens (labels != ignore_index)", "hidden sizes", "requires_grad / grad mode",
+             "logit_scale", "softcap", "temperature")
+    for i, name in enumerate(names):
+        if high[i] != low[i]:
+            raise ValueError(f"process_group: the ranks disagree on {name} ({low[i]:g} vs {high[i]:g}). Every rank of "
+                             "a vocabulary-parallel group passes the same hidden states, labels and settings, and "
+                             "all of them or none need gradients")
+    if high[6] != low[6]:
+        raise ValueError("process_group: the labels differ across ranks (checksum). Every rank of a vocabulary-"
+                         "parallel group passes the same global label ids")
+    if high[7] - low[7] > _HIDDEN_TOLERANCE * max(high[8], 1e-30):
+        raise ValueError("process_group: the hidden states differ across ranks (their projections differ by "
+                         f"{high[7] - low[7]:.3g}, ||hidden|| = {high[8]:.3g}). Every rank of a vocabulary-parallel "
+                         "group passes the same hidden states; its own rows of the weight only")
+    rank = dist.get_rank(process_group)
+    local = [int(r) for r in rows]
+    return VocabShard(offset=sum(local[:rank]), rows=local_rows, vocab_size=vocab_size)
+
+
+def agreed_max(value: float, device) -> float:
+    """The largest ``value`` over all ranks of the default group (one all_reduce); ``value`` alone without one.
+
+    For a decision every data-parallel rank must take alike from its own data: the one-time
+    reconstruction check of ``dpo_fast.hf`` (fused, naive or raise), whose collectives
+    (FSDP2's, DeepSpeed's) would otherwise desynchronise when ranks decide differently.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    finite = value if value == value else float("inf")  # NaN: as bad as it gets
+    total = torch.tensor([finite], dtype=torch.float64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return float(total.item())
+
+
 # Rows of the statistics that add up across shards once rescaled to the global max.
 _SUMMED = (STAT_SUMEXP, STAT_ZEXP, STAT_SQEXP, STAT_ZSUM, STAT_TARGET)
 
@@ -127,7 +288,7 @@ class VocabParallelEngine:
         self._shard: Optional[VocabShard] = None
 
     def shard(self, local_rows: int, device="cpu") -> VocabShard:
-        # One all_reduce of the row counts per call of the public API (the engine lives for one call).
+        # Known from the agreement of forward_stats; otherwise one all_reduce of the row counts.
         if self._shard is None or self._shard.rows != local_rows:
             self._shard = vocab_shard(local_rows, self.process_group, device)
         return self._shard
@@ -140,7 +301,8 @@ class VocabParallelEngine:
         return self._shard.vocab_size
 
     def forward_stats(self, hidden, weight, bias, labels, transform) -> torch.Tensor:
-        shard = self.shard(weight.shape[0], weight.device)
+        # The first collective of the call: every rank agrees on the outcome of its checks first.
+        shard = self._shard = agree(self.process_group, hidden, labels, weight.shape[0], transform)
         stats = self.inner.forward_stats(hidden, weight, bias, shard.local_labels(labels), transform)
         owned = (labels >= shard.offset) & (labels < shard.offset + shard.rows)
         stats[STAT_TARGET] = torch.where(owned, stats[STAT_TARGET], torch.zeros_like(stats[STAT_TARGET]))
@@ -210,19 +372,21 @@ def gathered(*params_or_modules):
     gathered (an enclosing ``gathered``, a ``GatheredParameters``, DeepSpeed's own hooks),
     are left alone, so the context nests, and a head shared by policy and reference is
     gathered once when it wraps both calls. Read-only: nothing is broadcast back on exit.
-    """
-    todo = _to_gather(params_or_modules)
-    if not todo:
-        yield []
-        return
-    import deepspeed
 
-    with deepspeed.zero.GatheredParameters(todo, modifier_rank=None):
+    It gathers and partitions directly rather than through ``deepspeed.zero.GatheredParameters``:
+    DeepSpeed's module hooks may partition a parameter an enclosing context holds (the
+    head's own forward, run by the one-time check of ``dpo_fast.hf``, releases it on exit),
+    and DeepSpeed refuses a ``GatheredParameters`` nested in another over the same parameter.
+    """
+    todo = _gather_now(params_or_modules)
+    try:
         yield todo
+    finally:
+        _release(todo)
 
 
 def _gather_now(params) -> List[torch.Tensor]:
-    """Gather the partitioned ones among ``params`` until :func:`_release`; returns them."""
+    """Gather the partitioned ones among ``params`` (modules: their own) until :func:`_release`; returns them."""
     todo = _to_gather(params)
     if todo:
         todo[0].all_gather(param_list=todo)
@@ -299,12 +463,48 @@ def is_dtensor(x) -> bool:
     return x is not None and module is not None and isinstance(x, module.DTensor)
 
 
+def shards_own_params(module) -> bool:
+    """Whether ``module`` is an FSDP2 module with its own parameter group (``fully_shard(module)``).
+
+    Its parameters are ``DTensor`` shards except while its own forward runs: only calling
+    the module unshards them (and casts them under a ``MixedPrecisionPolicy``), and only the
+    hooks of that call reduce-scatter their gradients.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # nothing is FSDP2-wrapped before it is imported
+    cls = getattr(fsdp, "FSDPModule", None)
+    return cls is not None and isinstance(module, cls)
+
+
+def call_through_module(module: torch.nn.Module, fn, *args):
+    """``fn(*args)`` run as ``module``'s forward, inside ``module(*args)``.
+
+    Calling the module fires every hook its wrappers registered on it. Under FSDP2: before,
+    unshard its parameters (plain tensors for ``fn`` to read from ``module``), cast them and
+    the floating-point ``args`` to the mixed-precision ``param_dtype``; after, reshard; in
+    backward, unshard again before the gradient reaches ``fn``'s outputs, and reduce-scatter
+    the parameters' gradients once ``args``' gradients are computed (at the end of backward
+    when no arg needs a gradient). This is the root fix for a loss that reads a head FSDP2
+    shards on its own, where ``full_tensor()`` would skip the cast and the reduce-scatter.
+    """
+    had_own = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        if had_own:
+            module.forward = previous
+        else:
+            del module.forward
+
+
 FSDP2_ADVICE = (
     "is an FSDP2 DTensor shard: the lm_head was read outside the forward that unshards it. Compute the loss "
     "inside the forward of the module fully_shard() wrapped around the head (for a head sharded on its own: "
     "define the loss as a method of that module and call torch.distributed.fsdp.register_fsdp_forward_method"
-    "(module, 'method_name')), so the head's parameters are plain tensors during the call. Calling "
-    ".full_tensor() instead bypasses FSDP2's own unshard and its mixed-precision cast."
+    "(module, 'method_name')), so the head's parameters are plain tensors during the call; dpo_fast.hf and the "
+    "TRL integration do this themselves. Calling .full_tensor() instead bypasses FSDP2's mixed-precision cast "
+    "and its reduce-scatter: every rank would keep the gradient of its own micro-batch."
 )
 
 
@@ -318,31 +518,49 @@ def check_not_dtensor(**tensors) -> None:
 # what the public API uses
 # ----------------------------------------------------------------------------------------
 
-# ids of the ZeRO-3 parameters the running public call gathered itself (not DeepSpeed's hooks).
-_GATHERED_BY_CALL: contextvars.ContextVar = contextvars.ContextVar("dpo_fast_gathered_by_call", default=frozenset())
-
-
 def gathers_head(fn):
     """Decorator for ``fn(hidden, weight, labels, *, bias=None, ...)``.
 
     Refuses FSDP2 ``DTensor`` inputs with advice, and runs ``fn`` with ZeRO-3 partitioned
-    weight/bias gathered; the call is untouched otherwise.
+    weight/bias gathered; the call is untouched otherwise. Under a ``process_group``, an
+    error raised on this rank before the ranks agreed (:func:`agree`) is announced to the
+    peers first, so that they raise it too instead of waiting in a collective.
     """
 
     @functools.wraps(fn)
     def call(hidden, weight, labels, *args, **kwargs):
+        group = kwargs.get("process_group")
+        if group is None:
+            return run(hidden, weight, labels, *args, **kwargs)
+        tensors = [t for t in (hidden, weight, kwargs.get("bias")) if torch.is_tensor(t)]
+        state = GroupCall(group, torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        token = _GROUP_CALL.set(state)
+        try:
+            return run(hidden, weight, labels, *args, **kwargs)
+        except BaseException as error:
+            if not state.agreed:
+                announce_failure(state, error, _collective_device(group, tensors))
+            raise
+        finally:
+            _GROUP_CALL.reset(token)
+
+    def run(hidden, weight, labels, *args, **kwargs):
         bias = kwargs.get("bias")
         check_not_dtensor(hidden=hidden, weight=weight, bias=bias)
         if not (is_zero3_param(weight) or is_zero3_param(bias)):
             return fn(hidden, weight, labels, *args, **kwargs)
-        with gathered(weight, bias) as held:
-            token = _GATHERED_BY_CALL.set(frozenset(id(p) for p in held))
-            try:
-                return fn(hidden, weight, labels, *args, **kwargs)
-            finally:
-                _GATHERED_BY_CALL.reset(token)
+        with gathered(weight, bias):
+            return fn(hidden, weight, labels, *args, **kwargs)
 
     return call
+
+
+def _collective_device(process_group, tensors):
+    """Where the peers' agreement vector lives: their hidden states' device (NCCL: the current GPU)."""
+    if tensors:
+        return tensors[0].device
+    backend = str(dist.get_backend(process_group))
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
 
 
 def wrap_engine(engine, weight, bias, process_group):
@@ -359,13 +577,13 @@ def two_pass_only(weight, bias, process_group) -> bool:
 
     Its gradients are made in forward and handed to autograd with no engine call in
     backward, so there is no place to run the vocabulary-parallel reduction, nor to gather
-    a head this call had to gather itself (outside DeepSpeed's forward) before autograd
-    accumulates its gradient.
+    a trainable ZeRO-3 head before autograd accumulates its gradient: whoever gathered it
+    for the forward (this call, an enclosing :func:`gathered`, DeepSpeed's hooks) may have
+    partitioned it again by then.
     """
     if process_group is not None:
         return True
-    ours = _GATHERED_BY_CALL.get()
-    return any(p is not None and p.requires_grad and id(p) in ours for p in (weight, bias))
+    return any(p is not None and p.requires_grad and is_zero3_param(p) for p in (weight, bias))
 
 
 def head_params(head: torch.nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

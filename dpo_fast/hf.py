@@ -23,6 +23,7 @@ every wrapper's hooks fire as they would for an ordinary forward.
 """
 
 import contextlib
+import dataclasses
 import types
 import weakref
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from . import api
 from . import validation as check
-from .distributed import gathered
+from .distributed import agreed_max, call_through_module, gathered, shards_own_params
 from .transform import LogitTransform
 
 # Scale names, first found wins (this is also the order TRL reads them in).
@@ -102,17 +103,6 @@ def _is_lora_layer(module) -> bool:
     return isinstance(module, BaseTunerLayer)
 
 
-def _full(tensor):
-    """FSDP2 holds DTensors; the backbone output is a plain tensor, so gather the head once."""
-    if tensor is None:
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return tensor
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
 @dataclass
 class ResolvedHead:
     backbone: torch.nn.Module
@@ -137,6 +127,27 @@ class ResolvedHead:
         t = self.transform
         return (self.model_type, t.scale, t.softcap, type(self.backbone), type(self.head), self.bias is not None)
 
+    @property
+    def own_fsdp2_group(self) -> bool:
+        """A head FSDP2 shards on its own: its weight is a DTensor shard outside its own forward."""
+        return shards_own_params(self.head)
+
+    def run(self, fn, hidden, *args):
+        """``fn(hidden, *args, head)`` with this head's parameters as the model's own head call sees them.
+
+        A head that FSDP2 shards on its own is called as a module around ``fn`` (see
+        :func:`dpo_fast.distributed.call_through_module`): its hooks unshard and cast the
+        parameters and reduce-scatter their gradients, as for the model's own ``lm_head`` call.
+        """
+        if not self.own_fsdp2_group:
+            return fn(hidden, *args, self)
+
+        def forward(hidden, *args):
+            unsharded = dataclasses.replace(self, weight=self.head.weight, bias=getattr(self.head, "bias", None))
+            return fn(hidden, *args, unsharded)
+
+        return call_through_module(self.head, forward, hidden, *args)
+
 
 def resolve_head(model: torch.nn.Module) -> ResolvedHead:
     """Backbone, head weight/bias and logit post-processing of a causal LM (wrappers are unwrapped)."""
@@ -156,9 +167,11 @@ def resolve_head(model: torch.nn.Module) -> ResolvedHead:
     backbone = inner.base_model
     if backbone is inner:
         raise TypeError(f"{type(inner).__name__} ({model_type}) has no separate base_model (backbone)")
-    if head.weight.dim() != 2:
-        raise TypeError(f"lm_head weight of {model_type} must be [vocab, hidden], got shape {tuple(head.weight.shape)}")
-    return ResolvedHead(backbone, head, _full(head.weight), _full(getattr(head, "bias", None)),
+    # A ZeRO-3 partition is an empty tensor outside a gather: DeepSpeed keeps the full shape in ds_shape.
+    shape = tuple(getattr(head.weight, "ds_shape", head.weight.shape))
+    if len(shape) != 2:
+        raise TypeError(f"lm_head weight of {model_type} must be [vocab, hidden], got shape {shape}")
+    return ResolvedHead(backbone, head, head.weight, getattr(head, "bias", None),
                         logit_transform_from_config(config), model_type)
 
 
@@ -221,12 +234,15 @@ def reconstruction_error(model, head: ResolvedHead, input_ids, attention_mask=No
     with torch.no_grad(), _eval_mode(model), torch.autocast(tokens.device.type, enabled=False):
         expected = forward(input_ids=tokens, use_cache=False).logits.float()
         hidden = head.backbone(input_ids=tokens, use_cache=False).last_hidden_state
-        with gathered(head.weight, head.bias):  # ZeRO-3: the head is read outside its module
-            hidden = hidden.to(head.weight.device, head.weight.dtype)
-            rebuilt = head.transform.apply(F.linear(hidden, head.weight, head.bias).float())
+        rebuilt = head.transform.apply(head.run(_head_logits, hidden.to(head.weight.device)).float())
     if rebuilt.shape != expected.shape:
         return float("inf")
     return float((rebuilt - expected.to(rebuilt.device)).abs().max() / expected.abs().max().clamp(min=1.0))
+
+
+def _head_logits(hidden, head: ResolvedHead):
+    with gathered(head.weight, head.bias):  # ZeRO-3: the head is read outside its module
+        return F.linear(hidden.to(head.weight.dtype), head.weight, head.bias)
 
 
 def _tolerance(dtype) -> float:
@@ -247,7 +263,9 @@ def verify(model, head: ResolvedHead, input_ids, attention_mask=None, fallback: 
     reads, decided = _VERIFIED.get(model, (None, None))
     if reads == head.reads and (decided == "fused" or (decided == "naive" and fallback == "naive")):
         return decided
-    error = reconstruction_error(model, head, input_ids, attention_mask, original_forward)
+    # Each rank checks its own tokens; all take the decision of the worst, so none diverges.
+    error = agreed_max(reconstruction_error(model, head, input_ids, attention_mask, original_forward),
+                       input_ids.device)
     if error <= _tolerance(head.weight.dtype):
         _VERIFIED[model] = (head.reads, "fused")
         return "fused"
@@ -289,6 +307,28 @@ class HeadComputation:
         raise NotImplementedError
 
 
+# A dataclass result (DPOOutput) crosses the wrapper's forward as a dict under this key: DeepSpeed's
+# hooks find tensors only in tuples, lists and dicts, and without them it neither fetches a module's
+# parameters for its backward nor releases them after (ZeRO-3 would keep the head gathered).
+_PACKED = "__dpo_fast_dataclass__"
+_PACKED_TYPES = {}
+
+
+def _pack(result):
+    if not dataclasses.is_dataclass(result) or isinstance(result, type):
+        return result
+    name = type(result).__qualname__
+    _PACKED_TYPES[name] = type(result)
+    return {_PACKED: name, **{f.name: getattr(result, f.name) for f in dataclasses.fields(result)}}
+
+
+def _unpack(result):
+    if not (isinstance(result, dict) and result.get(_PACKED) in _PACKED_TYPES):
+        return result
+    fields = dict(result)
+    return _PACKED_TYPES[fields.pop(_PACKED)](**fields)
+
+
 def _fused_forward_method(original_forward, computation: HeadComputation, fallback: str):
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         if labels is None:
@@ -306,13 +346,13 @@ def _fused_forward_method(original_forward, computation: HeadComputation, fallba
         targets = shift_targets(labels, computation.ignore_index)
         if mode == "naive":
             logits = original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-            return computation.from_logits(logits, targets.to(logits.device))
+            return _pack(computation.from_logits(logits, targets.to(logits.device)))
         hidden = head.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         if hidden.shape[:-1] != targets.shape:
             raise ValueError(f"backbone returned hidden states {tuple(hidden.shape)} for labels {tuple(labels.shape)}")
         # With device_map the backbone may end on another device than the head.
         device = head.weight.device
-        return computation.from_hidden(hidden.to(device), targets.to(device), head)
+        return _pack(head.run(computation.from_hidden, hidden.to(device), targets.to(device)))
 
     forward._dpo_fast_original = original_forward
     return forward
@@ -324,7 +364,8 @@ def fused_forward(model: torch.nn.Module, computation: HeadComputation, fallback
 
     ``model`` may be wrapped (DDP, FSDP, DeepSpeed, PEFT, torch.compile): the inner
     ``PreTrainedModel``'s forward is swapped, and calling the wrapper keeps its hooks.
-    Yields ``model``. Nested use (a PEFT policy that is its own reference) is allowed.
+    Yields a callable that calls ``model`` and returns ``computation``'s result. Nested use
+    (a PEFT policy that is its own reference) is allowed.
     """
     inner = unwrap_model(model)
     had_own = "forward" in inner.__dict__
@@ -334,7 +375,7 @@ def fused_forward(model: torch.nn.Module, computation: HeadComputation, fallback
     original = getattr(inner.forward, "_dpo_fast_original", inner.forward)
     inner.forward = types.MethodType(_fused_forward_method(original, computation, fallback), inner)
     try:
-        yield model
+        yield lambda *args, **kwargs: _unpack(model(*args, **kwargs))
     finally:
         if had_own:
             inner.forward = previous

@@ -9,17 +9,15 @@ relative errors. Kernels run under the Triton interpreter in the children
 (TRITON_INTERPRET=1 is set for them before triton loads), on CPU tensors on any machine.
 """
 
-import datetime
+import importlib.util
 import json
 import os
 import sys
-import traceback
 import types
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dpo_fast
 from dpo_fast import distributed as dfd
@@ -27,9 +25,9 @@ from dpo_fast import reference
 from dpo_fast.api import make_engine
 from dpo_fast.function import TokenLogpsFunction
 from dpo_fast.transform import LogitTransform
+from _ranks import WORLD, run_ranks
 from helpers import make_batch, rel_err
 
-WORLD = 2
 TOL = 1e-5  # float32, only the order of a few sums differs from one process
 
 
@@ -37,54 +35,10 @@ TOL = 1e-5  # float32, only the order of a few sums differs from one process
 # harness
 # ----------------------------------------------------------------------------------------
 
-def _run_ranks(scenarios, folder, seed):
-    """Run ``scenarios`` ({name: (worker, args)}) on WORLD gloo ranks.
-
-    Returns {name: [report of rank 0, report of rank 1]} for the scenarios that finished
-    and the error that stopped the ranks (None when all finished).
-    """
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the children, which run on CPU tensors
-    error = None
-    try:
-        mp.spawn(_entry, args=(scenarios, str(folder), seed), nprocs=WORLD, join=True)
-    except Exception as err:  # a rank raised: the others are stopped; keep what finished
-        error = str(err)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    reports = {}
-    for name in scenarios:
-        paths = [folder / f"{name}.rank{r}.json" for r in range(WORLD)]
-        if all(p.exists() for p in paths):
-            reports[name] = [json.loads(p.read_text()) for p in paths]
-    return reports, error
-
-
-def _entry(rank, scenarios, folder, seed):
-    torch.set_num_threads(1)  # two ranks on a two-core machine
-    # A rank that fails leaves the other waiting in a collective: bound the wait.
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        for name, (worker, args) in scenarios.items():
-            torch.manual_seed(seed)  # the same inputs on every rank
-            try:
-                report = worker(rank, *args)
-            except Exception:
-                raise RuntimeError(f"scenario {name} failed on rank {rank}:\n{traceback.format_exc()}")
-            with open(os.path.join(folder, f"{name}.rank{rank}.json"), "w") as f:
-                json.dump(report, f)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def rank_reports(tmp_path_factory):
     seed = 20261126  # fixed: the same inputs on every run and machine
-    reports, error = _run_ranks(SCENARIOS, tmp_path_factory.mktemp("ranks"), seed)
+    reports, error = run_ranks(SCENARIOS, tmp_path_factory.mktemp("ranks"), seed)
     print(f"seed {seed}\n{json.dumps(reports, indent=1)}")
     return reports, error, seed
 
@@ -474,8 +428,8 @@ def test_zero3_partitioned_head_is_gathered_in_forward_and_backward(budget, monk
 
 
 # ----------------------------------------------------------------------------------------
-# real DeepSpeed ZeRO-3 (opt-in: DeepSpeed is no dependency, and its first start on CPU
-# compiles a communication op for minutes)
+# real DeepSpeed ZeRO-3, whenever it is installed (make test installs it; its first start on
+# CPU compiles a communication op, about a minute). Several steps: test_distributed_training.py
 # ----------------------------------------------------------------------------------------
 
 def _zero3_worker(rank):
@@ -530,11 +484,14 @@ def _zero3_worker(rank):
     return report
 
 
-@pytest.mark.skipif(os.environ.get("DPO_FAST_TEST_DEEPSPEED") != "1",
-                    reason="opt-in: DPO_FAST_TEST_DEEPSPEED=1 with deepspeed installed")
+def _deepspeed_installed():
+    # Found, not imported: importing DeepSpeed in the test process would pick its accelerator here.
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.mark.skipif(not _deepspeed_installed(), reason="deepspeed is not installed (make test installs it)")
 def test_deepspeed_zero3_matches_one_process(tmp_path):
-    pytest.importorskip("deepspeed")
     seed = 20261126  # fixed: the same inputs on every run and machine
-    reports, error = _run_ranks({"zero3": (_zero3_worker, ())}, tmp_path, seed)
+    reports, error = run_ranks({"zero3": (_zero3_worker, ())}, tmp_path, seed)
     print(f"seed {seed}\n{json.dumps(reports, indent=1)}")
     _check((reports, error, seed), "zero3", 4 * (1 + 5 + 1))
