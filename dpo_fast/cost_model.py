@@ -237,6 +237,31 @@ def fully_fused(shape: Shape, block: int = 128, card: Card = DEFAULT_CARD, accum
                 + (4 * (shape.nh + shape.vh) if accumulate_bytes == 4 and e < 4 else 0), exact)
 
 
+def fused_backward_wins(tokens: int, hidden: int, vocab: int, element_size: int, logits_bytes: int, *,
+                        block_n: int, block_v: int, need_hidden: bool = True, need_weight: bool = True,
+                        need_bias: bool = False, kept_fraction: float = 1.0, card: Card = DEFAULT_CARD) -> bool:
+    """Whether impl='fused' should keep its fully fused backward rather than the tiled one (``fused.py``).
+
+    Time in FLOP-equivalents: GEMM FLOPs plus HBM bytes times the card's FLOP-per-byte balance.
+    Fused: a recomputing kernel per gradient kind, and each product added into float32 rows it
+    owns in HBM, read and written once per tile (8 H bytes per token x vocabulary tile for
+    grad_hidden, per vocabulary row x token block for grad_weight); ``kept_fraction`` of the
+    tiles survive gradient filtering. Tiled: one recompute, then the logits tile written, rewritten
+    by the row kernel as its gradient and read by each consumer. Operand reads are alike and left out.
+    """
+    gradients = int(need_hidden) + int(need_weight)
+    if gradients == 0 and not need_bias:
+        return False
+    balance = card.tflops / card.tbps  # FLOP per byte (both in units of 1e12)
+    nhv = float(tokens) * hidden * vocab
+    kernel_runs = int(need_hidden) + int(need_weight or need_bias)
+    product_bytes = 8.0 * nhv * (need_hidden / block_v + need_weight / block_n)
+    fused = 2 * kernel_runs * nhv + kept_fraction * (2 * gradients * nhv + balance * product_bytes)
+    tile_bytes = float(tokens) * vocab * (2 * logits_bytes + element_size * (1 + gradients + int(need_bias)))
+    tiled = (2 + 2 * gradients) * nhv + balance * tile_bytes
+    return fused < tiled
+
+
 # ----------------------------------------------------------------------------------------
 # naive PyTorch and the peers, on paper
 # ----------------------------------------------------------------------------------------

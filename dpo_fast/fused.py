@@ -20,20 +20,22 @@ Backward, two routes (N tokens, H hidden, V vocabulary, e bytes per logits eleme
   8NHV/BLOCK_N bytes. At the shape above with 128 x 128 tiles that is 270 GB per gradient
   (~80 ms each on an H100): 5-7x the 6NHV floor, whatever the GEMM speed.
 
-In FLOP-equivalents (bytes x the card's FLOP/byte balance, ~295 for an H100's bf16 tensor
-cores over its HBM), with G gradients (hidden and/or weight), a fraction ``kept`` of tiles
-surviving gradient filtering (1 without it), per NHV:
+In FLOP-equivalents (bytes x the card's FLOP/byte balance: ~239 for an H100, 800 TFLOP/s of
+bf16 GEMM over 3.35 TB/s of HBM), with G gradients (hidden and/or weight), R recomputing
+kernels (one per gradient kind), a fraction ``kept`` of tiles surviving gradient filtering
+(1 without it), per NHV:
 
-    fused = 2 G + kept (2 G + balance x 8 (1/BLOCK_V [if hidden] + 1/BLOCK_N [if weight]))
+    fused = 2 R + kept (2 G + balance x 8 (1/BLOCK_V [if hidden] + 1/BLOCK_N [if weight]))
     tiled = 2 + 2 G + balance x (2 e_logits + e_grad (1 + G)) / H
 
-At Llama-3-8B's head (bf16, 128 x 128 tiles): fused 8 + 36.9 kept, tiled 6.72 (trainable);
-fused 4 + 18.4 kept, tiled 4.58 (frozen). A bias gradient adds a tile read to the tiled
-route and, alone, one recomputing kernel to the fused one.
+At Llama-3-8B's head (bf16, 128 x 128 tiles): fused 4 + 33.9 kept, tiled 6.82 (trainable);
+fused 2 + 16.9 kept, tiled 4.70 (frozen). A bias gradient adds a tile read to the tiled
+route and, alone, one recomputing kernel to the fused one. The arithmetic lives in
+:func:`dpo_fast.cost_model.fused_backward_wins`, beside every other route's cost.
 
 So the fused backward wins only where H is small (frozen bf16 head: H < ~128 at 128-wide
 tiles), or where filtering skips most tiles (``filter_eps > 0``; trainable head at
-Llama-3-8B's shape: kept < ~7%; frozen: < ~13%). :func:`fused_backward_wins` is that
+Llama-3-8B's shape: kept < ~8%; frozen: < ~16%). :func:`fused_backward_wins` is that
 rule; the engine applies it with kept = 1, and ``filter_eps > 0`` always takes the fused
 backward because no other route filters. Memory beyond the gradients: O(tokens) plus
 ``memory_budget`` (tiled: the workspace; fused: float32 split partials and scratch).
@@ -45,38 +47,24 @@ import torch
 
 from dpo_fast.kernels import fused_linear_logps as kernels
 
+from . import cost_model as cm
 from .chunked import ChunkedEngine, logits_dtype
 from .rows import TritonRows
 from .transform import LogitTransform
 
-# Dense 16-bit tensor-core FLOP/s over HBM bytes/s of an H100 SXM (989e12 / 3.35e12).
-H100_FLOPS_PER_BYTE = 295.0
 BACKWARD_ROUTES = ("fused", "tiled")
 
 
 def fused_backward_wins(tokens: int, hidden_size: int, vocab: int, input_dtype: torch.dtype, *,
                         need_hidden: bool = True, need_weight: bool = True, need_bias: bool = False,
-                        kept_fraction: float = 1.0, flops_per_byte: float = H100_FLOPS_PER_BYTE) -> bool:
-    """Whether the fused backward costs less than the tiled one on paper (see the module docstring).
-
-    Time is counted in FLOP-equivalents: GEMM FLOPs plus HBM bytes times ``flops_per_byte``.
-    ``kept_fraction`` is the share of tiles that gradient filtering keeps (1: no filtering).
-    Operand reads of the GEMMs (both routes read hidden and weight alike) are left out.
-    """
-    gradients = int(need_hidden) + int(need_weight)
-    if gradients == 0 and not need_bias:
-        return False
-    nhv = float(tokens) * hidden_size * vocab
-    # fused: one recomputing kernel for grad_hidden, one for grad_weight and/or grad_bias
-    kernel_runs = int(need_hidden) + int(need_weight or need_bias)
+                        kept_fraction: float = 1.0, card: cm.Card = cm.DEFAULT_CARD) -> bool:
+    """The rule of the module docstring for these kernels' tiles and dtypes: the arithmetic itself is
+    :func:`dpo_fast.cost_model.fused_backward_wins`, beside every other route's cost."""
     block_n, block_v = kernels.default_blocks(input_dtype)
-    product_bytes = 8.0 * nhv * (need_hidden / block_v + need_weight / block_n)
-    fused = 2 * kernel_runs * nhv + kept_fraction * (2 * gradients * nhv + flops_per_byte * product_bytes)
-    # tiled: one recompute; the tile is written, rewritten by the row kernel, read by each consumer
-    e_logits, e_grad = logits_dtype(input_dtype).itemsize, input_dtype.itemsize
-    tile_bytes = float(tokens) * vocab * (2 * e_logits + e_grad * (1 + gradients + int(need_bias)))
-    tiled = (2 + 2 * gradients) * nhv + flops_per_byte * tile_bytes
-    return fused < tiled
+    return cm.fused_backward_wins(tokens, hidden_size, vocab, input_dtype.itemsize,
+                                  logits_dtype(input_dtype).itemsize, block_n=block_n, block_v=block_v,
+                                  need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+                                  kept_fraction=kept_fraction, card=card)
 
 
 class FusedEngine:
