@@ -16,6 +16,7 @@ from .logits_path import LogitsLogpsFunction
 from .losses import all_pair_local, pair_losses
 from .objective import DPOOutput, LossConfig, batch_loss, dpo_output, pair_terms
 from .rows import KEPT_ONLY, TokenStats, TorchRows, TritonRows, finish_stats, triton_cpu_problem, triton_runs_on
+from .torch_path import torch_engine
 from .transform import LogitTransform
 
 
@@ -89,8 +90,10 @@ def make_engine(impl: str, memory_budget: Optional[int], filter_eps: float = 0.0
     if impl == "fused":
         from .fused import FusedEngine
 
-        return FusedEngine(filter_eps=filter_eps, memory_budget=memory_budget)
-    return ChunkedEngine(TritonRows() if impl == "chunked" else TorchRows(), budget)
+        return FusedEngine(filter_eps=filter_eps, memory_budget=budget)
+    if impl == "torch":
+        return torch_engine(budget)
+    return ChunkedEngine(TritonRows(), budget)
 
 
 @dataclass
