@@ -57,7 +57,9 @@ def _in_autocast_dtype(fn):
     @functools.wraps(fn)
     def call(hidden, weight, labels, *args, **kwargs):
         device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else None
-        if device_type is None or not torch.is_autocast_enabled(device_type):
+        # Devices without autocast (meta, ...) reach validation, which names what is wrong with them.
+        if (device_type is None or not torch.amp.is_autocast_available(device_type)
+                or not torch.is_autocast_enabled(device_type)):
             return fn(hidden, weight, labels, *args, **kwargs)
         dtype = torch.get_autocast_dtype(device_type)
 

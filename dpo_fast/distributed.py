@@ -37,6 +37,8 @@ from dpo_fast.kernels.stats_layout import (
     STAT_ARGMAX, STAT_MAX, STAT_SQEXP, STAT_SUMEXP, STAT_TARGET, STAT_ZEXP, STAT_ZSUM,
 )
 
+from .validation import check_process_group
+
 
 # ----------------------------------------------------------------------------------------
 # vocabulary-parallel head
@@ -397,6 +399,8 @@ def _release(params) -> None:
     """Partition ``params`` again, except those a DeepSpeed submodule is using right now (a
     head tied to the input embedding, during the embedding's backward): DeepSpeed frees
     those itself when that submodule is done."""
+    if not params:  # nothing was gathered (no ZeRO-3 parameter): DeepSpeed need not even be installed
+        return
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     free = [p for p in params
@@ -532,6 +536,7 @@ def gathers_head(fn):
         group = kwargs.get("process_group")
         if group is None:
             return run(hidden, weight, labels, *args, **kwargs)
+        check_process_group(group)  # before the group is asked its size: a wrong type raises here, alike on every rank
         tensors = [t for t in (hidden, weight, kwargs.get("bias")) if torch.is_tensor(t)]
         state = GroupCall(group, torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         token = _GROUP_CALL.set(state)

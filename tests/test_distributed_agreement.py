@@ -143,7 +143,7 @@ def _reconstruction_worker(rank):
         labels[:, :2] = -100
         try:
             hf.dpo_forward(model, input_ids, None, labels, impl="torch", fallback=fallback)
-            report[fallback] = hf._VERIFIED.get(model, "none")
+            report[fallback] = hf._VERIFIED.get(model, (None, "none"))[1]  # (what was read, verdict)
         except hf.ReconstructionError:
             report[fallback] = "ReconstructionError"
     return report

@@ -6,6 +6,7 @@ loss (dpo_fast.reference), reference log-probs the same way from the reference m
 """
 
 import copy
+import sys
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -382,3 +383,17 @@ def test_edited_post_processing_setting_is_checked_again():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     naive = reference.token_outputs_from_logits(logits[:, :-1], targets)[0].sum(-1)
     torch.testing.assert_close(ours.double(), naive, rtol=1e-5, atol=1e-4)
+
+
+def test_runs_where_deepspeed_cannot_be_imported(monkeypatch):
+    """Most users have no DeepSpeed: with no ZeRO-3 parameter in sight, the HF path (one-time check included)
+    must never import it. ``sys.modules[name] = None`` makes every import of it fail, as if uninstalled."""
+    for name in [m for m in list(sys.modules) if m == "deepspeed" or m.startswith("deepspeed.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    model, reference_model = build("llama-untied")
+    input_ids, attention_mask, labels = batch()
+    hf._VERIFIED.pop(model, None)
+    out = hf.dpo_forward(model, input_ids, attention_mask, labels, ref_model=reference_model, impl="torch")
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.lm_head.weight.grad is not None
