@@ -117,7 +117,7 @@ class _Prepared:
 
 def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl, sequence_ids,
              cu_seqlens, memory_budget, check_finite, process_group=None, filter_eps=0.0, paired=False) -> _Prepared:
-    check.check_hidden_inputs(hidden, weight, labels, bias, sequence_ids, cu_seqlens, paired=paired)
+    check.check_hidden_inputs(hidden, weight, labels, bias, sequence_ids, cu_seqlens)
     check.check_transform(temperature, logit_scale, softcap)
     check.check_memory_budget(memory_budget)
     check.check_ignore_index(ignore_index, labels.dtype)
@@ -126,12 +126,11 @@ def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scal
     engine = wrap_engine(make_engine(impl, memory_budget, filter_eps, hidden.device), weight, bias, process_group)
     # Under a process_group the full vocabulary (all shards together) is known once the ranks agree
     # (distributed.agree), which also checks the label range on every rank at once. Otherwise the
-    # label check rides on the layout's one host read.
+    # label check, like the packing checks, rides on the layout's one host read, and raises right
+    # after it, before any kernel or GEMM.
     vocab_size = weight.shape[0] if process_group is None else None
-    flags = [] if vocab_size is None else [check.labels_out_of_range(labels, vocab_size, ignore_index)]
-    layout = build_layout(labels, ignore_index, sequence_ids, cu_seqlens, flags=flags)
-    if vocab_size is not None:
-        check.check_labels_range(labels, vocab_size, ignore_index, bad_count=layout.flags_host[0])
+    values = check.value_checks(labels, sequence_ids, cu_seqlens, vocab_size, ignore_index, paired)
+    layout = build_layout(labels, ignore_index, sequence_ids, cu_seqlens, flags=values.flags, check=values)
     if check_finite:
         check.check_finite(hidden=hidden, weight=weight, bias=bias)
     kept_hidden = hidden.reshape(-1, hidden.shape[-1])[layout.kept_index]

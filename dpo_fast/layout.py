@@ -6,7 +6,7 @@ which is deterministic on every device (no atomics).
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -51,36 +51,52 @@ class TokenLayout:
 
 
 def build_layout(labels: torch.Tensor, ignore_index: int, sequence_ids: Optional[torch.Tensor] = None,
-                 cu_seqlens: Optional[torch.Tensor] = None, flags: Sequence[torch.Tensor] = ()) -> TokenLayout:
+                 cu_seqlens: Optional[torch.Tensor] = None, flags: Sequence[torch.Tensor] = (),
+                 check: Optional[Callable[[List[int]], None]] = None) -> TokenLayout:
     """Labels [R, T] (a sequence per row) or [N] with ``sequence_ids`` / ``cu_seqlens`` (packed).
 
-    One host read: the per-sequence lengths, with the device scalars ``flags`` (a caller's
-    checks) in the same transfer (``TokenLayout.flags_host``); the kept positions then come
-    from ``nonzero_static`` with the size known. ``sequence_ids`` need one more read (the
-    number of sequences).
+    One host read, whatever the packing: the per-sequence lengths, with the device scalars
+    ``flags`` (a caller's checks) in the same transfer (``TokenLayout.flags_host``). ``check``
+    gets the flags' values right after that read, before anything is sized by it; the kept
+    positions then come from ``nonzero_static`` with the size known. Nothing before the read
+    trusts the packing's values (``check`` judges them): ``cu_seqlens`` are clamped to [0, N]
+    before they index, and ``sequence_ids``, whose count R = max + 1 is known only from the
+    read, are counted into N slots (ids clamped to 0..N-1; R <= N once checked): all N counts
+    travel with the largest id, and the first R are the lengths (memory O(N)).
     """
     flat = labels.reshape(-1)
+    n = flat.numel()
     kept_mask = flat != ignore_index
     ids = None
+    head = []  # device values the layout reads before the lengths (the largest sequence id)
     if labels.dim() == 2:
         num_sequences = labels.shape[0]
         lengths = kept_mask.view(labels.shape).sum(1)
     elif cu_seqlens is not None:
         num_sequences = cu_seqlens.numel() - 1
         kept_before = torch.cat([kept_mask.new_zeros(1, dtype=torch.int64), kept_mask.cumsum(0)])
-        bounds = cu_seqlens.to(flat.device, torch.int64)
+        bounds = cu_seqlens.to(flat.device, torch.int64).clamp(0, n)
         lengths = kept_before[bounds[1:]] - kept_before[bounds[:-1]]
     elif sequence_ids is not None:
         ids = sequence_ids.reshape(-1).to(torch.int64)
-        num_sequences = int(ids.max().item()) + 1 if ids.numel() else 0
-        lengths = torch.zeros(num_sequences, dtype=torch.int64, device=flat.device).scatter_add_(
-            0, ids, kept_mask.to(torch.int64))
+        num_sequences = None  # the largest id + 1, known after the read
+        lengths = torch.zeros(n, dtype=torch.int64, device=flat.device)
+        if n:
+            lengths.scatter_add_(0, ids.clamp(0, n - 1), kept_mask.to(torch.int64))
+            head = [ids.max().reshape(1)]
     else:  # tokens without sequences: one pseudo-sequence holds them all
         num_sequences = 1
         lengths = kept_mask.sum().reshape(1)
     lengths = lengths.to(torch.int64)
-    host = torch.cat([lengths] + [f.reshape(1).to(lengths) for f in flags]).tolist()  # the host read
-    lengths_host, flags_host = host[:num_sequences], host[num_sequences:]
+    host = torch.cat(head + [lengths] + [f.reshape(1).to(lengths) for f in flags]).tolist()  # the host read
+    if ids is not None:
+        num_sequences = host[0] + 1 if head else 0
+        host = host[len(head):]
+    values, flags_host = host[:lengths.numel()], host[lengths.numel():]
+    if check is not None:
+        check(flags_host)
+    lengths_host = values[:num_sequences]
+    lengths = lengths[:num_sequences]
     kept_index = torch.nonzero_static(kept_mask, size=sum(lengths_host)).squeeze(1)
     if ids is not None:
         order = torch.sort(ids[kept_index], stable=True).indices

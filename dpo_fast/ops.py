@@ -110,7 +110,8 @@ def sequence_outputs_backward(grad_token: Tensor, grad_sequence: Tensor, hidden:
     layout = prep.layout
     kept = layout.kept_index
     # Kept tokens are grouped sequence by sequence, in order: repeat each sequence's gradient over its tokens.
-    sequence_of_kept = torch.repeat_interleave(torch.arange(layout.num_sequences, device=kept.device), layout.lengths)
+    sequence_of_kept = torch.repeat_interleave(torch.arange(layout.num_sequences, device=kept.device), layout.lengths,
+                                               output_size=layout.num_kept)
     grad_kept = grad_token.reshape(-1)[kept].float()
     if grad_sequence.numel():  # empty: no gradient reached the sequence sums
         grad_kept = grad_kept + grad_sequence[sequence_of_kept].float()
@@ -162,7 +163,7 @@ def _checked_sequence_outputs(hidden, weight, labels, bias, ignore_index, temper
                               sequence_ids, cu_seqlens, memory_budget, check_finite, filter_eps,
                               refs=(None, None), paired=False):
     """Every check that needs no tensor values, at trace time; the op checks the values when it runs."""
-    check.check_hidden_inputs(hidden, weight, labels, bias, sequence_ids, cu_seqlens, inspect_values=False)
+    check.check_hidden_inputs(hidden, weight, labels, bias, sequence_ids, cu_seqlens)
     check.check_transform(temperature, logit_scale, softcap)
     check.check_memory_budget(memory_budget)
     check.check_ignore_index(ignore_index, labels.dtype)

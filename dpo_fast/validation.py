@@ -1,7 +1,9 @@
 """Argument checks for every public entry point, in one place.
 
 Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong
-shape or value) naming the argument and what was expected, before any kernel runs.
+shape or value) naming the argument and what was expected, before any kernel runs. Checks
+of tensor values (label range, packing) read no value themselves: their device scalars
+travel in the layout's one host read (:class:`DeferredChecks`), and they raise right after it.
 """
 
 import math
@@ -142,13 +144,12 @@ def check_labels_range(labels, vocab_size, ignore_index, bad_count: Optional[int
                          f"found {value}")
 
 
-def check_hidden_inputs(hidden, weight, labels, bias=None, sequence_ids=None, cu_seqlens=None, inspect_values=True,
-                        paired=False):
+def check_hidden_inputs(hidden, weight, labels, bias=None, sequence_ids=None, cu_seqlens=None):
     """hidden [R, T, H] with labels [R, T], or hidden [N, H] with labels [N]; weight [V, H].
 
-    ``inspect_values=False`` checks metadata only (shapes, dtypes, devices): what a
-    torch.compile trace can check without reading tensor values (``ops.py``).
-    ``paired``: the sequences are the halves of a pairwise loss (see :func:`check_packing`).
+    Metadata only (shapes, dtypes, devices), no read of tensor values: what a torch.compile
+    trace can check too (``ops.py``). The values (label range, packing) are checked by
+    :func:`value_checks`, on the layout's one host read.
     """
     _float_tensor("hidden", hidden)
     _float_tensor("weight", weight)
@@ -177,10 +178,11 @@ def check_hidden_inputs(hidden, weight, labels, bias=None, sequence_ids=None, cu
     _same_device(hidden=hidden, weight=weight, labels=labels, bias=bias, sequence_ids=sequence_ids,
                  cu_seqlens=cu_seqlens)
     _holds_data("hidden", hidden)
-    check_packing(labels, sequence_ids, cu_seqlens, inspect_values, paired)
+    check_packing(labels, sequence_ids, cu_seqlens)
 
 
-def check_packing(labels, sequence_ids, cu_seqlens, inspect_values=True, paired=False):
+def check_packing(labels, sequence_ids, cu_seqlens):
+    """Kinds and shapes of the packing arguments; their values: :func:`value_checks`."""
     if sequence_ids is not None and cu_seqlens is not None:
         raise ValueError("pass sequence_ids or cu_seqlens, not both")
     if labels.dim() == 2 and (sequence_ids is not None or cu_seqlens is not None):
@@ -191,49 +193,109 @@ def check_packing(labels, sequence_ids, cu_seqlens, inspect_values=True, paired=
         if tuple(sequence_ids.shape) != tuple(labels.shape):
             raise ValueError(f"sequence_ids must have labels' shape {tuple(labels.shape)}, "
                              f"got {tuple(sequence_ids.shape)}")
-        if inspect_values and sequence_ids.numel():
-            _check_sequence_ids(sequence_ids, paired)
     if cu_seqlens is not None:
         _int_labels("cu_seqlens", cu_seqlens)
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
-        if not inspect_values:
-            return
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != labels.numel():
-            raise ValueError(f"cu_seqlens must start at 0 and end at the token count {labels.numel()}, "
-                             f"got {int(cu_seqlens[0])}..{int(cu_seqlens[-1])}")
-        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+
+
+# ----------------------------------------------------------------------------------------
+# value checks: device scalars read with the layout's lengths
+# ----------------------------------------------------------------------------------------
+
+class DeferredChecks:
+    """Checks of tensor values that make no host read of their own.
+
+    Each check puts device scalars in :attr:`flags` and registers the function that judges
+    their host values. ``layout.build_layout`` carries the flags in its one host read (with
+    the sequence lengths) and calls this object with their values right after that read,
+    before anything is sized by it and before any kernel or GEMM runs: a bad input raises
+    there, with the message of the check.
+    """
+
+    def __init__(self):
+        self.flags = []
+        self._judges = []  # (how many flags, judge(*values))
+
+    def add(self, scalars, judge):
+        self.flags.extend(s.reshape(()).to(torch.int64) for s in scalars)
+        self._judges.append((len(scalars), judge))
+
+    def __call__(self, values):
+        values = list(values)
+        if len(values) != len(self.flags):
+            raise AssertionError(f"{len(self.flags)} flags were sent to the host, {len(values)} came back")
+        for count, judge in self._judges:
+            judge(*values[:count])
+            values = values[count:]
+
+
+def value_checks(labels, sequence_ids=None, cu_seqlens=None, vocab_size=None, ignore_index=-100,
+                 paired=False) -> DeferredChecks:
+    """The value checks of a call from hidden states, after :func:`check_hidden_inputs`.
+
+    The packing (``cu_seqlens``, ``sequence_ids``; ``paired``: the sequences are the halves of
+    a pairwise loss, see :func:`_sequence_id_checks`), then the label range when
+    ``vocab_size`` is known (under a process_group the ranks check it together instead).
+    """
+    checks = DeferredChecks()
+    if cu_seqlens is not None:
+        _cu_seqlens_checks(checks, labels, cu_seqlens)
+    if sequence_ids is not None and sequence_ids.numel():
+        _sequence_id_checks(checks, sequence_ids, paired)
+    if vocab_size is not None:
+        checks.add([labels_out_of_range(labels, vocab_size, ignore_index)],
+                   lambda bad: check_labels_range(labels, vocab_size, ignore_index, bad_count=bad))
+    return checks
+
+
+def _cu_seqlens_checks(checks, labels, cu_seqlens):
+    n = labels.numel()
+    bounds = cu_seqlens.to(torch.int64)
+
+    def judge(first, last, decreasing):
+        if first != 0 or last != n:
+            raise ValueError(f"cu_seqlens must start at 0 and end at the token count {n}, got {first}..{last}")
+        if decreasing:
             raise ValueError("cu_seqlens must be non-decreasing")
 
+    checks.add([bounds[0], bounds[-1], (bounds[1:] < bounds[:-1]).any()], judge)
 
-def _check_sequence_ids(sequence_ids, paired):
+
+def _sequence_id_checks(checks, sequence_ids, paired):
     """Ids are sequence indices 0..R-1, so the number of sequences is max + 1.
 
     Bounded by the token count N before anything is sized by them: a stray id of 2**40 must
-    not allocate 2**40 counters (N tokens fill at most N sequences). An id below the largest
-    that no token carries is an empty sequence; a paired loss refuses it, since sequence k
-    is paired with k + R/2 and the gap would silently shift every pair after it (a sequence
+    not allocate 2**40 counters (N tokens fill at most N sequences; ``build_layout`` counts
+    into N slots and reads R only once this check has passed). An id below the largest that
+    no token carries is an empty sequence; a paired loss refuses it, since sequence k is
+    paired with k + R/2 and the gap would silently shift every pair after it (a sequence
     whose tokens are all ignored still carries its id; cu_seqlens can state an empty one).
-    One host read for every value check (it replaces the former read of the minimum).
     """
     ids = sequence_ids.reshape(-1).to(torch.int64)
     n = ids.numel()
     low, high = torch.aminmax(ids)
-    # Which of the ids 0..n-1 occur, out-of-range ids parked in one extra slot: O(N) memory. A scatter, not
-    # bincount, which on CUDA reads its input's range back to the host.
-    seen = ids.new_zeros(n + 1, dtype=torch.bool).index_fill_(0, ids.clamp(0, n), True)[:n]
-    index = torch.arange(n, device=ids.device)
-    first_gap = torch.where(~seen & (index < high), index, n).min()
-    low, high, first_gap = torch.stack((low, high, first_gap)).tolist()
-    if low < 0:
-        raise ValueError(f"sequence_ids must be >= 0 (sequence indices 0..R-1), found {low}")
-    if high >= n:
-        raise ValueError(f"sequence_ids must be sequence indices 0..R-1 with R at most the token count ({n}); "
-                         f"found {high}. Renumber arbitrary ids with torch.unique(ids, return_inverse=True)[1]")
-    if paired and first_gap < n:
-        raise ValueError(f"sequence_ids must number the sequences of a paired loss 0..R-1 with no gap (sequence k "
-                         f"is paired with k + R/2): no token carries id {first_gap} (of 0..{high}). A sequence "
-                         f"whose tokens are all ignored still carries its id; pass cu_seqlens to state an empty one")
+    scalars = [low, high]
+    if paired:
+        # Which of the ids 0..n-1 occur, out-of-range ids parked in one extra slot: O(N) memory. A scatter, not
+        # bincount, which on CUDA reads its input's range back to the host.
+        seen = ids.new_zeros(n + 1, dtype=torch.bool).index_fill_(0, ids.clamp(0, n), True)[:n]
+        index = torch.arange(n, device=ids.device)
+        scalars.append(torch.where(~seen & (index < high), index, n).min())
+
+    def judge(low, high, first_gap=n):
+        if low < 0:
+            raise ValueError(f"sequence_ids must be >= 0 (sequence indices 0..R-1), found {low}")
+        if high >= n:
+            raise ValueError(f"sequence_ids must be sequence indices 0..R-1 with R at most the token count ({n}); "
+                             f"found {high}. Renumber arbitrary ids with torch.unique(ids, return_inverse=True)[1]")
+        if first_gap < n:
+            raise ValueError(f"sequence_ids must number the sequences of a paired loss 0..R-1 with no gap (sequence "
+                             f"k is paired with k + R/2): no token carries id {first_gap} (of 0..{high}). A "
+                             f"sequence whose tokens are all ignored still carries its id; pass cu_seqlens to "
+                             f"state an empty one")
+
+    checks.add(scalars, judge)
 
 
 def check_logits_inputs(logits, labels):

@@ -232,10 +232,12 @@ class _SyncCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.syncs = []
+        self.ops = set()  # every op seen
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
+        self.ops.add(name)
         if name in self.NAMES:
             self.syncs.append(name)
         elif name == "aten::repeat_interleave" and kwargs.get("output_size") is None:
@@ -246,20 +248,67 @@ class _SyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _packed(h, labels, packing):
+    """Rows [R, T] packed into tokens [N] with ragged sequence lengths (row r keeps T - r tokens)."""
+    rows, seq = labels.shape
+    keep = torch.arange(seq, device=labels.device)[None, :] < (seq - torch.arange(rows, device=labels.device))[:, None]
+    hidden = h.detach()[keep].requires_grad_()
+    flat = labels[keep]
+    lengths = keep.sum(1)
+    if packing == "cu_seqlens":
+        return hidden, flat, dict(cu_seqlens=torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))
+    ids = torch.repeat_interleave(torch.arange(rows, device=labels.device), lengths)
+    order = torch.randperm(ids.numel(), device=labels.device)  # ids in any token order
+    return hidden.detach()[order].requires_grad_(), flat[order], dict(sequence_ids=ids[order])
+
+
+@pytest.mark.parametrize("packing", ["rows", "cu_seqlens", "sequence_ids"])
+@pytest.mark.parametrize("fn", ["dpo_loss", "sequence_logps"])
 @pytest.mark.parametrize("budget", [None, 3000, 8000])
-def test_one_host_sync_per_call(budget, device, monkeypatch):
-    """Issue 11 item 7: one host read per dpo_loss call (forward and backward), none per chunk."""
+def test_one_host_sync_per_call(budget, fn, packing, device, monkeypatch):
+    """Issue 11 item 7: one host read per call (forward and backward), none per chunk, whatever the packing:
+    the packing checks (cu_seqlens bounds and order, sequence_ids range and gaps) and the number of
+    sequence_ids' sequences ride on the layout's one transfer with the lengths and the label check."""
     h, w, _, labels = make_batch(3, 10, 16, 64, device=device)
     ref_c, ref_r = torch.randn(3, device=device) - 20, torch.randn(3, device=device) - 20
+    packed = {}
+    if packing != "rows":
+        h, labels, packed = _packed(h, labels, packing)
     tolist = torch.Tensor.tolist
     reads = []
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append("tolist") or tolist(self))
     counter = _SyncCounter()
     with counter:
-        out = dpo_fast.dpo_loss(h, w, labels, impl="torch", memory_budget=budget, ref_chosen_logps=ref_c,
-                                ref_rejected_logps=ref_r)
-        out.loss.backward()
+        if fn == "dpo_loss":
+            out = dpo_fast.dpo_loss(h, w, labels, impl="torch", memory_budget=budget, ref_chosen_logps=ref_c,
+                                    ref_rejected_logps=ref_r, **packed).loss
+        else:
+            out = dpo_fast.sequence_logps(h, w, labels, impl="torch", memory_budget=budget, **packed).sum()
+        out.backward()
     assert len(counter.syncs) + len(reads) <= 1, counter.syncs + reads
+    assert torch.isfinite(out) and h.grad is not None and w.grad is not None
+    assert counter.ops & {"aten::mm", "aten::addmm"}  # the counter sees the GEMMs (test below)
+
+
+@pytest.mark.parametrize("pack,message", [
+    (dict(cu_seqlens=[0, 7, 5, 12]), "non-decreasing"),
+    (dict(cu_seqlens=[0, 6, 11]), "end at the token count 12"),
+    (dict(sequence_ids=[0, 0, 1, 1, 2, 2, 3, 3, 5, 5, 5, 5]), "no token carries id 4"),
+    (dict(sequence_ids=[0] * 11 + [2 ** 40]), "at most the token count"),
+])
+def test_packing_checks_raise_on_the_one_read(pack, message, device, monkeypatch):
+    """A bad packing is refused on the layout's one read, before any GEMM (the check reads nothing itself)."""
+    hidden, weight = torch.randn(12, 8, device=device), torch.randn(20, 8, device=device)
+    labels = torch.randint(0, 20, (12,), device=device)
+    pack = {k: torch.tensor(v, device=device) for k, v in pack.items()}
+    tolist = torch.Tensor.tolist
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append("tolist") or tolist(self))
+    counter = _SyncCounter()
+    with counter, pytest.raises(ValueError, match=message):
+        dpo_fast.dpo_loss(hidden, weight, labels, impl="torch", **pack)
+    assert len(counter.syncs) + len(reads) <= 1, counter.syncs + reads
+    assert not counter.ops & {"aten::mm", "aten::addmm", "aten::matmul", "aten::bmm"}, "a GEMM ran before the check"
 
 
 def test_float16_on_cpu_stays_near_its_budget(device):
