@@ -227,7 +227,7 @@ def fully_fused(shape: Shape, block: int = 128, card: Card = DEFAULT_CARD, accum
     """tl.dot tiles never leave registers; backward recomputes logits and reads and writes the
     gradient rows of grad_hidden and grad_weight (``accumulate_bytes`` each) once per tile:
     about N*V*H/block * 4 * accumulate_bytes bytes (16 for float32 at block 128)."""
-    N, H, V, e = shape.tokens, shape.hidden, shape.vocab, shape.element_size
+    N, H, e = shape.tokens, shape.hidden, shape.element_size
     flops = 2.0 * shape.nv * H * (4 if shape.trainable_head else 3)
     sides = 2 if shape.trainable_head else 1
     rmw = shape.nv * H / block * 2 * accumulate_bytes * sides

@@ -7,6 +7,7 @@ the children (TRITON_INTERPRET=1 is set for them before triton loads).
 """
 
 import datetime
+import importlib.util
 import json
 import os
 import traceback
@@ -16,6 +17,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD = 2
+
+
+def deepspeed_installed() -> bool:
+    # Found, not imported: importing DeepSpeed in the test process would pick its accelerator here.
+    return importlib.util.find_spec("deepspeed") is not None
 
 
 def run_ranks(scenarios, folder, seed, timeout_s=120):

@@ -9,7 +9,6 @@ relative errors. Kernels run under the Triton interpreter in the children
 (TRITON_INTERPRET=1 is set for them before triton loads), on CPU tensors on any machine.
 """
 
-import importlib.util
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ from dpo_fast import reference
 from dpo_fast.api import make_engine
 from dpo_fast.function import TokenLogpsFunction
 from dpo_fast.transform import LogitTransform
-from _ranks import WORLD, run_ranks
+from _ranks import WORLD, deepspeed_installed, run_ranks
 from helpers import make_batch, rel_err
 
 TOL = 1e-5  # float32, only the order of a few sums differs from one process
@@ -487,12 +486,7 @@ def _zero3_worker(rank):
     return report
 
 
-def _deepspeed_installed():
-    # Found, not imported: importing DeepSpeed in the test process would pick its accelerator here.
-    return importlib.util.find_spec("deepspeed") is not None
-
-
-@pytest.mark.skipif(not _deepspeed_installed(), reason="deepspeed is not installed (make test installs it)")
+@pytest.mark.skipif(not deepspeed_installed(), reason="deepspeed is not installed (make test installs it)")
 def test_deepspeed_zero3_matches_one_process(tmp_path):
     seed = 20261126  # fixed: the same inputs on every run and machine
     reports, error = run_ranks({"zero3": (_zero3_worker, ())}, tmp_path, seed)

@@ -12,7 +12,6 @@ than that naive low-precision path, plus a margin.
 
 import contextlib
 import copy
-import importlib.util
 import json
 import os
 
@@ -27,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 from dpo_fast import hf, reference  # noqa: E402
 from dpo_fast.objective import LossConfig  # noqa: E402
-from _ranks import WORLD, run_ranks  # noqa: E402
+from _ranks import WORLD, deepspeed_installed, run_ranks  # noqa: E402
 from helpers import rel_err  # noqa: E402
 
 VOCAB, HIDDEN, PAIRS, SEQ, STEPS, LR, BETA = 48, 16, 4, 7, 2, 0.1, 0.5
@@ -244,12 +243,7 @@ def _zero3_worker(rank):
     return report
 
 
-def _deepspeed_installed():
-    # Found, not imported: importing DeepSpeed in the test process would pick its accelerator here.
-    return importlib.util.find_spec("deepspeed") is not None
-
-
-@pytest.mark.skipif(not _deepspeed_installed(), reason="deepspeed is not installed (make test installs it)")
+@pytest.mark.skipif(not deepspeed_installed(), reason="deepspeed is not installed (make test installs it)")
 def test_deepspeed_zero3_reference_pass_then_training_steps(tmp_path):
     seed = 20261126  # fixed: the same inputs on every run and machine
     reports, error = run_ranks({"zero3": (_zero3_worker, ())}, tmp_path, seed)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dpo_fast
-from dpo_fast import api, chunked, planner, reference
+from dpo_fast import chunked, planner, reference
 from dpo_fast.losses import LOSSES
 from dpo_fast.objective import LossConfig
 from dpo_fast.transform import LogitTransform

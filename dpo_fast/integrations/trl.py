@@ -350,7 +350,18 @@ def _patch_compute_loss(impl, memory_budget):
 _VISION_BATCH_KEYS = ("pixel_values", "pixel_attention_mask", "image_sizes", "token_type_ids")
 
 
-class TokenOutputsComputation(HeadComputation):
+class _TokenPathComputation(HeadComputation):
+    """A computation on dpo-fast's per-token path (targets marked with -100, as TRL marks them)."""
+
+    def __init__(self, impl, memory_budget):
+        self.impl, self.memory_budget = impl, memory_budget
+
+    def _prepare(self, hidden, weight, bias, targets, transform):
+        return api._prepare(hidden, weight, targets, bias, -100, 1.0, transform.scale, transform.softcap, self.impl,
+                            None, None, self.memory_budget, False)
+
+
+class TokenOutputsComputation(_TokenPathComputation):
     """Per-token log-probs (differentiable), entropy, vocab-mean logits and top-1 flags, shaped like the targets.
 
     Returns ``(log_probs, entropy, mean_logits, is_top1, targets)``, each ``[rows, T]`` (0 where
@@ -358,14 +369,9 @@ class TokenOutputsComputation(HeadComputation):
     trainer version logs.
     """
 
-    def __init__(self, impl, memory_budget):
-        self.impl, self.memory_budget = impl, memory_budget
-
     def from_hidden(self, hidden, targets, head):
-        t = head.transform
         with head_precision(hidden, head.weight, head.bias) as (hidden, weight, bias):
-            prep = api._prepare(hidden, weight, targets, bias, -100, 1.0, t.scale, t.softcap, self.impl, None, None,
-                                self.memory_budget, False)
+            prep = self._prepare(hidden, weight, bias, targets, head.transform)
             kept = api._kept_token_outputs(prep, weight, bias)
             scatter = prep.layout.scatter
             return (scatter(kept.logps), scatter(kept.entropy.detach()), scatter(kept.mean_logits.detach().float()),
@@ -469,7 +475,7 @@ def _patch_concatenated_forward(impl, memory_budget):
 # trl.experimental CPOTrainer and ORPOTrainer: concatenated_forward
 # ----------------------------------------------------------------------------------------
 
-class PositionOutputsComputation(HeadComputation):
+class PositionOutputsComputation(_TokenPathComputation):
     """Per-token log-probs (differentiable) at scored positions and the vocab-mean logit at every position.
 
     Returns ``(log_probs, mean_logits, targets)``, each ``[rows, T]``. CPO and ORPO log the
@@ -480,14 +486,10 @@ class PositionOutputsComputation(HeadComputation):
     take a forward-only pass of the kernel.
     """
 
-    def __init__(self, impl, memory_budget):
-        self.impl, self.memory_budget = impl, memory_budget
-
     def from_hidden(self, hidden, targets, head):
         t = head.transform
         with head_precision(hidden, head.weight, head.bias) as (hidden, weight, bias):
-            prep = api._prepare(hidden, weight, targets, bias, -100, 1.0, t.scale, t.softcap, self.impl, None, None,
-                                self.memory_budget, False)
+            prep = self._prepare(hidden, weight, bias, targets, t)
             log_probs = prep.layout.scatter(api._kept_token_outputs(prep, weight, bias).logps)
             with torch.no_grad():
                 if t.softcap is None:
@@ -495,9 +497,8 @@ class PositionOutputsComputation(HeadComputation):
                     mean_b = 0.0 if bias is None else bias.float().mean()
                     mean_logits = (hidden.float() @ mean_w + mean_b) * t.scale
                 else:
-                    every = api._prepare(hidden.detach(), weight.detach(), targets.clamp(min=0), None if bias is None
-                                         else bias.detach(), -100, 1.0, t.scale, t.softcap, self.impl, None, None,
-                                         self.memory_budget, False)
+                    every = self._prepare(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                          targets.clamp(min=0), t)
                     stats = api._kept_token_outputs(every, weight.detach(), None if bias is None else bias.detach())
                     mean_logits = every.layout.scatter(stats.mean_logits.float())
         return log_probs, mean_logits, targets
