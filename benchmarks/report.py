@@ -14,6 +14,7 @@ COLUMNS = [
     ("p20-p80", ("fwd_bwd_q20_ms", "fwd_bwd_q80_ms"), lambda v: f"{_sig(v[0])}-{_sig(v[1])}"),
     ("peak MiB", "peak_bytes", lambda v: _sig(v / 2**20)),
     ("loss err", "loss_err", lambda v: f"{v:.1e}"),
+    ("logp err", "logps_err", lambda v: "-" if v != v else f"{v:.1e}"),  # NaN: the method hides its log-probs
     ("grad err", "grad_err", lambda v: f"{v:.1e}"),
     ("speed vs naive", "speedup", lambda v: f"{v:.2f}x"),
     ("mem vs naive", "memory_ratio", lambda v: f"{v:.2f}x"),
@@ -26,7 +27,8 @@ LEGEND = (
     "triton.testing.do_bench, L2 flushed before each call; CPU: wall clock), p20-p80 the 20th to 80th "
     "percentile of fwd+bwd. peak = loss-attributable peak "
     "memory above the inputs (CUDA: max_memory_allocated; CPU: resident-set high-water mark, inputs and imports "
-    "excluded). loss err = |loss - float64 oracle|; grad err = max over grad_hidden and grad_weight of "
+    "excluded). loss err = |loss - float64 oracle|; logp err = largest |sequence log-prob - float64 oracle| in "
+    "nats (- where a method does not return its log-probs); grad err = max over grad_hidden and grad_weight of "
     "max|g - g64| / max|g64|. speed vs naive = naive-eager fwd+bwd time / this time (>1 is faster); mem vs naive "
     "= this peak / naive-eager peak (<1 is smaller). % of floor = (logits + grad_hidden + grad_weight GEMM time) "
     "/ fwd+bwd time. TFLOP/s = 6NHV / fwd+bwd time."
