@@ -222,12 +222,7 @@ class PairChunkLoss(torch.autograd.Function):
         the device."""
         with torch.autocast(hidden.device.type, enabled=False):  # the tiles' precision is chosen here
             run = _PairRun(hidden, weight, bias, labels, (ref_chosen, ref_rejected), rows, transform, spans,
-                           chunk_loss, ctx.needs_input_grad)
-            run.lengths = lengths
-            run.single_gemm = len(chunks) == 1 and not chunks[0].split
-            # One workspace for the largest chunk (or piece), reused by every other.
-            run.workspace = Workspace(max(_chunk_tokens(c, spans) for c in chunks) * weight.shape[0], hidden.dtype,
-                                      hidden.device, with_gradient=True)
+                           lengths, chunks, chunk_loss, ctx.needs_input_grad)
             for chunk in chunks:
                 (run.split_pair if chunk.split else run.whole_pairs)(chunk)
             grads = run.finish()
@@ -246,9 +241,12 @@ class PairChunkLoss(torch.autograd.Function):
 class _PairRun:
     """State of one PairChunkLoss forward: the workspace and the gradients being summed."""
 
-    def __init__(self, hidden, weight, bias, labels, refs, rows, transform, spans, chunk_loss, needs):
+    def __init__(self, hidden, weight, bias, labels, refs, rows, transform, spans, lengths, chunks, chunk_loss,
+                 needs):
         self.hidden, self.weight, self.bias, self.labels = hidden, weight, bias, labels
         self.refs, self.rows, self.transform, self.spans, self.chunk_loss = refs, rows, transform, spans, chunk_loss
+        self.lengths = lengths  # per sequence, on the device (spans holds the same on the host)
+        self.single_gemm = len(chunks) == 1 and not chunks[0].split
         self.need_hidden, self.need_weight, self.need_bias = needs[:3]
         self.need_refs = needs[4:6]
         self.pairs = len(spans) // 2
@@ -261,8 +259,9 @@ class _PairRun:
                           for need in self.need_refs]
         self.grad_weight = None  # the float32 sum (or, for one chunk of whole pairs, the result itself)
         self.sum_dtype = torch.promote_types(weight.dtype, torch.float32)
-        self.workspace = None
-        self.chunk_count = 0
+        # One workspace for the largest chunk (or piece), reused by every other.
+        self.workspace = Workspace(max(_chunk_tokens(c, spans) for c in chunks) * vocab, hidden.dtype, device,
+                                   with_gradient=True)
 
     # -- helpers ------------------------------------------------------------------------
 
