@@ -19,7 +19,6 @@ class TokenLayout:
     num_sequences: int
     lengths: torch.Tensor  # [R] kept tokens per sequence (int64, on device)
     lengths_host: List[int]
-    flags_host: List[int] = ()
 
     @property
     def num_kept(self) -> int:
@@ -56,9 +55,9 @@ def build_layout(labels: torch.Tensor, ignore_index: int, sequence_ids: Optional
     """Labels [R, T] (a sequence per row) or [N] with ``sequence_ids`` / ``cu_seqlens`` (packed).
 
     One host read, whatever the packing: the per-sequence lengths, with the device scalars
-    ``flags`` (a caller's checks) in the same transfer (``TokenLayout.flags_host``). ``check``
-    gets the flags' values right after that read, before anything is sized by it; the kept
-    positions then come from ``nonzero_static`` with the size known. Nothing before the read
+    ``flags`` (a caller's checks) in the same transfer. ``check`` gets the flags' values right
+    after that read, before anything is sized by it; the kept positions then come from
+    ``nonzero_static`` with the size known. Nothing before the read
     trusts the packing's values (``check`` judges them): ``cu_seqlens`` are clamped to [0, N]
     before they index, and ``sequence_ids``, whose count R = max + 1 is known only from the
     read, are counted into N slots (ids clamped to 0..N-1; R <= N once checked): all N counts
@@ -108,5 +107,4 @@ def build_layout(labels: torch.Tensor, ignore_index: int, sequence_ids: Optional
         num_sequences=num_sequences,
         lengths=lengths,
         lengths_host=lengths_host,
-        flags_host=flags_host,
     )
