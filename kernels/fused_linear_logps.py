@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from . import stats_layout
+from .launch import launch
 from .logsoftmax_gather import (  # the statistics layout as Triton constexprs, defined once there
     STAT_ARGMAX, STAT_MAX, STAT_SQEXP, STAT_SUMEXP, STAT_TARGET, STAT_ZEXP, STAT_ZSUM, _post_process, split_lse,
 )
@@ -548,14 +549,14 @@ def forward_stats(hidden, weight, bias, labels, *, scale=1.0, softcap=None, inv_
     splits = _vocab_splits("forward", n, vocab, block_n, hidden.element_size(), hidden.device, num_splits)
     partial = torch.empty(splits, NUM_STATS, n, dtype=torch.float32, device=hidden.device)
     c = _common(hidden, weight, bias, scale, softcap, inv_temperature)
-    _forward_kernel[(triton.cdiv(n, block_n), splits)](
-        *c["args"], labels, partial, n, vocab, hidden_size, splits, _token_bucket(n), *c["transform"],
-        BLOCK_N=block_n, **c["consts"])
+    launch(_forward_kernel, (triton.cdiv(n, block_n), splits),
+           *c["args"], labels, partial, n, vocab, hidden_size, splits, _token_bucket(n), *c["transform"],
+           BLOCK_N=block_n, **c["consts"])
     if splits == 1:
         return partial[0]
     stats = torch.empty(NUM_STATS, n, dtype=torch.float32, device=hidden.device)
     block = MERGE_BLOCK if not INTERPRETED else 64
-    _merge_splits_kernel[(triton.cdiv(n, block),)](partial, stats, n, splits, BLOCK=block)
+    launch(_merge_splits_kernel, (triton.cdiv(n, block),), partial, stats, n, splits, BLOCK=block)
     return stats
 
 
@@ -598,9 +599,9 @@ def backward(hidden, weight, bias, labels, lse, grad_logp, *, entropy=None, grad
         splits = max(1, min(splits, workspace_bytes // max(1, 4 * n * hidden_size)))
         direct = splits == 1 and hidden.dtype == torch.float32
         acc = grad_hidden if direct else torch.zeros(splits, n, hidden_size, dtype=torch.float32, device=device)
-        _grad_hidden_kernel[(triton.cdiv(n, block_n), splits)](
-            *c["args"], *row_args, acc, n, vocab, hidden_size, splits, _token_bucket(n), *tail, BLOCK_N=block_n,
-            **consts)
+        launch(_grad_hidden_kernel, (triton.cdiv(n, block_n), splits),
+               *c["args"], *row_args, acc, n, vocab, hidden_size, splits, _token_bucket(n), *tail, BLOCK_N=block_n,
+               **consts)
         if not direct:
             total = acc[0]
             for split in range(1, splits):  # fixed order: deterministic
@@ -625,9 +626,8 @@ def backward(hidden, weight, bias, labels, lse, grad_logp, *, entropy=None, grad
             if need_weight and scratch is not grad_weight:
                 scratch.zero_()
             grid = lambda meta: (triton.cdiv(v1 - v0, meta["BLOCK_V"]),)  # noqa: E731
-            _grad_weight_kernel[grid](*c["args"], *row_args, scratch, bias_acc, n, vocab, hidden_size, v0, v1,
-                                      _token_bucket(n), *tail, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias,
-                                      **consts)
+            launch(_grad_weight_kernel, grid, *c["args"], *row_args, scratch, bias_acc, n, vocab, hidden_size, v0,
+                   v1, _token_bucket(n), *tail, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, **consts)
             if need_weight and scratch is not grad_weight:
                 grad_weight[v0:v1].copy_(scratch[: v1 - v0])
         if need_bias:

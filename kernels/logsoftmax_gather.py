@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import stats_layout
+from .launch import launch
 
 # Triton kernels read module globals only as constexpr.
 STAT_MAX = tl.constexpr(stats_layout.STAT_MAX)
@@ -194,7 +195,8 @@ def row_stats(tile, labels, stats, *, vocab_start, ignore_index, scale, softcap,
     rows, cols = tile.shape
     if rows == 0:
         return
-    _row_stats_kernel[(rows,)](
+    launch(
+        _row_stats_kernel, (rows,),
         tile, tile.stride(0), labels, stats, stats.stride(0), vocab_start, cols, ignore_index,
         float(scale), float(softcap or 1.0), float(inv_temperature),
         HAS_SOFTCAP=softcap is not None, BLOCK=_block_for(cols),
@@ -214,7 +216,8 @@ def row_grad(tile, labels, lse, grad_logp, out, *, vocab_start, ignore_index, sc
     if rows == 0:
         return
     has_entropy_grad = grad_entropy is not None
-    _row_grad_kernel[(rows,)](
+    launch(
+        _row_grad_kernel, (rows,),
         tile, tile.stride(0), out, out.stride(0), labels, lse, grad_logp,
         entropy if has_entropy_grad else lse, grad_entropy if has_entropy_grad else lse,
         vocab_start, cols, ignore_index,

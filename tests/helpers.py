@@ -1,4 +1,7 @@
-"""Shared test utilities: input makers, error measures, an allocation recorder."""
+"""Shared test utilities: input makers, error measures, an allocation recorder, a kernel-launch recorder."""
+
+import contextlib
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -62,3 +65,47 @@ class AllocationRecorder(TorchDispatchMode):
 
     def largest(self):
         return max(self.sizes, default=(0, 0, ""))
+
+
+class Launch(NamedTuple):
+    """One Triton kernel run: its name, the device ``kernels/launch.py`` had entered (None: launched outside
+    it) and the devices of its tensor arguments."""
+
+    kernel: str
+    entered: Optional[torch.device]
+    tensor_devices: frozenset
+
+
+def record_launches(monkeypatch) -> List[Launch]:
+    """Record every Triton kernel that runs (interpreted or compiled) until ``monkeypatch`` is undone.
+
+    Hooks Triton's own ``run`` (what ``kernel[grid](...)`` and the autotuner call), not dpo-fast's
+    launch helper, so a kernel launched any other way is seen too, with ``entered=None``.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from dpo_fast.kernels import launch as launch_module
+
+    launches, entered = [], []
+    real_context = launch_module.device_context
+
+    @contextlib.contextmanager
+    def recording_context(device):
+        entered.append(device)
+        try:
+            with real_context(device):
+                yield
+        finally:
+            entered.pop()
+
+    monkeypatch.setattr(launch_module, "device_context", recording_context)
+    for cls in (InterpretedFunction, JITFunction):
+        def run(self, *args, _real=cls.run, **kwargs):
+            if not kwargs.get("warmup"):
+                devices = frozenset(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+                launches.append(Launch(self.fn.__name__, entered[-1] if entered else None, devices))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "run", run)
+    return launches
