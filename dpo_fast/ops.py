@@ -39,6 +39,15 @@ from .transform import LogitTransform
 
 Tensor = torch.Tensor
 
+# CUDA graphs (torch.compile(mode="reduce-overhead"), cudagraph trees): the ops cannot be captured. They
+# read the host (kept-token counts, sequence lengths and the label checks travel in one transfer per
+# call), size their buffers and chunks by those values, and a Triton kernel's first call at a new shape
+# may autotune (timed launches). Tagged ``cudagraph_unsafe``, Inductor runs them eagerly between
+# captured partitions (with graph partitioning, torch >= 2.9's default) or leaves the graph uncaptured;
+# the GEMMs and kernels inside run as in eager mode. Torch builds without the tag (older than 2.8) get none.
+CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
+OP_TAGS = () if CUDAGRAPH_UNSAFE is None else (CUDAGRAPH_UNSAFE,)
+
 
 # ----------------------------------------------------------------------------------------
 # from hidden states
@@ -60,7 +69,7 @@ def _prepare(hidden, weight, bias, labels, sequence_ids, cu_seqlens, ignore_inde
                         sequence_ids, cu_seqlens, memory_budget, check_finite, filter_eps=filter_eps, paired=paired)
 
 
-@torch.library.custom_op("dpo_fast::sequence_outputs", mutates_args=())
+@torch.library.custom_op("dpo_fast::sequence_outputs", mutates_args=(), tags=OP_TAGS)
 def sequence_outputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                      sequence_ids: Optional[Tensor], cu_seqlens: Optional[Tensor],
                      ref_chosen_logps: Optional[Tensor], ref_rejected_logps: Optional[Tensor], paired: bool,
@@ -97,7 +106,7 @@ def _(hidden, weight, bias, labels, sequence_ids, cu_seqlens, ref_chosen_logps, 
             *per_sequence[1:])
 
 
-@torch.library.custom_op("dpo_fast::sequence_outputs_backward", mutates_args=())
+@torch.library.custom_op("dpo_fast::sequence_outputs_backward", mutates_args=(), tags=OP_TAGS)
 def sequence_outputs_backward(grad_token: Tensor, grad_sequence: Tensor, hidden: Tensor, weight: Tensor,
                               bias: Optional[Tensor], labels: Tensor, sequence_ids: Optional[Tensor],
                               cu_seqlens: Optional[Tensor], lse: Tensor, ignore_index: int, temperature: float,
@@ -254,7 +263,7 @@ class _Saved(SimpleNamespace):
         pass
 
 
-@torch.library.custom_op("dpo_fast::logits_outputs", mutates_args=())
+@torch.library.custom_op("dpo_fast::logits_outputs", mutates_args=(), tags=OP_TAGS)
 def logits_outputs(logits: Tensor, labels: Tensor, ref_chosen_logps: Optional[Tensor],
                    ref_rejected_logps: Optional[Tensor], ignore_index: int, temperature: float, impl: str,
                    check_finite: bool, paired: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -282,7 +291,7 @@ def _(logits, labels, ref_chosen_logps, ref_rejected_logps, ignore_index, temper
     return (*per_token, logits.new_empty(labels.shape, dtype=torch.bool), lse)
 
 
-@torch.library.custom_op("dpo_fast::logits_outputs_backward", mutates_args=())
+@torch.library.custom_op("dpo_fast::logits_outputs_backward", mutates_args=(), tags=OP_TAGS)
 def logits_outputs_backward(grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int,
                             temperature: float, impl: str) -> Tensor:
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()  # as the forward read it
