@@ -6,6 +6,10 @@ from typing import List, NamedTuple, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+# The one device choice of the suite (conftest's `device` fixture hands it out): CUDA when present, else
+# CPU, where Triton runs through its interpreter (conftest sets TRITON_INTERPRET=1).
+TEST_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def rel_err(actual, expected) -> float:
     """max |actual - expected| / max(max |expected|, tiny), in float64."""

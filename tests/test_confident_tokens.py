@@ -22,7 +22,7 @@ FACTOR = 3.0
 
 
 def _rel(actual, expected) -> float:
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.double().cpu(), expected.double().cpu()
     return float((actual - expected).norm() / expected.norm())
 
 
@@ -47,26 +47,28 @@ def _peaked_head(tokens, vocab, hidden_size, offset, seed):
     return hidden.float(), weight.float(), labels, upstream
 
 
-def _grads(fn, tensors, upstream, dtype):
-    leaves = [t.to(dtype).requires_grad_() for t in tensors]
+def _grads(fn, tensors, upstream, dtype, device="cpu"):
+    """Gradients of ``(fn(*tensors) * upstream).sum()``, computed on ``device`` (inputs are drawn on CPU)."""
+    leaves = [t.to(device, dtype).requires_grad_() for t in tensors]
     out = fn(*leaves)
-    return torch.autograd.grad((out * upstream.to(dtype)).sum(), leaves)
+    return torch.autograd.grad((out * upstream.to(device, dtype)).sum(), leaves)
 
 
 @pytest.mark.parametrize("impl", ["torch", "chunked"])
 @pytest.mark.parametrize("offset", OFFSETS)
-def test_logits_path_confident_token_gradient(impl, offset):
+def test_logits_path_confident_token_gradient(impl, offset, device):
     ours_err, naive_err = [], []
     for seed in SEEDS:
         logits, labels, upstream = _peaked_logits(8, 300, offset, seed)
+        on_device = labels.to(device)
 
         def log_softmax_at_label(z):
             return torch.log_softmax(z, -1).gather(1, labels[:, None]).squeeze(1)
 
         (exact,) = _grads(log_softmax_at_label, [logits], upstream, torch.float64)
         (naive,) = _grads(log_softmax_at_label, [logits], upstream, torch.float32)
-        (ours,) = _grads(lambda z: dpo_fast.token_logps_from_logits(z, labels, impl=impl), [logits], upstream,
-                         torch.float32)
+        (ours,) = _grads(lambda z: dpo_fast.token_logps_from_logits(z, on_device, impl=impl), [logits], upstream,
+                         torch.float32, device)
         ours_err.append(_rel(ours, exact))
         naive_err.append(_rel(naive, exact))
     assert max(o / n for o, n in zip(ours_err, naive_err)) < FACTOR, (ours_err, naive_err)
@@ -74,15 +76,16 @@ def test_logits_path_confident_token_gradient(impl, offset):
 
 @pytest.mark.parametrize("impl", ["torch", "chunked", "fused"])
 @pytest.mark.parametrize("offset", OFFSETS)
-def test_hidden_paths_confident_token_gradient(impl, offset):
+def test_hidden_paths_confident_token_gradient(impl, offset, device):
     for seed in SEEDS[:3]:
         hidden, weight, labels, upstream = _peaked_head(8, 300, 32, offset, seed)
+        on_device = labels.to(device)
         exact = _grads(lambda h, w: reference.token_outputs(h, w, labels)[0], [hidden, weight], upstream,
                        torch.float64)
         naive = _grads(lambda h, w: reference.token_outputs(h, w, labels, dtype=None)[0], [hidden, weight],
                        upstream, torch.float32)
-        ours = _grads(lambda h, w: dpo_fast.token_logps(h, w, labels, impl=impl), [hidden, weight], upstream,
-                      torch.float32)
+        ours = _grads(lambda h, w: dpo_fast.token_logps(h, w, on_device, impl=impl), [hidden, weight], upstream,
+                      torch.float32, device)
         for name, o, n, e in zip(("hidden", "weight"), ours, naive, exact):
             assert _rel(o, e) < FACTOR * _rel(n, e), (name, seed, _rel(o, e), _rel(n, e))
 

@@ -21,10 +21,9 @@ import torch
 import dpo_fast
 from dpo_fast import reference
 from dpo_fast.transform import LogitTransform
-from helpers import rel_err
+from helpers import TEST_DEVICE, rel_err
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+ON_GPU = TEST_DEVICE.type == "cuda"  # the shapes follow the suite's device (the `device` fixture)
 IMPLS = ["fused", "chunked", "torch"]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # Beyond the naive path's own error (relative for log-probs and gradients, absolute for the loss):
@@ -40,14 +39,14 @@ SHAPES = {
 
 
 @functools.lru_cache(maxsize=1)
-def _case(shape: str, dtype: torch.dtype):
+def _case(shape: str, dtype: torch.dtype, device: torch.device):
     """Inputs, float64 oracle and the naive path's errors for one shape and dtype (shared by the impls)."""
     pairs, tokens, H, V, softcap, seed = SHAPES[shape]
-    gen = torch.Generator(device=DEVICE).manual_seed(seed * 10 + DTYPES.index(dtype))
+    gen = torch.Generator(device=device).manual_seed(seed * 10 + DTYPES.index(dtype))
     rows = 2 * pairs
-    hidden = torch.randn(rows, tokens, H, generator=gen, device=DEVICE).to(dtype)
-    weight = (torch.randn(V, H, generator=gen, device=DEVICE) / H ** 0.5).to(dtype)
-    labels = torch.randint(0, V, (rows, tokens), generator=gen, device=DEVICE)
+    hidden = torch.randn(rows, tokens, H, generator=gen, device=device).to(dtype)
+    weight = (torch.randn(V, H, generator=gen, device=device) / H ** 0.5).to(dtype)
+    labels = torch.randint(0, V, (rows, tokens), generator=gen, device=device)
     labels[:, : max(1, tokens // 8)] = -100  # a prompt
     labels[1, tokens - tokens // 3:] = -100  # ragged end (padding)
     transform = LogitTransform(softcap=softcap)
@@ -55,7 +54,7 @@ def _case(shape: str, dtype: torch.dtype):
     h64, w64 = (t.double().requires_grad_() for t in (hidden, weight))
     seq64 = reference.sequence_logps(h64, w64, labels, transform=transform)
     # Reference-model log-probs a few nats from the policy's, so the sigmoid is not saturated.
-    ref = (seq64.detach() + 20 * torch.randn(rows, generator=gen, device=DEVICE, dtype=torch.float64)).float()
+    ref = (seq64.detach() + 20 * torch.randn(rows, generator=gen, device=device, dtype=torch.float64)).float()
     kwargs = dict(ref_chosen_logps=ref[:pairs].contiguous(), ref_rejected_logps=ref[pairs:].contiguous())
     oracle = reference.dpo_loss(h64, w64, labels, transform=transform,
                                 **{k: v.double() for k, v in kwargs.items()})
@@ -85,8 +84,8 @@ def _errors(out, grads, oracle) -> dict:
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_dpo_loss_matches_float64_oracle(shape, dtype, impl):
-    hidden, weight, labels, softcap, kwargs, oracle, naive = _case(shape, dtype)
+def test_dpo_loss_matches_float64_oracle(shape, dtype, impl, device):
+    hidden, weight, labels, softcap, kwargs, oracle, naive = _case(shape, dtype, device)
     out, grads = _run(lambda h, w: dpo_fast.dpo_loss(h, w, labels, softcap=softcap, impl=impl, **kwargs),
                       hidden, weight)
     assert all(g.dtype == dtype for g in grads)
@@ -98,13 +97,13 @@ def test_dpo_loss_matches_float64_oracle(shape, dtype, impl):
 
 @pytest.mark.parametrize("impl", ["chunked", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_token_logps_from_logits_matches_float64_oracle(dtype, impl):
+def test_token_logps_from_logits_matches_float64_oracle(dtype, impl, device):
     pairs, tokens, H, V, _, seed = SHAPES["llama3-8b-head"]
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    logits = (3 * torch.randn(2 * pairs * tokens, V, generator=gen, device=DEVICE)).to(dtype)
-    labels = torch.randint(0, V, (logits.shape[0],), generator=gen, device=DEVICE)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = (3 * torch.randn(2 * pairs * tokens, V, generator=gen, device=device)).to(dtype)
+    labels = torch.randint(0, V, (logits.shape[0],), generator=gen, device=device)
     labels[::7] = -100
-    upstream = torch.randn(logits.shape[0], generator=gen, device=DEVICE)
+    upstream = torch.randn(logits.shape[0], generator=gen, device=device)
 
     x = logits.clone().requires_grad_()
     ours = dpo_fast.token_logps_from_logits(x, labels, impl=impl)

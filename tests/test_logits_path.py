@@ -233,10 +233,10 @@ def test_float64_logits_on_torch_rows_are_float64_exact(rows, vocab, scale, devi
     assert rel_err(ours, oracle) < 1e-12 and rel_err(grad, grad64) < 1e-12
 
 
-def test_float64_logits_on_triton_rows_are_float32():
+def test_float64_logits_on_triton_rows_are_float32(device):
     # Documented: the Triton row kernels keep float32 statistics and return float32.
-    logits = torch.randn(4, 50, dtype=torch.float64) * 3
-    labels = torch.randint(0, 50, (4,))
+    logits = torch.randn(4, 50, dtype=torch.float64, device=device) * 3
+    labels = torch.randint(0, 50, (4,), device=device)
     ours = dpo_fast.token_logps_from_logits(logits, labels, impl="chunked")
     oracle, _ = reference.token_outputs_from_logits(logits, labels)
     assert ours.dtype == torch.float32 and rel_err(ours, oracle) < 1e-5

@@ -47,8 +47,8 @@ def _trl_orpo(hidden, weight, labels, beta):
 
 @pytest.mark.parametrize("impl", ["torch", "chunked"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_orpo_matches_trl_formula_and_gradients(impl, seed):
-    hidden, weight, labels = _batch(seed)
+def test_orpo_matches_trl_formula_and_gradients(impl, seed, device):
+    hidden, weight, labels = (t.to(device) for t in _batch(seed))
     beta = 0.25
     hidden.requires_grad_(), weight.requires_grad_()
     ours = dpo_fast.dpo_loss(hidden, weight, labels, loss_type="orpo", beta=beta, impl=impl)

@@ -56,20 +56,20 @@ def _always_unpatch():
 
 
 @pytest.mark.parametrize("impl", ["torch", "chunked"])
-def test_chunked_logprob_matches_trl_function(impl):
+def test_chunked_logprob_matches_trl_function(impl, device):
     """The drop-in against TRL's own ChunkedLogProbFunction: five outputs and all gradients, with targets that
     carry -100 (dropped before any product, outputs 0 there), on the PyTorch and Triton engines."""
     from trl.trainer.utils import _ChunkedLogProbFunction as trl_function
 
     n, h, v = 40, 24, 300
-    hidden = torch.randn(n, h, dtype=torch.float64).float().requires_grad_()
-    weight = (torch.randn(v, h) * 0.5).requires_grad_()
-    bias = (torch.randn(v) * 0.1).requires_grad_()
-    targets = torch.randint(0, v, (n,))
+    hidden = torch.randn(n, h, dtype=torch.float64, device=device).float().requires_grad_()
+    weight = (torch.randn(v, h, device=device) * 0.5).requires_grad_()
+    bias = (torch.randn(v, device=device) * 0.1).requires_grad_()
+    targets = torch.randint(0, v, (n,), device=device)
     targets[::7] = -100
     kept = targets != -100
     settings = (1.3, 128, 4.0, 0.8)  # temperature, chunk_size, softcap, logit_scale
-    upstream = torch.randn(n), torch.randn(n)
+    upstream = torch.randn(n, device=device), torch.randn(n, device=device)
 
     ours = dpo_trl.ChunkedLogProb(impl=impl).apply(hidden, weight, bias, targets, *settings, dpo_trl.TRL_OUTPUTS[1:])
     (ours[0] * upstream[0] + ours[1] * upstream[1]).sum().backward()

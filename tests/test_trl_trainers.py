@@ -279,6 +279,7 @@ def _stock(name, compact, monkeypatch, **extra):
     return _STOCK[key]
 
 
+@pytest.mark.cpu_tensors(reason="the trainers run on CPU (use_cpu=True)")
 @pytest.mark.parametrize("name", [name for name in TRAINERS if name not in FULL_LOGITS])
 @pytest.mark.parametrize("impl, compact", [("torch", False), ("chunked", True)],
                          ids=["torch-every-position", "triton-scored-only"])
@@ -292,6 +293,7 @@ def test_trainer_matches_stock(name, impl, compact, monkeypatch):
 
 @pytest.mark.parametrize("name, extra", [("cpo", {}), ("cpo", {"loss_type": "simpo", "cpo_alpha": 0.0}),
                                          ("orpo", {})], ids=["cpo-sigmoid-nll", "cpo-simpo", "orpo"])
+@pytest.mark.cpu_tensors(reason="the trainers run on CPU (use_cpu=True)")
 @pytest.mark.parametrize("impl", ["torch", "chunked"])
 def test_full_logits_trainer_matches_stock(name, extra, impl, monkeypatch):
     """CPO and ORPO (trl.experimental) build [B, T, V] logits; patched, their concatenated_forward runs dpo-fast."""
