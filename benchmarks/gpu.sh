@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one GPU run: environment, kernel correctness, then the benchmark sweep, headline numbers first.
+# The one GPU run: the checks only a GPU can answer, environment, kernel correctness, then the benchmark
+# sweep, headline numbers first.
 #
 # The device call (the `run` tool), from the repo root, after `bash benchmarks/fetch_wheels.sh` here:
 #   run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=540)
@@ -11,27 +12,35 @@
 # Stages, each with its own budget; every result is on disk under $OUT as soon as it exists:
 #   1. install: the carried wheels (.whl/: trl, liger-kernel, cut-cross-entropy and what the image lacks of
 #      their needs) and dpo-fast (a copy laid out as installed) into a scratch folder put first on PYTHONPATH
-#   2. environment report (nvidia-smi, versions, each peer imported, the wheels'
+#   2. the GPU checks (benchmarks/gpu_checks.py), one line each, PASS/FAIL/SKIP with
+#      its figure: the float32-output GEMM on this torch, the row kernels past
+#      element 2^31, float32 heads with TF32 off and on, autotuned results
+#      bit-identical on the first and second call, a head on a non-current device    CHECKS_S=120
+#   3. environment report (nvidia-smi, versions, each peer imported, the wheels'
 #      requirements checked against what is installed: benchmarks/wheel_check.py)  ENV_S=45
-#   3. cost-model plan, when `python -m benchmarks plan` exists                     PLAN_S=20
-#   4. tests/test_gpu_smoke.py: every impl x bf16/fp16/fp32 against the float64
-#      oracle at real head sizes, no -x (each failure reported)                      TESTS_S=100
-#   5. the headline case (Llama-3-8B head, 1 pair x 8192 tokens, bf16), dpo-fast's
+#   4. cost-model plan, when `python -m benchmarks plan` exists                     PLAN_S=20
+#   5. the suite's GPU-relevant part: every test on the `device` fixture (-m device),
+#      tests/test_gpu_smoke.py (every impl x bf16/fp16/fp32 against the float64
+#      oracle at real head sizes) first, then the kernel files, the rest after; no
+#      -x (each failure reported); what the budget does not reach is not run         TESTS_S=120
+#   6. the headline case (Llama-3-8B head, 1 pair x 8192 tokens, bf16), dpo-fast's
 #      impls first, then every peer (those that compile last)                       HEADLINE_S=180
-#   6. the other GPU cases, each dpo-fast first, with what is left (RESERVE_S=20 kept for the transfer)
+#   7. the other GPU cases, each dpo-fast first, with what is left (RESERVE_S=20 kept for the transfer)
 #
 # Files under $OUT (8 come back at most; this writes 7):
-#   gpu_sh.log      stage lines, install log, environment report, plan table
-#   gpu_tests.log   pytest's report of stage 4
-#   gpu_bench.log   the sweep's console output (stages 5 and 6)
-#   headline/<device>-<date>.json, .md     stage 5, rewritten after every method
-#   rest/<device>-<date>.json, .md         stage 6, likewise
+#   gpu_sh.log      stage lines, install log, the GPU checks' verdicts, environment report, plan table
+#   gpu_tests.log   pytest's report of stage 5
+#   gpu_bench.log   the sweep's console output (stages 6 and 7)
+#   headline/<device>-<date>.json, .md     stage 6, rewritten after every method
+#   rest/<device>-<date>.json, .md         stage 7, likewise
 #
-# Usage (repo root): bash benchmarks/gpu.sh [--dry-run] [--no-tests] [--headline-only]
-#   --dry-run        the whole flow on CPU at small shapes in about a minute (tests/test_gpu_script.py runs
-#                    it): wheels from $WHEELS into a scratch folder, the float32 torch-impl tests, the tiny
-#                    and small cases with naive-eager and dpo-fast-torch
-#   --no-tests       skip stage 4
+# Usage (repo root): bash benchmarks/gpu.sh [--dry-run] [--no-checks] [--no-tests] [--headline-only]
+#   --dry-run        the whole flow on CPU at small shapes in a minute or two (tests/test_gpu_script.py runs
+#                    it): wheels from $WHEELS into a scratch folder, the GPU checks at tiny shapes (Triton's
+#                    interpreter), the float32 torch-impl smoke tests, the tiny and small cases with
+#                    naive-eager and dpo-fast-torch
+#   --no-checks      skip stage 2
+#   --no-tests       skip stage 5
 #   --headline-only  skip stage 6
 # Environment: OUT (set by the device tool; else a temporary folder, printed first), WHEELS (.whl),
 # SITE (the scratch install folder: /tmp/site; a temporary folder for --dry-run), PYTHON (python3), and the
@@ -39,10 +48,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-DRY_RUN=0 RUN_TESTS=1 RUN_REST=1
+DRY_RUN=0 RUN_CHECKS=1 RUN_TESTS=1 RUN_REST=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
+    --no-checks) RUN_CHECKS=0 ;;
     --no-tests) RUN_TESTS=0 ;;
     --headline-only) RUN_REST=0 ;;
     *) echo "unknown argument: $1 (see the head of $0)" >&2; exit 2 ;;
@@ -52,16 +62,18 @@ done
 
 WHEELS="${WHEELS:-.whl}"
 PY="${PYTHON:-python3}"
-TOTAL_S="${TOTAL_S:-500}" ENV_S="${ENV_S:-45}" PLAN_S="${PLAN_S:-20}" TESTS_S="${TESTS_S:-100}"
+TOTAL_S="${TOTAL_S:-500}" CHECKS_S="${CHECKS_S:-120}" ENV_S="${ENV_S:-45}" PLAN_S="${PLAN_S:-20}" TESTS_S="${TESTS_S:-120}"
 HEADLINE_S="${HEADLINE_S:-180}" RESERVE_S="${RESERVE_S:-20}"
 if [ "$DRY_RUN" = 1 ]; then
   DEVICE=cpu
   HEADLINE="tiny 2x32"
   REST_CASES="small 2x128"
   # Enough to prove the flow, quickly: a peer and dpo-fast, given in that order and run dpo-fast first;
-  # the torch-impl float32 tests (CI runs the whole file, Triton paths included, on its own).
+  # the torch-impl float32 smoke tests (CI runs the whole suite, Triton paths included, on its own).
   METHOD_ARGS=(--methods "naive-eager,dpo-fast-torch" --repeats 1)
+  TEST_FILES=(tests/test_gpu_smoke.py)
   TEST_ARGS=(-k "float32 and torch")
+  CHECK_ARGS=(--dry-run)
   SITE="${SITE:-$(mktemp -d "${TMPDIR:-/tmp}/dpo-fast-gpu-site.XXXXXX")}"
   OUT="${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/dpo-fast-gpu-out.XXXXXX")}"
 else
@@ -69,7 +81,17 @@ else
   HEADLINE="llama3-8b 1x8192"
   REST_CASES=""  # every other GPU case, read from benchmarks/cases.py below
   METHOD_ARGS=()
-  TEST_ARGS=()
+  # The suite's GPU-relevant part (every test on the `device` fixture), the smoke file and the kernel files
+  # first, so the budget reaches what matters most; then every other test file, the slow fuzzer last.
+  TEST_FILES=(tests/test_gpu_smoke.py tests/test_launch_device.py tests/test_large_offsets.py
+              tests/test_confident_tokens.py tests/test_fused.py tests/test_hidden_paths.py tests/test_logits_path.py
+              tests/test_edge_cases.py tests/test_determinism.py tests/test_cuda_graphs.py)
+  for file in tests/test_*.py; do
+    case " ${TEST_FILES[*]} tests/test_fuzz.py " in *" $file "*) ;; *) TEST_FILES+=("$file") ;; esac
+  done
+  TEST_FILES+=(tests/test_fuzz.py)
+  TEST_ARGS=(-m device)
+  CHECK_ARGS=()
   SITE="${SITE:-/tmp/site}"
   OUT="${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/dpo-fast-gpu-out.XXXXXX")}"  # the device tool sets OUT
 fi
@@ -118,7 +140,15 @@ if ! "${RUN[@]}" -c "" 2> /dev/null; then
   exit 1
 fi
 
-# 2. Environment report.
+# 2. The GPU checks, first: what only a GPU can answer, one verdict line each (also on the console).
+if [ "$RUN_CHECKS" = 1 ]; then
+  log "gpu checks: python -m benchmarks.gpu_checks (at most ${CHECKS_S}s)"
+  timeout --kill-after=10 $(( CHECKS_S + 15 )) "${RUN[@]}" -m benchmarks.gpu_checks --budget-s "$CHECKS_S" \
+    ${CHECK_ARGS[@]+"${CHECK_ARGS[@]}"} 2>&1 | tee -a "$OUT/gpu_sh.log"
+  stage_end "gpu checks" "$CHECKS_S" "${PIPESTATUS[0]}"
+fi
+
+# 3. Environment report.
 log "environment (at most ${ENV_S}s)"
 {
   if command -v nvidia-smi > /dev/null; then
@@ -163,7 +193,7 @@ PYEOF
 } >> "$OUT/gpu_sh.log" 2>&1
 log "environment done"
 
-# 3. The cost model's plan for the sweep's shapes, where the command exists (benchmarks/__main__.py).
+# 4. The cost model's plan for the sweep's shapes, where the command exists (benchmarks/__main__.py).
 log "python -m benchmarks plan (at most ${PLAN_S}s)"
 echo "### python -m benchmarks plan" >> "$OUT/gpu_sh.log"
 timeout --kill-after=5 "$PLAN_S" "${RUN[@]}" -m benchmarks plan > "$SITE/plan.txt" 2>&1
@@ -175,16 +205,16 @@ else
   log "plan exit code $rc"
 fi
 
-# 4. Kernel correctness, bounded; no -x, every failure reported with its errors.
+# 5. Kernel correctness, bounded; no -x, every failure reported with its errors.
 if [ "$RUN_TESTS" = 1 ]; then
-  log "pytest tests/test_gpu_smoke.py (at most ${TESTS_S}s)"
-  timeout --kill-after=10 "$TESTS_S" "${RUN[@]}" -m pytest tests/test_gpu_smoke.py -v -rfE --tb=short \
+  log "pytest ${TEST_FILES[*]} ${TEST_ARGS[*]} (at most ${TESTS_S}s)"
+  timeout --kill-after=10 "$TESTS_S" "${RUN[@]}" -m pytest "${TEST_FILES[@]}" -v -rfE --tb=short \
     -p no:cacheprovider --durations=5 ${TEST_ARGS[@]+"${TEST_ARGS[@]}"} > "$OUT/gpu_tests.log" 2>&1
   stage_end pytest "$TESTS_S" $?
   tail -n 3 "$OUT/gpu_tests.log"
 fi
 
-# 5-6. The sweep: one process per stage, so a hung or crashed stage does not take the other with it. The
+# 6-7. The sweep: one process per stage, so a hung or crashed stage does not take the other with it. The
 # sweep's own budget stops it starting new runs 40 s before the stage's hard limit.
 sweep() {  # stage name, seconds, comma-separated cases
   local stage="$1" seconds="$2" cases="$3"

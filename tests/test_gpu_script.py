@@ -80,10 +80,18 @@ def test_dry_run_installs_into_the_scratch_folder(dry_run):
 def test_dry_run_stages_in_order_and_partial_files(dry_run):
     proc, out, _ = dry_run
     sh_log = _log(out, "gpu_sh.log")
-    stages = ["environment (at most", "python -m benchmarks plan", "pytest tests/test_gpu_smoke.py",
-              "headline: python -m benchmarks", "rest: python -m benchmarks", "done; files in"]
+    stages = ["gpu checks: python -m benchmarks.gpu_checks", "environment (at most", "python -m benchmarks plan",
+              "pytest tests/test_gpu_smoke.py", "headline: python -m benchmarks", "rest: python -m benchmarks",
+              "done; files in"]
     positions = [sh_log.find(s) for s in stages]
     assert -1 not in positions and positions == sorted(positions), sh_log
+    # Every GPU check gave its one verdict line (in the dry run: tiny shapes, or SKIP with its reason).
+    from benchmarks.gpu_checks import CHECKS
+
+    verdicts = {name: status for status, name in re.findall(r"^(PASS|FAIL|SKIP) (\w+): ", sh_log, re.M)}
+    assert set(verdicts) == set(CHECKS), sh_log
+    assert "FAIL" not in verdicts.values() and verdicts["non_current_device"] == "SKIP", verdicts
+    assert "gpu checks exit code 0" in sh_log
     tests_log = _log(out, "gpu_tests.log")
     assert re.search(r"^=* ?\d+ passed, \d+ deselected in", tests_log, re.M)
     assert re.search(r"^tests/test_gpu_smoke.py::\S+ PASSED", tests_log, re.M)  # -v: verdicts as they come
