@@ -55,16 +55,23 @@ def _device(dry_run):
 # ----------------------------------------------------------------------------------------
 
 def _library_gemm_verdict(planner, device, dtype):
-    """dpo-fast's own decision, whichever form its probe takes (by device type, or by device and dtype)."""
+    """dpo-fast's own decision, whichever form its probe takes: by device type (``"cuda"``) or by device,
+    with the operands' dtype where it asks for one. Returns (decision or None, how it was asked)."""
+    import inspect
+
     probe = getattr(planner, "float32_gemm_out", None)
     if probe is None:
         return None, "no planner.float32_gemm_out"
-    for args in ((device, dtype), (device.type, dtype), (device,), (device.type,)):
-        try:
-            return bool(probe(*args)), f"float32_gemm_out{tuple(str(a) for a in args)}"
-        except TypeError:
-            continue
-    return None, "planner.float32_gemm_out: no call form fitted"
+    params = list(inspect.signature(probe).parameters.values())
+    if not params:
+        return None, "planner.float32_gemm_out takes no device"
+    args = [device.type if "type" in params[0].name else device]
+    if len(params) > 1 and params[1].default is inspect.Parameter.empty:
+        args.append(dtype)
+    try:
+        return bool(probe(*args)), f"float32_gemm_out({', '.join(map(str, args))})"
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        return None, f"float32_gemm_out raised {type(exc).__name__}: {str(exc)[:80]}"
 
 
 def float32_gemm_out(dry_run):
