@@ -235,3 +235,18 @@ def test_wheel_check_finds_unmet_and_met_requirements(tmp_path, capsys):
     assert wheel_check.check(tmp_path, installed=True) == 1  # against this Python's own packages
     printed = capsys.readouterr().out
     assert "FAIL  not-on-the-image  (NOT INSTALLED)" in printed
+
+
+def test_gpu_check_verdicts_go_on_after_a_crash_and_keep_the_budget(monkeypatch, capsys):
+    from benchmarks import gpu_checks
+
+    def crashes(dry_run):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    monkeypatch.setitem(gpu_checks.CHECKS, "row_offsets_2_31", crashes)
+    assert gpu_checks.run_one("row_offsets_2_31", True) == (
+        "FAIL row_offsets_2_31: RuntimeError: CUDA error: an illegal memory access was encountered")
+    assert gpu_checks.run_all(list(gpu_checks.CHECKS), dry_run=False, budget_s=0) == 0  # nothing started
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"SKIP {name}: the stage's 0 s were spent" for name in gpu_checks.CHECKS]
+    assert set(gpu_checks.PER_CHECK_S) == set(gpu_checks.CHECKS)
