@@ -7,8 +7,8 @@ past it print SKIP.
 
 - ``float32_gemm_out``: ``torch.mm``/``torch.addmm`` with 16-bit operands and ``out_dtype=float32``
   (the chunked path's logits and grad_weight GEMMs) on this image's torch, bf16 and fp16, against
-  float64; and what dpo-fast's own probe (``planner.float32_gemm_out``) decided. FAIL when the
-  library would call a GEMM that refuses or rounds to 16 bits.
+  float64; and what dpo-fast's own probe (``float32_gemm_out``, in ``dpo_fast.gemm`` or ``planner``)
+  decided. FAIL when the library would call a GEMM that refuses or rounds to 16 bits.
 - ``row_offsets_2_31``: the row kernels (``token_logps_from_logits``, impl="chunked", forward and
   backward) on bf16 logits [16385, 131072]: the last row starts at element 2^31. Log-probs and
   gradients of rows on both sides of 2^31 against float64.
@@ -54,29 +54,37 @@ def _device(dry_run):
 # the checks
 # ----------------------------------------------------------------------------------------
 
-def _library_gemm_verdict(planner, device, dtype):
-    """dpo-fast's own decision, whichever form its probe takes: by device type (``"cuda"``) or by device,
-    with the operands' dtype where it asks for one. Returns (decision or None, how it was asked)."""
+def _library_gemm_verdict(device, dtype):
+    """dpo-fast's own decision (``float32_gemm_out`` in ``dpo_fast.gemm`` or ``dpo_fast.planner``), whichever
+    form it takes: by device type (``"cuda"``) or by device, with the operands' dtype where it asks for one.
+    Returns (decision or None, how it was asked)."""
+    import importlib
     import inspect
 
-    probe = getattr(planner, "float32_gemm_out", None)
-    if probe is None:
-        return None, "no planner.float32_gemm_out"
+    for module_name in ("dpo_fast.gemm", "dpo_fast.planner"):
+        try:
+            probe = getattr(importlib.import_module(module_name), "float32_gemm_out", None)
+        except ImportError:
+            probe = None
+        if probe is not None:
+            break
+    else:
+        return None, "no float32_gemm_out in dpo_fast.gemm or dpo_fast.planner"
+    where = f"{probe.__module__}.float32_gemm_out"
     params = list(inspect.signature(probe).parameters.values())
     if not params:
-        return None, "planner.float32_gemm_out takes no device"
+        return None, f"{where} takes no device"
     args = [device.type if "type" in params[0].name else device]
     if len(params) > 1 and params[1].default is inspect.Parameter.empty:
         args.append(dtype)
     try:
-        return bool(probe(*args)), f"float32_gemm_out({', '.join(map(str, args))})"
+        return bool(probe(*args)), f"{where}({', '.join(map(str, args))})"
     except Exception as exc:  # noqa: BLE001 - reported, not fatal
-        return None, f"float32_gemm_out raised {type(exc).__name__}: {str(exc)[:80]}"
+        return None, f"{where} raised {type(exc).__name__}: {str(exc)[:80]}"
 
 
 def float32_gemm_out(dry_run):
     import torch
-    from dpo_fast import planner
 
     device = _device(dry_run)
     m, k, n = (8, 16, 12) if dry_run else (512, 4096, 1024)
@@ -95,7 +103,7 @@ def float32_gemm_out(dry_run):
             works, what = err < 1e-4, f"works, err {err:.1e}" if err < 1e-4 else f"WRONG, err {err:.1e}"
         except Exception as exc:  # noqa: BLE001 - the refusal is the finding
             works, what = False, f"refused ({type(exc).__name__}: {str(exc).splitlines()[0][:70]}...)"
-        says, how = _library_gemm_verdict(planner, device, dtype)
+        says, how = _library_gemm_verdict(device, dtype)
         if says and not works:
             failed = True  # the library would run a GEMM that fails or rounds
         parts.append(f"{str(dtype)[6:]} mm/addmm(out_dtype=float32) {what}; dpo-fast {how} -> {says}")

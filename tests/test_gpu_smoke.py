@@ -2,11 +2,12 @@
 
 ``benchmarks/gpu.sh`` runs this file first in its test stage (the suite's tests on the ``device``
 fixture follow, within a budget of 120 s, kernel compilation included; not yet measured on a GPU)
-before timing anything, so a wrong kernel is reported before its speed is. Each case compares ``dpo_fast.dpo_loss`` (loss, sequence log-probs, both gradients) and
-``token_logps_from_logits`` with the float64 oracle of ``dpo_fast.reference``. The bound is the
-naive path's own error in the same dtype (``reference`` with ``dtype=None``: logits in the input
-dtype, log_softmax in float32) plus a margin per dtype, so low precision is held to what plain
-PyTorch achieves and float32 to about 1e-5.
+before timing anything, so a wrong kernel is reported before its speed is. Each case compares
+``dpo_fast.dpo_loss`` (loss, sequence log-probs, both gradients) and ``token_logps_from_logits``
+with the float64 oracle of ``dpo_fast.reference``. The bound is the naive path's own error in the
+same dtype (``reference`` with ``dtype=None``: logits in the input dtype, log_softmax in float32)
+plus a margin per dtype, so low precision is held to what plain PyTorch achieves and float32 to
+about 1e-5.
 
 On CUDA the shapes are real heads (Llama-3-8B: H=4096, V=128256; a Gemma-2-2B-like softcapped head
 with an odd V=256001 that no block size divides); without a GPU the same tests run at small
