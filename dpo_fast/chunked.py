@@ -200,8 +200,10 @@ class ChunkedEngine:
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
         # Vocabulary-major: each block of grad_weight is finished in float32, then written once.
         # One float32 block buffer serves every block (the ragged last one uses its head).
-        block_buffer = torch.empty(min(plan.vocab_block, vocab), weight.shape[1], dtype=torch.float32,
-                                   device=weight.device) if need_weight else None
+        block_buffer = None
+        if need_weight:  # no token to write it when none is kept: zeros then
+            block_buffer = (torch.empty if n else torch.zeros)(min(plan.vocab_block, vocab), weight.shape[1],
+                                                               dtype=torch.float32, device=weight.device)
         for v0, v1 in _ranges(vocab, plan.vocab_block):
             weight_block = weight[v0:v1]
             block_acc = block_buffer[:v1 - v0] if need_weight else None

@@ -74,6 +74,16 @@ def test_dpo_routes_are_priced_as_traced(name):
     _assert_priced(plan.cost, trace, memory)
 
 
+def test_split_pair_then_whole_chunks_is_priced_as_traced():
+    """A long pair split in pieces (its merge becomes the running sum), then short pairs in one chunk."""
+    h, w, labels = _batch(3, 200, 64, 4096, torch.bfloat16)
+    for row in (1, 2, 4, 5):
+        labels[row, :180] = -100
+    plan, trace, memory = _traced_dpo(h, w, labels, 5 << 20)
+    assert [c.split for c in plan.chunks] == [True, False]
+    _assert_priced(plan.cost, trace, memory)
+
+
 def test_split_pair_pieces_are_even():
     """Pieces of a split pair are cut evenly per side (no small remainder piece)."""
     assert cm.even_pieces(250, 127) == [125, 125]
