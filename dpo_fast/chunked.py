@@ -94,8 +94,11 @@ def scale_by_grad_loss(tensors, grad_loss: torch.Tensor) -> None:
 
         scale = grad_loss.detach().reshape(1).float()
         for t in tensors:
-            scale_unless_one(t, scale)
-            torch.autograd.graph.increment_version(t)
+            if t.is_contiguous():  # the kernel walks the elements flat
+                scale_unless_one(t, scale)
+                torch.autograd.graph.increment_version(t)
+            else:
+                t.mul_(scale)
         return
     for t in tensors:
         t.mul_(grad_loss.detach().to(torch.float32))
