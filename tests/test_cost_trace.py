@@ -72,6 +72,9 @@ def test_dpo_routes_are_priced_as_traced(name):
     assert expected(plan), plan
     assert plan.route == "two-pass" or plan.route == "whole-pairs"
     _assert_priced(plan.cost, trace, memory)
+    # No zero-fill where a GEMM writes first: what is still zeroed is per-token statistics only.
+    ops = trace.by_name()
+    assert ops.get("zeros", 0) + ops.get("zero_", 0) + ops.get("new_zeros", 0) < 0.005 * trace.bytes
 
 
 def test_split_pair_then_whole_chunks_is_priced_as_traced():
@@ -151,3 +154,19 @@ def test_scale_and_merge_kernels():
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
     merge_scaled(a, a, ga, b, gb)  # in place, no running sum
     torch.testing.assert_close(a, want - running, rtol=1e-6, atol=1e-6)
+
+
+def test_default_budgets(monkeypatch):
+    """Per-token work: 1 GiB whatever the card; DPO: a quarter of the free memory, capped (issue 19 item 3)."""
+    cuda = torch.device("cuda", 0)
+    for free, want in [(79 * 2**30, planner.DPO_BUDGET_CAP), (12 * 2**30, 3 * 2**30), (2 * 2**30, 2**30)]:
+        monkeypatch.setattr(planner, "_free_cuda_memory", lambda device, free=free: free)
+        assert planner.default_memory_budget(cuda) == want
+        assert planner.default_memory_budget(cuda, per_token=True) == planner.PER_TOKEN_BUDGET
+    assert planner.default_memory_budget(torch.device("cpu")) == planner.CPU_MEMORY_BUDGET
+    # The per-token default holds less than TRL 1.16's loss memory at a real head (Qwen2.5-7B GRPO, 16k tokens).
+    shape = cm.Shape(16384, 3584, 152064, 2)
+    tiles = planner.engine_tiles(16384, 152064, 3584, torch.bfloat16, "cuda", planner.PER_TOKEN_BUDGET, True, True)
+    ours = cm.two_pass(shape, tiles.token_chunk, tiles.vocab_block)
+    assert ours.memory_bytes < cm.trl_chunked(shape).memory_bytes
+    assert tiles.token_chunk >= 1024  # still GEMM-sized tiles
