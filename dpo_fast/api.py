@@ -88,7 +88,8 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 
 def make_engine(impl: str, memory_budget: Optional[int], filter_eps: float = 0.0, device=None):
-    budget = memory_budget or planner.default_memory_budget(torch.device(device or "cpu"))
+    # The engine tiles per-token (two-pass) work: its default is sized for GEMM efficiency, not by the card.
+    budget = memory_budget or planner.default_memory_budget(torch.device(device or "cpu"), per_token=True)
     if impl == "fused":
         from .fused import FusedEngine
 
@@ -133,7 +134,9 @@ def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scal
     layout = build_layout(labels, ignore_index, sequence_ids, cu_seqlens, flags=values.flags, check=values)
     if check_finite:
         check.check_finite(hidden=hidden, weight=weight, bias=bias)
-    kept_hidden = hidden.reshape(-1, hidden.shape[-1])[layout.kept_index]
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    # Nothing dropped (TRL's CUDA path hands over only scored tokens): the rows themselves, no copy.
+    kept_hidden = flat_hidden if layout.identity else flat_hidden[layout.kept_index]
     transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
     return _Prepared(layout, kept_hidden, layout.kept_labels.contiguous(), transform, impl, engine, vocab_size,
                      two_pass_only(weight, bias, process_group))
@@ -208,7 +211,8 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
     loss (mean over pairs) and detached metrics.
 
     ``memory_budget``: bytes the loss may allocate beyond its inputs and the gradients it
-    returns; None is a tenth of the CUDA device's memory (512 MiB on CPU). Within it
+    returns; None is a quarter of the CUDA device's free memory, at most 8 GiB (two-pass tiles:
+    1 GiB; see ``planner.default_memory_budget``), and 512 MiB on CPU. Within it
     ``dpo_fast.planner`` takes the fastest route (whole pairs at 6NHV, else two-pass at
     8NHV); tiles never go below 16 tokens x 128 vocabulary rows, whatever the budget.
     Under ``torch.autocast`` floating inputs run in the autocast dtype.
@@ -254,7 +258,11 @@ def _plan_loss(prep: _Prepared, weight, bias, cfg: LossConfig, memory_budget) ->
     budget = memory_budget or planner.default_memory_budget(prep.hidden.device)
     return planner.plan_loss([lengths[p] + lengths[p + pairs] for p in range(pairs)], weight.shape[0],
                              weight.shape[1], prep.hidden.dtype, torch.is_grad_enabled() and weight.requires_grad,
-                             budget, prep.hidden.device.type, whole_pairs=whole_pairs)
+                             budget, prep.hidden.device.type, whole_pairs=whole_pairs,
+                             sides=[(lengths[p], lengths[p + pairs]) for p in range(pairs)],
+                             gathered_input=not prep.layout.identity,
+                             input_tokens=prep.layout.labels_shape.numel(),
+                             two_pass_budget=getattr(prep.engine, "memory_budget", budget))
 
 
 def _pair_chunk_route(prep: _Prepared, weight, bias, cfg: LossConfig, chunks, ref_chosen, ref_rejected):

@@ -25,7 +25,7 @@ from . import planner
 from .cost_model import COPY_SLAB_BYTES
 from .function import refuse_second_order
 from .planner import Chunk, plan_tiles  # noqa: F401  (tile sizes live in the planner; re-exported)
-from .rows import KEPT_ONLY, finish_stats, init_stats
+from .rows import HAS_TRITON, KEPT_ONLY, finish_stats, init_stats
 from .transform import LogitTransform
 
 DEFAULT_MEMORY_BUDGET = planner.CPU_MEMORY_BUDGET  # see planner.default_memory_budget for CUDA devices
@@ -64,6 +64,44 @@ def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         step = _slab_rows(a.shape[1])
         for r0 in range(0, a.shape[0], step):
             acc[r0:r0 + step].addmm_(a[r0:r0 + step].float(), b32)
+
+
+def write_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out = a @ b`` into a float32 (or same-dtype) ``out``: the GEMM writes it (beta=0), no zero-fill first.
+
+    Where no float32-output GEMM exists for 16-bit operands the staged accumulate of
+    :func:`addmm_fp32` runs into zeros (its slabs bound the float32 copies)."""
+    if a.dtype == out.dtype and b.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    if planner.float32_gemm_out(out.device.type):
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    out.zero_()
+    addmm_fp32(out, a, b)
+    return out
+
+
+def scale_by_grad_loss(tensors, grad_loss: torch.Tensor) -> None:
+    """Each tensor ``*= grad_loss`` in place (no second copy), with no host read of ``grad_loss``.
+
+    On CUDA a Triton kernel reads the device scalar itself and moves no bytes when it is 1
+    (``loss.backward()``): one launch per tensor. Elsewhere an in-place multiply. The version
+    counters are bumped either way, so a second backward through a retained graph raises
+    PyTorch's in-place error instead of scaling twice.
+    """
+    tensors = [t for t in tensors if t is not None and t.numel()]
+    if tensors and tensors[0].device.type == "cuda" and HAS_TRITON:
+        from dpo_fast.kernels.scale import scale_unless_one
+
+        scale = grad_loss.detach().reshape(1).float()
+        for t in tensors:
+            if t.is_contiguous():  # the kernel walks the elements flat
+                scale_unless_one(t, scale)
+                torch.autograd.graph.increment_version(t)
+            else:
+                t.mul_(scale)
+        return
+    for t in tensors:
+        t.mul_(grad_loss.detach().to(torch.float32))
 
 
 def logits_dtype(input_dtype: torch.dtype) -> torch.dtype:
@@ -157,16 +195,21 @@ class ChunkedEngine:
         plan = self._plan(hidden, weight, backward=True, weight_grad=need_weight)
         workspace = Workspace(min(n, plan.token_chunk) * plan.vocab_block, hidden.dtype, hidden.device,
                               with_gradient=True)
-        grad_hidden_acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        # float32 sums written by their first product (beta=0), never zero-filled first.
+        grad_hidden_acc = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
         grad_weight = torch.empty_like(weight) if need_weight else None
         grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
         grad_logp = grad_logp.float().contiguous()
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
         # Vocabulary-major: each block of grad_weight is finished in float32, then written once.
+        # One float32 block buffer serves every block (the ragged last one uses its head).
+        block_buffer = None
+        if need_weight:  # no token to write it when none is kept: zeros then
+            block_buffer = (torch.empty if n else torch.zeros)(min(plan.vocab_block, vocab), weight.shape[1],
+                                                               dtype=torch.float32, device=weight.device)
         for v0, v1 in _ranges(vocab, plan.vocab_block):
             weight_block = weight[v0:v1]
-            block_acc = torch.zeros(v1 - v0, weight.shape[1], dtype=torch.float32,
-                                    device=weight.device) if need_weight else None
+            block_acc = block_buffer[:v1 - v0] if need_weight else None
             for t0, t1 in _ranges(n, plan.token_chunk):
                 logits = workspace.logits(hidden[t0:t1], weight_block, None if bias is None else bias[v0:v1])
                 tile = workspace.gradient_tile(logits)  # the logits tile itself unless inputs are float16
@@ -175,9 +218,9 @@ class ChunkedEngine:
                                entropy=None if grad_entropy is None else entropy[t0:t1],
                                grad_entropy=None if grad_entropy is None else grad_entropy[t0:t1])
                 if need_hidden:
-                    addmm_fp32(grad_hidden_acc[t0:t1], tile, weight_block)
+                    (write_fp32 if v0 == 0 else addmm_fp32)(grad_hidden_acc[t0:t1], tile, weight_block)
                 if need_weight:
-                    addmm_fp32(block_acc, tile.t(), hidden[t0:t1])
+                    (write_fp32 if t0 == 0 else addmm_fp32)(block_acc, tile.t(), hidden[t0:t1])
                 if need_bias:
                     grad_bias[v0:v1] += tile.sum(dim=0, dtype=torch.float32)
             if need_weight:
@@ -223,9 +266,7 @@ class PairChunkLoss(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):  # the tiles' precision is chosen here
             run = _PairRun(hidden, weight, bias, labels, (ref_chosen, ref_rejected), rows, transform, spans,
                            lengths, chunks, chunk_loss, ctx.needs_input_grad)
-            for chunk in chunks:
-                (run.split_pair if chunk.split else run.whole_pairs)(chunk)
-            grads = run.finish()
+            grads = run.run()
         ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(run.stats)
         return run.loss, run.stats
@@ -233,8 +274,9 @@ class PairChunkLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         refuse_second_order("dpo_loss (whole-pair route)")  # the saved gradients carry no graph
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        grad_hidden, grad_weight, grad_bias, grad_ref_c, grad_ref_r = map(scale, ctx.saved_tensors)
+        # In place (no second copy); free when grad_loss is 1, the common loss.backward().
+        grad_hidden, grad_weight, grad_bias, grad_ref_c, grad_ref_r = saved = ctx.saved_tensors
+        scale_by_grad_loss(saved, grad_loss)
         return grad_hidden, grad_weight, grad_bias, None, grad_ref_c, grad_ref_r, None, None, None, None, None, None
 
 
@@ -246,14 +288,17 @@ class _PairRun:
         self.hidden, self.weight, self.bias, self.labels = hidden, weight, bias, labels
         self.refs, self.rows, self.transform, self.spans, self.chunk_loss = refs, rows, transform, spans, chunk_loss
         self.lengths = lengths  # per sequence, on the device (spans holds the same on the host)
+        # Split pairs first: the first one's merged weight gradient becomes the running sum.
+        self.chunks = sorted(chunks, key=lambda c: not c.split)
         self.single_gemm = len(chunks) == 1 and not chunks[0].split
+        self.fused_merge = HAS_TRITON and rows.name == "triton"  # one-pass merge kernel (kernels/scale.py)
         self.need_hidden, self.need_weight, self.need_bias = needs[:3]
         self.need_refs = needs[4:6]
         self.pairs = len(spans) // 2
         device, n, vocab = hidden.device, hidden.shape[0], weight.shape[0]
         self.stats = init_stats(n, device)
         self.loss = torch.zeros((), dtype=torch.float32, device=device)
-        self.grad_hidden = torch.zeros_like(hidden) if self.need_hidden else None
+        self.grad_hidden = torch.empty_like(hidden) if self.need_hidden else None  # every row is written
         self.grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if self.need_bias else None
         self.grad_refs = [torch.zeros(self.pairs, dtype=torch.float32, device=device) if need else None
                           for need in self.need_refs]
@@ -262,6 +307,15 @@ class _PairRun:
         # One workspace for the largest chunk (or piece), reused by every other.
         self.workspace = Workspace(max(_chunk_tokens(c, spans) for c in chunks) * vocab, hidden.dtype, device,
                                    with_gradient=True)
+
+    def run(self):
+        """Every chunk, then the gradients to save."""
+        for i, chunk in enumerate(self.chunks):
+            if chunk.split:
+                self.split_pair(chunk, last=i == len(self.chunks) - 1)
+            else:
+                self.whole_pairs(chunk)
+        return self.finish()
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -282,10 +336,17 @@ class _PairRun:
                        ignore_index=KEPT_ONLY, transform=self.transform)
         return tile
 
-    def _weight_sum(self) -> torch.Tensor:
-        if self.grad_weight is None:
-            self.grad_weight = torch.zeros(self.weight.shape, dtype=self.sum_dtype, device=self.weight.device)
-        return self.grad_weight
+    def _add_weight_grad(self, a, b):
+        """grad_weight (+)= a @ b: the first product writes the float32 sum (beta=0, no zero-fill)."""
+        if self.single_gemm:  # one GEMM sums every token in float32 inside cuBLAS
+            self.grad_weight = torch.mm(a, b)
+        elif self.grad_weight is None:
+            self.grad_weight = write_fp32(self._new_weight_sum(), a, b)
+        else:
+            addmm_fp32(self.grad_weight, a, b)
+
+    def _new_weight_sum(self) -> torch.Tensor:
+        return torch.empty(self.weight.shape, dtype=self.sum_dtype, device=self.weight.device)
 
     def _pair_loss(self, first, last, chosen, rejected):
         """Loss share of pairs [first, last) and its gradients to (chosen, rejected) sums; reference grads kept."""
@@ -309,8 +370,12 @@ class _PairRun:
         spans, pairs = self.spans, self.pairs
         c0, c1 = spans[chunk.first][0], spans[chunk.last - 1][1]
         r0, r1 = spans[pairs + chunk.first][0], spans[pairs + chunk.last - 1][1]
-        h = torch.cat([self.hidden[c0:c1], self.hidden[r0:r1]])
-        labels = torch.cat([self.labels[c0:c1], self.labels[r0:r1]])
+        contiguous = c1 == r0  # every pair of the batch in one chunk: its rows are one range, no copy
+        if contiguous:
+            h, labels = self.hidden[c0:r1], self.labels[c0:r1]
+        else:
+            h = torch.cat([self.hidden[c0:c1], self.hidden[r0:r1]])
+            labels = torch.cat([self.labels[c0:c1], self.labels[r0:r1]])
         logits, finished = self._logps(h, labels, [(c0, c1), (r0, r1)])
         lengths = [e - s for s, e in spans[chunk.first:chunk.last]] + \
                   [e - s for s, e in spans[pairs + chunk.first:pairs + chunk.last]]
@@ -320,33 +385,36 @@ class _PairRun:
         counts = torch.cat([self.lengths[chunk.first:chunk.last], self.lengths[pairs + chunk.first:pairs + chunk.last]])
         grad_logps = torch.repeat_interleave(torch.cat([g_c, g_r]).float(), counts, output_size=h.shape[0])
         tile = self._gradient_tile(logits, labels, finished.lse, grad_logps)
-        nc = c1 - c0
-        if self.need_hidden:
-            torch.mm(tile[:nc], self.weight, out=self.grad_hidden[c0:c1])
-            torch.mm(tile[nc:], self.weight, out=self.grad_hidden[r0:r1])
         if self.need_weight:
-            if self.single_gemm:  # one GEMM sums every token in float32 inside cuBLAS
-                self.grad_weight = torch.mm(tile.t(), h)
-            else:
-                addmm_fp32(self._weight_sum(), tile.t(), h)
+            self._add_weight_grad(tile.t(), h)
         if self.need_bias:
             self.grad_bias += tile.sum(dim=0, dtype=torch.float32)
+        if self.need_hidden:
+            # One GEMM reads the weight once; chosen and rejected rows are then copied to their places
+            # through the chunk's gathered rows (free after the weight GEMM): 4 t H bytes, not another V H.
+            if contiguous:
+                torch.mm(tile, self.weight, out=self.grad_hidden[c0:r1])
+            else:
+                torch.mm(tile, self.weight, out=h)
+                nc = c1 - c0
+                self.grad_hidden[c0:c1] = h[:nc]
+                self.grad_hidden[r0:r1] = h[nc:]
 
-    def split_pair(self, chunk: Chunk):
+    def split_pair(self, chunk: Chunk, last: bool = False):
+        """One pair in pieces (unit gradients), merged with the pair's scales. ``last``: no chunk after it
+        adds to grad_weight, so the merge writes the head's dtype directly (no separate cast)."""
         p, spans, vocab = chunk.first, self.spans, self.weight.shape[0]
         sides = (spans[p], spans[self.pairs + p])
         device, H = self.hidden.device, self.hidden.shape[1]
         tokens = sum(e - s for s, e in sides)
         unit_hidden = torch.empty(tokens, H, dtype=self.sum_dtype, device=device) if self.need_hidden else None
-        unit_weight = [torch.zeros(vocab, H, dtype=self.sum_dtype, device=device) if self.need_weight else None
-                       for _ in sides]
+        unit_weight = [None, None]  # written by each side's first piece (beta=0)
         unit_bias = [torch.zeros(vocab, dtype=torch.float32, device=device) if self.need_bias else None
                      for _ in sides]
         sums, offset = [], 0
         for side, (s0, s1) in enumerate(sides):
             total = torch.zeros((), dtype=torch.float32, device=device)
-            for t0 in range(s0, s1, chunk.piece_tokens):
-                t1 = min(s1, t0 + chunk.piece_tokens)
+            for t0, t1 in _even_pieces(s0, s1, chunk.piece_tokens):
                 h, labels = self.hidden[t0:t1], self.labels[t0:t1]
                 logits, finished = self._logps(h, labels, [(t0, t1)])
                 total = total + finished.logps.detach().sum()
@@ -358,7 +426,10 @@ class _PairRun:
                     else:
                         mm_float32(tile, self.weight, rows_out)
                 if self.need_weight:
-                    addmm_fp32(unit_weight[side], tile.t(), h)
+                    if unit_weight[side] is None:
+                        unit_weight[side] = write_fp32(self._new_weight_sum(), tile.t(), h)
+                    else:
+                        addmm_fp32(unit_weight[side], tile.t(), h)
                 if self.need_bias:
                     unit_bias[side] += tile.sum(dim=0, dtype=torch.float32)
                 offset += t1 - t0
@@ -367,19 +438,16 @@ class _PairRun:
         offset = 0
         for side, (s0, s1) in enumerate(sides):
             scale = g[side].float()
-            if self.need_hidden:
-                self.grad_hidden[s0:s1] = unit_hidden[offset:offset + s1 - s0] * scale
+            if self.need_hidden:  # scaled and cast in one pass
+                torch.mul(unit_hidden[offset:offset + s1 - s0], scale, out=self.grad_hidden[s0:s1])
             if self.need_bias:
                 self.grad_bias += unit_bias[side] * scale
             offset += s1 - s0
         if self.need_weight:
-            # g_c A + g_r B in two passes (scalars stay on the device: no host read).
-            merged = unit_weight[0].mul_(g[0].float()).addcmul_(unit_weight[1], g[1].float())
+            out_dtype = self.weight.dtype if last else self.sum_dtype
+            self.grad_weight = _merge_scaled(unit_weight, [g[0].float(), g[1].float()], self.grad_weight,
+                                             out_dtype, self.fused_merge)
             del unit_weight
-            if self.grad_weight is None:
-                self.grad_weight = merged
-            else:
-                self.grad_weight += merged
 
     def finish(self):
         grad_weight = self.grad_weight
@@ -389,12 +457,59 @@ class _PairRun:
         return self.grad_hidden, grad_weight, grad_bias, *self.grad_refs
 
 
+def _merge_scaled(units, scales, running, out_dtype, fused: bool):
+    """``g_c A + g_r B (+ running)`` (scalars stay on the device: no host read), in ``out_dtype``.
+
+    Written into the running sum, else into A, else (``out_dtype`` narrower than the float32
+    sums: the last weight work of the call) into a new tensor of the head's dtype, so the
+    merge is the cast. ``fused``: one pass of the Triton kernel (reads A, B and the running
+    sum once, writes once); otherwise PyTorch ops in place.
+    """
+    units = [(u, g) for u, g in zip(units, scales) if u is not None]
+    if not units:
+        return running
+    (a, g_a), b_pair = units[0], (units[1] if len(units) > 1 else (None, None))
+    b, g_b = b_pair
+    if out_dtype != a.dtype:
+        out = torch.empty(a.shape, dtype=out_dtype, device=a.device)
+    else:
+        out = running if running is not None else a
+    if fused:
+        _merge_kernel(out, a, g_a, b, g_b, running)
+        return out
+    merged = a.mul_(g_a)
+    if b is not None:
+        merged.addcmul_(b, g_b)
+    if running is not None:
+        merged = running.add_(merged) if out is running else merged.add_(running)
+    if out is not merged:
+        out.copy_(merged)
+    return out
+
+
+def _merge_kernel(out, a, g_a, b, g_b, running):
+    """The Triton launch of :func:`_merge_scaled` (a module function: benchmarks/trace.py counts it)."""
+    from dpo_fast.kernels.scale import merge_scaled
+
+    merge_scaled(out, a, g_a.reshape(1), b, None if g_b is None else g_b.reshape(1), running)
+
+
+def _even_pieces(start: int, end: int, limit: int):
+    """[start, end) cut into the fewest pieces of at most ``limit`` rows, of equal size (within one row)."""
+    count = -(-(end - start) // limit) if end > start else 0
+    for i in range(count):
+        yield start + (end - start) * i // count, start + (end - start) * (i + 1) // count
+
+
 def _chunk_tokens(chunk: Chunk, spans) -> int:
     """Rows of the largest logits tile of ``chunk``."""
     pairs = len(spans) // 2
     tokens = sum(e - s for s, e in spans[chunk.first:chunk.last]) + \
         sum(e - s for s, e in spans[pairs + chunk.first:pairs + chunk.last])
-    return min(tokens, chunk.piece_tokens) if chunk.split else tokens
+    if not chunk.split:
+        return tokens
+    sides = (spans[chunk.first], spans[pairs + chunk.first])
+    return max((t1 - t0 for s0, s1 in sides for t0, t1 in _even_pieces(s0, s1, chunk.piece_tokens)), default=0)
 
 
 def _segment_sums(values: torch.Tensor, lengths: List[int]) -> torch.Tensor:

@@ -15,7 +15,7 @@ Words: N kept tokens, H hidden size, V vocabulary rows, ``e`` bytes per input el
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,12 +35,11 @@ class Card:
 
 
 CARDS = {
-    "H100": Card("H100 SXM 80GB", 800.0, 3.35, 80.0,
-                 "GEMM: ~800 TFLOP/s reached by an 8192^3 bf16 matmul (reported by others, not measured here; "
-                 "datasheet 989); HBM: datasheet"),
-    "H200": Card("H200 141GB", 788.0, 4.8, 141.0,
-                 "GEMM: 788 TFLOP/s measured (8192^3 bf16 matmul, 2026-10); HBM: datasheet (copy measured 4.3)"),
-    "A100": Card("A100 SXM 80GB", 312.0, 2.0, 80.0, "both datasheet"),
+    "H100": Card("H100 SXM 80GB", 989.0, 3.35, 80.0, "datasheet: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3"),
+    "H200": Card("H200 141GB", 989.0, 4.8, 141.0, "datasheet: 989 TFLOP/s dense bf16, 4.8 TB/s HBM3e"),
+    "H200-measured": Card("H200 141GB (measured)", 788.0, 4.3, 141.0,
+                          "measured 2026-10: 788 TFLOP/s (8192^3 bf16 matmul), 4.3 TB/s (device-to-device copy)"),
+    "A100": Card("A100 SXM 80GB", 312.0, 2.0, 80.0, "datasheet: 312 TFLOP/s dense bf16, 2.0 TB/s HBM2e"),
 }
 DEFAULT_CARD = CARDS["H100"]
 
@@ -52,6 +51,7 @@ class Shape:
     vocab: int  # V
     element_size: int = 2  # bytes per hidden/weight element
     trainable_head: bool = True
+    input_tokens: int = 0  # rows of the padded hidden states the kept tokens come from (0: N)
 
     @property
     def nv(self) -> int:
@@ -124,48 +124,153 @@ def weight_accumulators(element_size: int, trainable_head: bool, chunks: int, sp
     return 2 + (main if accumulator_before_split else 0)
 
 
+# Bytes per kept token of the small per-token work every route does besides the tiles: the
+# statistics rows (zero-fill, fold, copy, finish), labels, sequence sums and the pair losses.
+# Counted from the traced ops (tests/test_cost_trace.py), where they are about 1% of the total.
+SMALL_BYTES_PER_TOKEN = 1000
+
+
+@dataclass(frozen=True)
+class PairChunkRun:
+    """What the whole-pair route runs for one chunk: ``tokens`` rows of whole pairs (``gathered``:
+    copied together, their grad_hidden rows copied back; not when one chunk holds every pair), or
+    one split pair whose chosen and rejected sides (``sides``) run in pieces of equal size of at
+    most ``piece_limit`` rows."""
+
+    tokens: int
+    gathered: bool = False
+    sides: Tuple[int, int] = (0, 0)
+    piece_limit: int = 0
+
+    @property
+    def split(self) -> bool:
+        return self.piece_limit > 0
+
+    def rounds(self) -> List[int]:
+        """Rows of each GEMM round (a whole chunk is one; a split pair one per piece)."""
+        if not self.split:
+            return [self.tokens]
+        return [n for side in self.sides for n in even_pieces(side, self.piece_limit)]
+
+
+def even_pieces(rows: int, limit: int) -> List[int]:
+    """Sizes of the fewest pieces of at most ``limit`` rows that cover ``rows``, equal within one row
+    (chunked._even_pieces cuts the same)."""
+    count = -(-rows // limit) if rows > 0 else 0
+    return [rows * (i + 1) // count - rows * i // count for i in range(count)]
+
+
+def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_input: bool = False,
+                     card: Card = DEFAULT_CARD, float32_gemm_out: bool = True) -> Cost:
+    """Whole pairs per chunk (6NHV), op by op as ``chunked._PairRun`` runs them (split pairs first).
+
+    Per GEMM round of r rows: the logits GEMM (r H + V H operands, r V float32 written), the
+    statistics pass (reads the tile), the gradient pass (reads it, writes the 16-bit gradient
+    tile, or in place for float32), grad_weight (first product written with beta=0, later ones
+    accumulated into float32 [V, H]; one chunk writes the head's dtype directly) and grad_hidden
+    (one GEMM: the weight is read once; a gathered chunk's rows are copied in and back out).
+    A split pair then writes its grad_hidden scaled and cast in one pass, and merges
+    g_c A + g_r B (+ the running sum) in one pass of a Triton kernel (reading each float32
+    [V, H] once), written in the head's dtype when no chunk follows. Otherwise the float32
+    sum is cast to the head's dtype once at the end (none for a float32 head). ``grad_loss``
+    of 1 (``loss.backward()``) costs nothing; ``gathered_input``: the kept tokens are gathered
+    from padded hidden states (N H copied; backward zero-fills the padded gradient and scatters).
+    """
+    N, H, V, e = shape.tokens, shape.hidden, shape.vocab, shape.element_size
+    g = gradient_tile_bytes(e) or LOGIT_BYTES  # bytes per element of the tile the gradient GEMMs read
+    single = len(chunks) == 1 and not chunks[0].split
+    sum_bytes = e if single else 4  # the float32 sum (or the float32 head's grad_weight itself)
+    gemm_s = hbm = row_bytes = 0.0
+
+    def gemm(m, n, k, a_bytes, out_bytes, accumulate):
+        nonlocal gemm_s, hbm
+        gemm_s += _gemm_seconds(m, n, k, a_bytes, e, out_bytes, accumulate, card)
+        hbm += _gemm_traffic(m, n, k, a_bytes, e, out_bytes, accumulate)
+
+    ordered = sorted(chunks, key=lambda c: not c.split)
+    have_sum = False
+    for chunk in ordered:
+        rounds = chunk.rounds()
+        for i, r in enumerate(rounds):
+            gemm(r, V, H, e, LOGIT_BYTES, False)  # logits (both operands in the input dtype)
+            row_bytes += r * V * (LOGIT_BYTES + LOGIT_BYTES + g)  # stats pass; gradient pass
+            if shape.trainable_head:
+                first = i == 0 or (chunk.split and i == len(even_pieces(chunk.sides[0], chunk.piece_limit)))
+                accumulate = (chunk.split and not first) or (not chunk.split and have_sum)
+                gemm(V, H, r, g, sum_bytes if not single else e, accumulate)
+            gemm(r, H, V, g, 4 if chunk.split else e, False)  # grad_hidden: the weight read once
+            if chunk.gathered:
+                row_bytes += 4 * r * H * e  # rows copied in (torch.cat) and grad_hidden rows copied back
+        if chunk.split:
+            row_bytes += sum(chunk.sides) * H * (4 + e)  # unit grad_hidden scaled and cast in one pass
+            if shape.trainable_head:  # one pass: read A (and B, and the running sum), write the result
+                last = chunk is ordered[-1]
+                row_bytes += (4 * (1 + all(chunk.sides) + have_sum) + (e if last else 4)) * shape.vh
+        have_sum = have_sum or shape.trainable_head
+    accumulators = 0 if single or not shape.trainable_head else 1
+    if shape.trainable_head and not single and e < 4 and not ordered[-1].split:
+        row_bytes += (4 + e) * shape.vh  # the float32 sum cast to the head's dtype once
+    if gathered_input:
+        row_bytes += 2 * N * H * e  # kept rows gathered
+        row_bytes += (shape.input_tokens or N) * H * e + 3 * N * H * e  # backward: zero-fill, scatter-add
+    row_bytes += SMALL_BYTES_PER_TOKEN * N
+
+    # Memory: the workspace for the largest round, then the larger of the split phase (two
+    # unit sums, float32 grad_hidden rows of the pair, the running sum if one exists) and the
+    # whole-chunk phase (the running sum, the gathered rows of the largest gathered chunk).
+    largest = max((r for c in chunks for r in c.rounds()), default=0)
+    memory = largest * V * (LOGIT_BYTES + gradient_tile_bytes(e)) + STATS_BYTES_PER_TOKEN * N
+    # A 16-bit head's running sum is float32 loss memory; a float32 head sums into grad_weight itself.
+    running = 4 * shape.vh if (shape.trainable_head and not single and e < 4) else 0
+    phases, have_running = [0.0], False
+    for chunk in ordered:
+        if chunk.split:
+            units = (2 if all(chunk.sides) else 1) if shape.trainable_head else 0
+            if units and e == 4 and not have_running:
+                units -= 1  # a float32 head's first merged buffer is grad_weight itself (returned)
+            phases.append(units * 4 * shape.vh + (running if have_running else 0) + 4 * sum(chunk.sides) * H)
+        else:
+            phases.append(running + (chunk.tokens * H * e if chunk.gathered else 0))
+        have_running = True
+    memory += max(phases)
+    if gathered_input:
+        memory += 2 * N * H * e  # the gathered kept rows and their grad_hidden (not the returned gradient)
+    if not float32_gemm_out and e < 4:
+        memory += staging_bytes(largest, H, V)
+    if single:
+        route = "whole pairs, 1 chunk"
+    else:
+        split_count = sum(c.split for c in chunks)
+        rounds_total = sum(len(c.rounds()) for c in chunks)
+        route = f"whole pairs, {rounds_total} GEMM rounds" + (f" ({split_count} pair split)" if split_count else "")
+        fp32 = max(1 if accumulators and e < 4 else 0,
+                   max((2 + (1 if i > 0 else 0) for i, c in enumerate(ordered) if c.split), default=0))
+        route += f", {fp32} fp32 [V,H]" if fp32 and shape.trainable_head else ""
+    return Cost(route, shape.floor_flops(), gemm_s, row_bytes, hbm + row_bytes, memory)
+
+
+def _gemm_seconds(m, n, k, a_bytes, b_bytes, out_bytes, accumulate, card):
+    flops = 2.0 * m * n * k
+    return max(flops / (card.tflops * 1e12), _gemm_traffic(m, n, k, a_bytes, b_bytes, out_bytes, accumulate)
+               / (card.tbps * 1e12))
+
+
+def _gemm_traffic(m, n, k, a_bytes, b_bytes, out_bytes, accumulate):
+    """[m, k] x [k, n]: the two operands read once, the output written (and read first when accumulating)."""
+    return m * k * a_bytes + k * n * b_bytes + m * n * out_bytes * (2 if accumulate else 1)
+
+
 def whole_pairs(shape: Shape, chunk_tokens: int, chunks: int, split_pairs: int = 0, split_tokens: int = 0,
                 accumulator_before_split: bool = False, card: Card = DEFAULT_CARD,
                 float32_gemm_out: bool = True) -> Cost:
-    """Whole pairs per chunk (6NHV): logits of at most ``chunk_tokens`` x V once, gradients in the chunk.
-
-    ``chunks``: GEMM rounds (chunks of whole pairs plus pieces of split pairs). ``split_pairs``
-    pairs larger than a chunk run as pieces whose unit gradients are scaled when the pair
-    closes; ``split_tokens`` (tokens of the largest) sizes their waiting float32 grad_hidden rows.
-    """
-    N, H, V, e = shape.tokens, shape.hidden, shape.vocab, shape.element_size
-    tile = gradient_tile_bytes(e) or LOGIT_BYTES  # what the gradient GEMMs read
-    accumulators = weight_accumulators(e, shape.trainable_head, chunks, split_pairs, accumulator_before_split)
-    accumulate = shape.trainable_head and (chunks > 1 or split_pairs > 0)
-    t = max(1, min(chunk_tokens, N))
-    rounds = N / t
-    gemm_s = rounds * (gemm_time(t, V, H, e, LOGIT_BYTES, False, card)
-                       + gemm_time(t, H, V, tile, 4 if split_pairs else e, False, card))
-    hbm = rounds * (gemm_bytes(t, V, H, e, LOGIT_BYTES, False) + gemm_bytes(t, H, V, tile, e, False))
-    if shape.trainable_head:
-        out = 4 if accumulate else e
-        gemm_s += rounds * gemm_time(V, H, t, tile, out, accumulate, card)
-        hbm += rounds * gemm_bytes(V, H, t, tile, out, accumulate)
-    # Row passes: the stats pass reads the float32 tile; the gradient pass reads it and writes the gradient tile.
-    row_bytes = shape.nv * (LOGIT_BYTES + LOGIT_BYTES + tile)
-    if split_pairs:  # A *= g_c; A += g_r B (20 VH bytes); then into the running sum (12 VH) unless it is the first
-        added = split_pairs - (0 if accumulator_before_split else 1)
-        row_bytes += (20 * split_pairs + 12 * added) * shape.vh
-    if accumulators and e < 4:  # the float32 accumulator cast to the head's dtype once
-        row_bytes += (4 + e) * shape.vh
-    memory = (t * V * (LOGIT_BYTES + gradient_tile_bytes(e))  # logits tile and gradient tile
-              + t * H * e  # the chunk's hidden rows, gathered
-              + accumulators * 4 * shape.vh
-              + (4 * split_tokens * H if split_pairs else 0)
-              + STATS_BYTES_PER_TOKEN * N)
-    if not float32_gemm_out and e < 4:
-        memory += staging_bytes(t, H, V)
-    if chunks == 1 and not split_pairs:
-        route = "whole pairs, 1 chunk"
-    else:
-        route = f"whole pairs, {chunks} chunks" + (f" ({split_pairs} pair split)" if split_pairs else "")
-        route += f", {accumulators} fp32 [V,H]" if accumulators else ""
-    return Cost(route, shape.floor_flops(), gemm_s, row_bytes, hbm + row_bytes, memory)
+    """Uniform chunks of ``chunk_tokens`` (and ``split_pairs`` pairs of ``split_tokens`` run in pieces of
+    that size): :func:`whole_pair_route` for a batch described by counts only (the peers' pricing)."""
+    t = max(1, min(chunk_tokens, shape.tokens))
+    runs = [PairChunkRun(t, gathered=chunks > 1) for _ in range(max(1, round((shape.tokens - split_pairs * split_tokens)
+                                                                           / t)) if shape.tokens > split_pairs * split_tokens else 0)]
+    runs += [PairChunkRun(split_tokens, sides=(split_tokens - split_tokens // 2, split_tokens // 2), piece_limit=t)
+             for _ in range(split_pairs)]
+    return whole_pair_route(shape, runs or [PairChunkRun(t)], card=card, float32_gemm_out=float32_gemm_out)
 
 
 # Float32 staging of 16-bit GEMM operands where cuBLAS cannot write float32 from them (CPU): a slab at a time.
@@ -178,28 +283,65 @@ def staging_bytes(tokens: int, hidden: int, vocab: int) -> int:
     return 4 * tokens * hidden + min(COPY_SLAB_BYTES, 4 * vocab * max(hidden, tokens))
 
 
+def _blocks(total: int, step: int):
+    """``range(0, total, step)`` as (size, count, not the first) groups: the first block, the other
+    full ones, the ragged last one."""
+    sizes = [min(step, total)]
+    full_rest = max(0, total // step - 1) if total >= step else 0
+    groups = [(sizes[0], 1, False)] if total > 0 else []
+    if full_rest:
+        groups.append((step, full_rest, True))
+    if total > step and total % step:
+        groups.append((total % step, 1, True))
+    return groups
+
+
 def two_pass(shape: Shape, token_chunk: int, vocab_block: int, card: Card = DEFAULT_CARD,
-             float32_gemm_out: bool = True) -> Cost:
-    """Forward folds tiles into per-token statistics (2NHV); backward recomputes them (6NHV more)."""
+             float32_gemm_out: bool = True, gathered_input: bool = False,
+             forward_tiles: Optional[Tuple[int, int]] = None) -> Cost:
+    """Forward folds tiles into per-token statistics (2NHV); backward recomputes them (6NHV more).
+
+    ``forward_tiles``: (token_chunk, vocab_block) of the forward when it differs from the backward's
+    (no gradient tile nor weight block to hold: larger tiles, fewer weight reads).
+
+    As ``chunked.ChunkedEngine`` runs it: per tile the logits GEMM and the statistics pass
+    (forward), again the logits GEMM, the gradient pass, and grad_hidden and the vocabulary
+    block of grad_weight accumulated in float32 (the first product of each written with beta=0);
+    each finished block is cast into grad_weight, and grad_hidden cast once at the end.
+    Ragged last tiles are priced at their size.
+    """
     N, H, V, e = shape.tokens, shape.hidden, shape.vocab, shape.element_size
     g = gradient_tile_bytes(e)
-    token_blocks = math.ceil(N / max(token_chunk, 1))
-    vocab_blocks = math.ceil(V / max(vocab_block, 1))
-    tiles = token_blocks * vocab_blocks
-    t, vb = min(token_chunk, N), min(vocab_block, V)
-    logits = tiles * gemm_time(t, vb, H, e, LOGIT_BYTES, False, card)
-    gemm_s = 2 * logits
-    hbm = 2 * tiles * gemm_bytes(t, vb, H, e, LOGIT_BYTES, False)
-    # grad_hidden: float32 rows [t, H] read and written once per vocabulary block.
-    gemm_s += tiles * gemm_time(t, H, vb, g or LOGIT_BYTES, 4, True, card)
-    hbm += tiles * gemm_bytes(t, H, vb, g or LOGIT_BYTES, 4, True)
-    if shape.trainable_head:
-        gemm_s += tiles * gemm_time(vb, H, t, g or LOGIT_BYTES, 4, True, card)
-        hbm += tiles * gemm_bytes(vb, H, t, g or LOGIT_BYTES, 4, True)
+    t, vb = max(1, min(token_chunk, N)), max(1, min(vocab_block, V))
+    gemm_s = hbm = 0.0
+    tf, vf = forward_tiles or (t, vb)
+    for cols, v_count, _ in _blocks(V, max(1, min(vf, V))):
+        for rows, t_count, _ in _blocks(N, max(1, min(tf, N))):
+            gemm_s += v_count * t_count * _gemm_seconds(rows, cols, H, e, e, LOGIT_BYTES, False, card)
+            hbm += v_count * t_count * _gemm_traffic(rows, cols, H, e, e, LOGIT_BYTES, False)
+    for cols, v_count, v_later in _blocks(V, vb):
+        for rows, t_count, t_later in _blocks(N, t):
+            count = v_count * t_count
+            gemm_s += count * _gemm_seconds(rows, cols, H, e, e, LOGIT_BYTES, False, card)
+            hbm += count * _gemm_traffic(rows, cols, H, e, e, LOGIT_BYTES, False)
+            gemm_s += count * _gemm_seconds(rows, H, cols, g or LOGIT_BYTES, e, 4, v_later, card)
+            hbm += count * _gemm_traffic(rows, H, cols, g or LOGIT_BYTES, e, 4, v_later)
+            if shape.trainable_head:
+                gemm_s += count * _gemm_seconds(cols, H, rows, g or LOGIT_BYTES, e, 4, t_later, card)
+                hbm += count * _gemm_traffic(cols, H, rows, g or LOGIT_BYTES, e, 4, t_later)
     row_bytes = shape.nv * (LOGIT_BYTES + LOGIT_BYTES + (g or LOGIT_BYTES))
+    if shape.trainable_head:
+        row_bytes += (4 + e) * shape.vh  # each float32 block cast into grad_weight
+    row_bytes += (4 + e) * shape.nh  # grad_hidden cast once
+    if gathered_input:
+        row_bytes += 2 * shape.nh * e + (shape.input_tokens or N) * H * e + 3 * shape.nh * e
+    row_bytes += SMALL_BYTES_PER_TOKEN * N
     flops = 2.0 * shape.nv * H * (4 if shape.trainable_head else 3)
-    memory = (t * vb * (LOGIT_BYTES + g) + (4 * vb * H if shape.trainable_head else 0)
-              + 4 * shape.nh + STATS_BYTES_PER_TOKEN * N)
+    memory = max(t * vb * (LOGIT_BYTES + g) + (4 * vb * H if shape.trainable_head else 0) + 4 * shape.nh,
+                 min(tf, N) * min(vf, V) * LOGIT_BYTES)  # backward, or the forward's (larger) tile
+    memory += STATS_BYTES_PER_TOKEN * N
+    if gathered_input:
+        memory += 2 * shape.nh * e  # the gathered kept rows (saved for backward) and their gradient
     if not float32_gemm_out and e < 4:
         memory += staging_bytes(t, H, vb)
     return Cost("two-pass", flops, gemm_s, row_bytes, hbm + row_bytes, memory)

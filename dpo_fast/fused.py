@@ -20,8 +20,8 @@ Backward, two routes (N tokens, H hidden, V vocabulary, e bytes per logits eleme
   8NHV/BLOCK_N bytes. At the shape above with 128 x 128 tiles that is 270 GB per gradient
   (~80 ms each on an H100): 5-7x the 6NHV floor, whatever the GEMM speed.
 
-In FLOP-equivalents (bytes x the card's FLOP/byte balance: ~239 for an H100, 800 TFLOP/s of
-bf16 GEMM over 3.35 TB/s of HBM), with G gradients (hidden and/or weight), R recomputing
+In FLOP-equivalents (bytes x the card's FLOP/byte balance: ~239 for an H100 at the 800 TFLOP/s
+an 8192^3 bf16 GEMM reaches, over 3.35 TB/s of HBM; ~295 at its datasheet 989), with G gradients (hidden and/or weight), R recomputing
 kernels (one per gradient kind), a fraction ``kept`` of tiles surviving gradient filtering
 (1 without it), per NHV:
 
@@ -35,7 +35,7 @@ route and, alone, one recomputing kernel to the fused one. The arithmetic lives 
 
 So the fused backward wins only where H is small (frozen bf16 head: H < ~128 at 128-wide
 tiles), or where filtering skips most tiles (``filter_eps > 0``; trainable head at
-Llama-3-8B's shape: kept < ~8%; frozen: < ~16%). :func:`fused_backward_wins` is that
+Llama-3-8B's shape: kept < ~8%, frozen < ~16% at balance 239; ~7% and ~14% at 295). :func:`fused_backward_wins` is that
 rule; the engine applies it with kept = 1, and ``filter_eps > 0`` always takes the fused
 backward because no other route filters. Memory beyond the gradients: O(tokens) plus
 ``memory_budget`` (tiled: the workspace; fused: float32 split partials and scratch).

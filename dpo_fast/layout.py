@@ -19,6 +19,9 @@ class TokenLayout:
     num_sequences: int
     lengths: torch.Tensor  # [R] kept tokens per sequence (int64, on device)
     lengths_host: List[int]
+    # Every token kept, already in sequence order (no packing ids to sort by): the kept rows are
+    # the input rows themselves, so no gather (nor its backward scatter) is needed.
+    identity: bool = False
 
     @property
     def num_kept(self) -> int:
@@ -26,6 +29,8 @@ class TokenLayout:
 
     def scatter(self, values: torch.Tensor) -> torch.Tensor:
         """Kept-token values -> tensor shaped like the labels, zero where ignored."""
+        if self.identity:
+            return values.view(self.labels_shape)
         full = values.new_zeros(self.labels_shape.numel())
         return full.index_put((self.kept_index,), values).view(self.labels_shape)
 
@@ -96,6 +101,7 @@ def build_layout(labels: torch.Tensor, ignore_index: int, sequence_ids: Optional
         check(flags_host)
     lengths_host = values[:num_sequences]
     lengths = lengths[:num_sequences]
+    identity = ids is None and sum(lengths_host) == n
     kept_index = torch.nonzero_static(kept_mask, size=sum(lengths_host)).squeeze(1)
     if ids is not None:
         order = torch.sort(ids[kept_index], stable=True).indices
@@ -103,8 +109,9 @@ def build_layout(labels: torch.Tensor, ignore_index: int, sequence_ids: Optional
     return TokenLayout(
         labels_shape=labels.shape,
         kept_index=kept_index,
-        kept_labels=flat[kept_index],
+        kept_labels=flat if identity else flat[kept_index],
         num_sequences=num_sequences,
         lengths=lengths,
         lengths_host=lengths_host,
+        identity=identity,
     )

@@ -31,20 +31,37 @@ MIN_VOCAB_BLOCK = 128
 # on every card in cost_model.CARDS, so longer chunks only cost memory.
 MAX_CHUNK_TOKENS = 2048
 CPU_MEMORY_BUDGET = 512 * 2**20
-GPU_MEMORY_FRACTION = 10  # default budget: a tenth of the card (8 GB of an 80 GB card)
+# CUDA defaults. DPO (the whole-pair route gets faster with memory up to one chunk of every pair):
+# a quarter of the memory free when the call starts (what the driver reports free plus what
+# PyTorch's caching allocator holds unused), at most DPO_BUDGET_CAP. Per-token work (token_logps,
+# sequence_logps, the TRL drop-in, two-pass DPO) gains nothing from larger tiles once a GEMM
+# tile holds a few thousand tokens: PER_TOKEN_BUDGET, whatever the card (at V=152k about 1,700
+# tokens of float32 forward tile; backward half tile, half float32 weight block).
+DPO_FREE_FRACTION = 4
+DPO_BUDGET_CAP = 8 * 2**30
+PER_TOKEN_BUDGET = 2**30
 
 
-@functools.lru_cache(maxsize=None)
-def _device_memory(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).total_memory
+def _free_cuda_memory(device: torch.device) -> int:
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def default_memory_budget(device: torch.device) -> int:
-    """``memory_budget=None``: a tenth of a CUDA device's memory, 512 MiB elsewhere."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return _device_memory(index) // GPU_MEMORY_FRACTION
-    return CPU_MEMORY_BUDGET
+def default_memory_budget(device: torch.device, per_token: bool = False) -> int:
+    """``memory_budget=None``. CUDA: ``PER_TOKEN_BUDGET`` for per-token work (``per_token``), else a
+    quarter of the free memory, at most ``DPO_BUDGET_CAP``. Elsewhere ``CPU_MEMORY_BUDGET``."""
+    if device.type != "cuda":
+        return CPU_MEMORY_BUDGET
+    if per_token:
+        return PER_TOKEN_BUDGET
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return max(PER_TOKEN_BUDGET, min(_free_cuda_memory(device) // DPO_FREE_FRACTION, DPO_BUDGET_CAP))
+
+
+def paper_default_budget(card_memory_bytes: float) -> int:
+    """The DPO default on an idle card of this size (benchmarks' paper tables)."""
+    return max(PER_TOKEN_BUDGET, min(int(card_memory_bytes) // DPO_FREE_FRACTION, DPO_BUDGET_CAP))
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,6 +116,10 @@ def plan_tiles(num_tokens: int, vocab: int, hidden_size: int, element_size: int,
     vocab_block = max(vocab_block, min(vocab, MIN_VOCAB_BLOCK))
     token_chunk = max(1, min(max(num_tokens, 1), tile_budget // (element_size * vocab_block)))
     token_chunk = max(token_chunk, min(max(num_tokens, 1), MIN_TILE_TOKENS))
+    # Equal tiles: no ragged last tile of a few rows re-reading a whole weight block (floor kept).
+    even = -(-max(num_tokens, 1) // -(-max(num_tokens, 1) // token_chunk))
+    if even >= min(max(num_tokens, 1), MIN_TILE_TOKENS):
+        token_chunk = even
     return TilePlan(token_chunk=token_chunk, vocab_block=vocab_block)
 
 
@@ -156,44 +177,54 @@ def _group_pairs(pair_tokens: Sequence[int], limit: int) -> List[Chunk]:
     return chunks
 
 
-def _whole_pair_cost(shape: cm.Shape, pair_tokens, chunks: List[Chunk], limit: int, staged: bool, card) -> cm.Cost:
-    split = [c for c in chunks if c.split]
-    rounds = sum(math.ceil(pair_tokens[c.first] / c.piece_tokens) if c.split else 1 for c in chunks)
-    first_split = next((i for i, c in enumerate(chunks) if c.split), None)
-    largest = max((sum(pair_tokens[c.first:c.last]) for c in chunks if not c.split), default=0)
-    tile = min(max(largest, limit if split else 0), shape.tokens)
-    return cm.whole_pairs(shape, tile, rounds, split_pairs=len(split),
-                          split_tokens=max((pair_tokens[c.first] for c in split), default=0),
-                          accumulator_before_split=bool(first_split) or len(split) > 1,
-                          card=card, float32_gemm_out=not staged)
+def _whole_pair_cost(shape: cm.Shape, sides, chunks: List[Chunk], staged: bool, card,
+                     gathered_input: bool = False) -> cm.Cost:
+    """The cost model's price of these chunks: ``sides[p]`` is pair p's (chosen, rejected) kept tokens."""
+    every_pair = len(chunks) == 1 and not chunks[0].split
+    runs = []
+    for c in chunks:
+        if c.split:
+            runs.append(cm.PairChunkRun(sum(sides[c.first]), sides=tuple(sides[c.first]), piece_limit=c.piece_tokens))
+        else:
+            runs.append(cm.PairChunkRun(sum(a + b for a, b in sides[c.first:c.last]), gathered=not every_pair))
+    return cm.whole_pair_route(shape, runs, gathered_input=gathered_input, card=card, float32_gemm_out=not staged)
 
 
 def plan_loss(pair_tokens: Sequence[int], vocab: int, hidden_size: int, input_dtype: torch.dtype,
               trainable_head: bool, memory_budget: int, device_type: str = "cuda", whole_pairs: bool = True,
-              card: cm.Card = cm.DEFAULT_CARD) -> Plan:
+              card: cm.Card = cm.DEFAULT_CARD, sides: Optional[Sequence[Tuple[int, int]]] = None,
+              gathered_input: bool = False, input_tokens: int = 0, two_pass_budget: Optional[int] = None) -> Plan:
     """The fastest route for a loss over pairs of ``pair_tokens`` kept tokens each (chosen + rejected).
 
     ``whole_pairs=False`` (not pair-local, no gradient, a vocabulary-parallel head...) leaves
-    the two-pass route only.
+    the two-pass route only. ``sides``: each pair's (chosen, rejected) kept tokens (a split pair's
+    pieces are cut per side; default: halves). ``gathered_input``: the kept tokens were gathered
+    from padded hidden states of ``input_tokens`` rows (priced on every route). ``two_pass_budget``: the
+    budget the two-pass engine tiles by (default ``memory_budget``).
     """
+    if sides is None:
+        sides = [(t - t // 2, t // 2) for t in pair_tokens]
     e = input_dtype.itemsize
     staged = e < 4 and not float32_gemm_out(device_type)
     n = int(sum(pair_tokens))
-    shape = cm.Shape(max(n, 1), hidden_size, vocab, e, trainable_head)
-    tiles = engine_tiles(n, vocab, hidden_size, input_dtype, device_type, memory_budget, True, trainable_head)
+    shape = cm.Shape(max(n, 1), hidden_size, vocab, e, trainable_head, input_tokens)
+    engine_budget = memory_budget if two_pass_budget is None else two_pass_budget
+    tiles = engine_tiles(n, vocab, hidden_size, input_dtype, device_type, engine_budget, True, trainable_head)
+    forward = engine_tiles(n, vocab, hidden_size, input_dtype, device_type, engine_budget, False, False)
     two_pass = Plan("two-pass", cm.two_pass(shape, tiles.token_chunk, tiles.vocab_block, card,
-                                            float32_gemm_out=not staged))
+                                            float32_gemm_out=not staged, gathered_input=gathered_input,
+                                            forward_tiles=(forward.token_chunk, forward.vocab_block)))
     if not whole_pairs or n == 0 or not pair_tokens:
         return two_pass
     candidates = [two_pass]
     one = [Chunk(0, len(pair_tokens))]
-    cost = _whole_pair_cost(shape, pair_tokens, one, n, staged, card)
+    cost = _whole_pair_cost(shape, sides, one, staged, card, gathered_input)
     if cost.memory_bytes <= memory_budget:
         candidates.append(Plan("whole-pairs", cost, tuple(one), accumulate=False))
     else:
-        for limit in _chunk_limits(shape, pair_tokens, memory_budget, staged, card):
+        for limit in _chunk_limits(shape, pair_tokens, sides, memory_budget, staged, card, gathered_input):
             chunks = _group_pairs(pair_tokens, limit)
-            cost = _whole_pair_cost(shape, pair_tokens, chunks, limit, staged, card)
+            cost = _whole_pair_cost(shape, sides, chunks, staged, card, gathered_input)
             candidates.append(Plan("whole-pairs", cost, tuple(chunks), accumulate=trainable_head and e < 4))
     fitting = [p for p in candidates if p.cost.memory_bytes <= memory_budget] or [two_pass]
     return min(fitting, key=lambda p: (p.cost.seconds(card), p.route != "whole-pairs"))
@@ -209,7 +240,8 @@ def _largest_fitting(fits, low: int, high: int) -> int:
     return low
 
 
-def _chunk_limits(shape: cm.Shape, pair_tokens, memory_budget: int, staged: bool, card) -> List[int]:
+def _chunk_limits(shape: cm.Shape, pair_tokens, sides, memory_budget: int, staged: bool, card,
+                  gathered_input: bool) -> List[int]:
     """Chunk sizes worth pricing: the largest that splits no pair, and the largest that splits some.
 
     Within each regime memory grows with the chunk (the tile), so each is found by bisection;
@@ -217,7 +249,7 @@ def _chunk_limits(shape: cm.Shape, pair_tokens, memory_budget: int, staged: bool
     """
     def fits(limit):
         chunks = _group_pairs(pair_tokens, limit)
-        return _whole_pair_cost(shape, pair_tokens, chunks, limit, staged, card).memory_bytes <= memory_budget
+        return _whole_pair_cost(shape, sides, chunks, staged, card, gathered_input).memory_bytes <= memory_budget
 
     longest = max(pair_tokens)
     whole = _largest_fitting(fits, max(longest, MIN_TILE_TOKENS), max(longest, min(MAX_CHUNK_TOKENS, shape.tokens)))

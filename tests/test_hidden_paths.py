@@ -102,7 +102,8 @@ def test_weighted_list_of_loss_types_and_routes(impl, budget, device):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_whole_pair_route_equals_two_pass_route(impl, device, monkeypatch):
-    h, w, _, labels = make_batch(3, 8, 16, 64, device=device)
+    # Pairs longer than the 16-token tile floor, so that a chunk per pair can cost less memory than one chunk.
+    h, w, _, labels = make_batch(3, 24, 16, 64, device=device)
     calls = []
     original = chunked.PairChunkLoss.forward
     monkeypatch.setattr(chunked.PairChunkLoss, "forward",
@@ -116,8 +117,10 @@ def test_whole_pair_route_equals_two_pass_route(impl, device, monkeypatch):
     # A budget the planner answers with one pair per chunk: several chunks (6NHV still).
     lengths = (labels != -100).sum(1).tolist()
     pair_tokens = [lengths[p] + lengths[p + 3] for p in range(3)]
-    budget = next(b for b in range(1000, 100000, 500)
-                  if len(planner.plan_loss(pair_tokens, 64, 16, h.dtype, True, b, "cpu").chunks) >= 2)
+    budget = next(b for b in range(1000, 100000, 50)
+                  if len(planner.plan_loss(pair_tokens, 64, 16, h.dtype, True, b, "cpu", gathered_input=True,
+                                           sides=[(lengths[p], lengths[p + 3]) for p in range(3)],
+                                           input_tokens=labels.numel()).chunks) >= 2)
     several = dpo_fast.dpo_loss(h, w, labels, impl=impl, memory_budget=budget)
     assert len(calls) == 1
     assert rel_err(several.loss, whole.loss) < 1e-6

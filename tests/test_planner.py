@@ -336,4 +336,5 @@ def test_plan_command_table():
     assert default[2] == "1.00" and float(default[5]) <= 0.25  # 6NHV within a quarter of naive's memory
     assert rows["TRL 1.16 chunked"][2] == "1.33" and rows["naive PyTorch"][5] == "1.00"
     text = markdown([case], cm.CARDS["H200"])
-    assert "Liger DPO" in text and "CCE exact" in text and "788 TFLOP/s" in text
+    assert "Liger DPO" in text and "CCE exact" in text and "989 TFLOP/s" in text and "datasheet" in text
+    assert "measured" in markdown([case], cm.CARDS["H200-measured"])
