@@ -11,6 +11,8 @@ with no second copy.
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 @triton.jit
 def _scale_unless_one_kernel(x_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
@@ -29,7 +31,7 @@ def scale_unless_one(x, scale, block: int = 4096) -> None:
     numel = x.numel()
     if numel == 0:
         return
-    _scale_unless_one_kernel[(triton.cdiv(numel, block),)](x, scale, numel, BLOCK=block)
+    launch(_scale_unless_one_kernel, (triton.cdiv(numel, block),), x, scale, numel, BLOCK=block)
 
 
 @triton.jit
@@ -52,7 +54,7 @@ def merge_scaled(out, a, scale_a, b=None, scale_b=None, running=None, block: int
     numel = out.numel()
     if numel == 0:
         return
-    _merge_scaled_kernel[(triton.cdiv(numel, block),)](
-        a, a if b is None else b, a if running is None else running, out, scale_a,
+    launch(
+        _merge_scaled_kernel, (triton.cdiv(numel, block),), a, a if b is None else b, a if running is None else running, out, scale_a,
         scale_a if scale_b is None else scale_b, numel, HAS_B=b is not None, HAS_RUNNING=running is not None,
         BLOCK=block)

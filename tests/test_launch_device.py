@@ -16,12 +16,12 @@ import pytest
 import torch
 
 import dpo_fast
-from dpo_fast.kernels import fused_linear_logps, launch, logsoftmax_gather
+from dpo_fast.kernels import fused_linear_logps, launch, logsoftmax_gather, scale
 from dpo_fast.transform import LogitTransform
 from helpers import make_batch, record_launches
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_MODULES = (logsoftmax_gather, fused_linear_logps)
+KERNEL_MODULES = (logsoftmax_gather, fused_linear_logps, scale)
 
 
 def _kernel_names():
@@ -34,7 +34,8 @@ def _kernel_names():
 
 def test_the_kernel_list_is_complete():
     assert set(_kernel_names()) == {"_row_stats_kernel", "_row_grad_kernel", "_forward_kernel",
-                                    "_merge_splits_kernel", "_grad_hidden_kernel", "_grad_weight_kernel"}
+                                    "_merge_splits_kernel", "_grad_hidden_kernel", "_grad_weight_kernel",
+                                    "_scale_unless_one_kernel", "_merge_scaled_kernel"}
 
 
 def test_no_kernel_is_launched_but_through_launch():
