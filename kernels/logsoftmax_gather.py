@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import stats_layout
+from .tl_math import tanh_and_sech2
 
 # Triton kernels read module globals only as constexpr.
 STAT_MAX = tl.constexpr(stats_layout.STAT_MAX)
@@ -34,10 +35,11 @@ def _post_process(s, scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr)
     # One return statement: the GPU compiler type-checks every return, even under a
     # constexpr branch, and the two branches' dz/ds differ in shape (block vs scalar).
     if HAS_SOFTCAP:
-        # tanh(x) = 2 sigmoid(2x) - 1: tl has no tanh on every backend and the interpreter.
-        t = 2.0 * tl.sigmoid(2.0 * u / softcap) - 1.0
+        # tl has no tanh on every backend and the interpreter; tl_math's is as accurate as
+        # torch.tanh on the GPU too (no ex2.approx), and div_rn keeps div.full's 2 ulp out of u / softcap.
+        t, sech2 = tanh_and_sech2(tl.math.div_rn(u, softcap))
         z = softcap * t * inv_temperature
-        dz_ds = scale * (1.0 - t * t) * inv_temperature
+        dz_ds = scale * sech2 * inv_temperature
     else:
         z = u * inv_temperature
         dz_ds = scale * inv_temperature
