@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import stats_layout
-from .tl_math import tanh_and_sech2
+from .tl_math import one_minus_exp, tanh_and_sech2
 
 # Triton kernels read module globals only as constexpr.
 STAT_MAX = tl.constexpr(stats_layout.STAT_MAX)
@@ -172,8 +172,8 @@ def _row_grad_kernel(
         z, dz_ds = _post_process(s, scale, softcap, inv_temperature, HAS_SOFTCAP)
         log_p = (z - lse_hi) - lse_lo
         p = tl.exp(log_p)
-        # d log p_label / dz = onehot - p
-        grad = g * (tl.where(cols == local, 1.0, 0.0) - p)
+        # d log p_label / dz = onehot - p; 1 - p of the label from log p (one_minus_exp: exact as p -> 1)
+        grad = g * tl.where(cols == local, one_minus_exp(log_p, p), -p)
         if HAS_ENTROPY_GRAD:
             # d entropy / dz_j = -p_j (log p_j + entropy); p_j = 0 contributes nothing.
             grad -= tl.where(p > 0, g_entropy * p * (log_p + entropy), 0.0)

@@ -16,7 +16,7 @@ interpreter can be exact there and wrong on the card:
   bfloat16 (which the interpreter turns into an integer cast) rounds to nearest even as well.
 - ``tl.exp(x)`` of float32 is ``ex2.approx.ftz.f32(x * log2(e))``: the product is rounded to
   float32 first (an absolute error of ``|x| 2^-24`` in the exponent), and ex2.approx is
-  within 2 ulp (PTX ISA), subnormal results flushed to zero. ``tl.exp2`` is ex2.approx alone.
+  within 2 ulp (PTX ISA; exact at integer powers of two), subnormal results flushed to zero. ``tl.exp2`` is ex2.approx alone.
 - float32 ``/`` is ``div.full.f32``: within 2 ulp (PTX ISA), not correctly rounded
   (``tl.math.div_rn`` stays IEEE).
 
@@ -120,7 +120,10 @@ def ex2_approx(y: np.ndarray) -> np.ndarray:
     y = np.where(np.abs(y) < np.finfo(np.float32).tiny, np.float32(0), y)
     with np.errstate(over="ignore", under="ignore"):
         exact = np.exp2(y.astype(np.float64)).astype(np.float32)
-    result = _perturb_ulps(exact, _hash_offset(_bits(y)))
+    # Integer y (2^y a power of two, e.g. exp(0) of a row's maximum) comes out exact: the fraction's
+    # table entry is exact there. Everything else moves within the bound.
+    offset = np.where(y == np.floor(y), 0, _hash_offset(_bits(y)))
+    result = _perturb_ulps(exact, offset)
     return np.where(np.abs(result) < np.finfo(np.float32).tiny, np.float32(0), result)
 
 
@@ -254,3 +257,41 @@ def emulate_gpu_arithmetic():
                 builder = _saved.pop("builder")
                 for name, fn in _saved.pop("original").items():
                     setattr(builder, name, fn)
+
+
+# ----------------------------------------------------------------------------------------
+# cuBLAS under torch's TF32 switch (CPU matmuls ignore it)
+# ----------------------------------------------------------------------------------------
+
+_GEMM_OPERANDS = {"mm": (0, 1), "bmm": (0, 1), "addmm": (1, 2), "addmm_": (1, 2), "baddbmm": (1, 2)}
+
+
+def gemm_operands(func):
+    """Positions of the two matrix operands of an aten GEMM overload, or None for other ops."""
+    return _GEMM_OPERANDS.get(func.overloadpacket.__name__)
+
+
+def _tf32_tensor(t):
+    import torch
+
+    rounded = tf32_round(t.detach().cpu().contiguous().numpy())
+    return torch.from_numpy(rounded).to(t.device).view(t.shape)
+
+
+def cublas_tf32_mode(tf32_enabled):
+    """A TorchDispatchMode: float32 GEMMs round their operands to TF32 whenever ``tf32_enabled()``
+    says torch's switch is on, as cuBLAS does on an Ampere or later GPU."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CublasTF32(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            operands = gemm_operands(func)
+            if operands and tf32_enabled() and all(args[i].dtype == torch.float32 for i in operands):
+                args = list(args)
+                for i in operands:
+                    args[i] = _tf32_tensor(args[i])
+            return func(*args, **kwargs)
+
+    return CublasTF32()
