@@ -2,7 +2,7 @@
 
 cuBLAS honours torch's global TF32 switch (``torch.backends.cuda.matmul.allow_tf32``,
 ``torch.set_float32_matmul_precision("high")``, Hugging Face ``tf32=True``); with it on, a
-float32 head's logits carry TF32's 10-bit operands: ~2e-3 nats per token, hundreds of times
+float32 head's logits carry TF32's 10-bit operands: ~1e-3 nats per token, hundreds of times
 float32's error. dpo-fast turns the switch off around its own float32 GEMMs and restores it
 after (:func:`ieee_float32_matmul`); the fused kernels ask ``tl.dot`` for ``"ieee"``
 (``kernels/fused_linear_logps.FLOAT32_DOT_PRECISION``). 16-bit heads are unaffected (their

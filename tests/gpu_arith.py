@@ -16,7 +16,8 @@ interpreter can be exact there and wrong on the card:
   bfloat16 (which the interpreter turns into an integer cast) rounds to nearest even as well.
 - ``tl.exp(x)`` of float32 is ``ex2.approx.ftz.f32(x * log2(e))``: the product is rounded to
   float32 first (an absolute error of ``|x| 2^-24`` in the exponent), and ex2.approx is
-  within 2 ulp (PTX ISA; exact at integer powers of two), subnormal results flushed to zero. ``tl.exp2`` is ex2.approx alone.
+  within 2 ulp (PTX ISA; modelled exact at integer powers of two), subnormal results flushed to
+  zero. ``tl.exp2`` is ex2.approx alone.
 - float32 ``/`` is ``div.full.f32``: within 2 ulp (PTX ISA), not correctly rounded
   (``tl.math.div_rn`` stays IEEE).
 
