@@ -21,6 +21,8 @@ from dpo_fast.rows import triton_runs_on
 def _interpreter_only(device):
     if device.type != "cpu" or not triton_runs_on(device):
         pytest.skip("emulates the GPU inside Triton's CPU interpreter")
+    if gpu_arith.active():  # DPO_FAST_EMULATE_GPU=1 for the session: these compare against the plain interpreter
+        pytest.skip("checks the emulation against the plain interpreter; run without DPO_FAST_EMULATE_GPU")
 
 
 # ----------------------------------------------------------------------------------------
