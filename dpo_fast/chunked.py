@@ -24,6 +24,7 @@ import torch
 from . import planner
 from .cost_model import COPY_SLAB_BYTES
 from .function import refuse_second_order
+from .precision import ieee_float32_matmul
 from .planner import Chunk, plan_tiles  # noqa: F401  (tile sizes live in the planner; re-exported)
 from .rows import HAS_TRITON, KEPT_ONLY, finish_stats, init_stats
 from .transform import LogitTransform
@@ -166,7 +167,8 @@ class ChunkedEngine:
 
     def forward_stats(self, hidden, weight, bias, labels, transform: LogitTransform,
                       ignore_index: int = KEPT_ONLY) -> torch.Tensor:
-        with torch.autocast(hidden.device.type, enabled=False):  # the tiles' precision is chosen here
+        # The tiles' precision is chosen here: no autocast, and a float32 head in IEEE float32 (precision.py).
+        with torch.autocast(hidden.device.type, enabled=False), ieee_float32_matmul(hidden.dtype):
             return self._forward_stats(hidden, weight, bias, labels, transform, ignore_index)
 
     def _forward_stats(self, hidden, weight, bias, labels, transform, ignore_index):
@@ -184,7 +186,7 @@ class ChunkedEngine:
     def backward(self, hidden, weight, bias, labels, transform: LogitTransform, lse, grad_logp,
                  entropy=None, grad_entropy=None, needs=(True, True, True), ignore_index: int = KEPT_ONLY):
         """Gradients of sum(grad_logp * logp + grad_entropy * entropy) to (hidden, weight, bias)."""
-        with torch.autocast(hidden.device.type, enabled=False):
+        with torch.autocast(hidden.device.type, enabled=False), ieee_float32_matmul(hidden.dtype):
             return self._backward(hidden, weight, bias, labels, transform, lse, grad_logp, entropy, grad_entropy,
                                   needs, ignore_index)
 
@@ -263,7 +265,8 @@ class PairChunkLoss(torch.autograd.Function):
         """``hidden`` rows are kept tokens ordered [chosen_0 .. chosen_B-1, rejected_0 ..]; ``spans[s]`` is
         the (start, end) of sequence ``s`` in that order (host ints) and ``lengths`` the same lengths on
         the device."""
-        with torch.autocast(hidden.device.type, enabled=False):  # the tiles' precision is chosen here
+        # The tiles' precision is chosen here: no autocast, and a float32 head in IEEE float32 (precision.py).
+        with torch.autocast(hidden.device.type, enabled=False), ieee_float32_matmul(hidden.dtype):
             run = _PairRun(hidden, weight, bias, labels, (ref_chosen, ref_rejected), rows, transform, spans,
                            lengths, chunks, chunk_loss, ctx.needs_input_grad)
             grads = run.run()

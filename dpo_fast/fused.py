@@ -67,6 +67,12 @@ def fused_backward_wins(tokens: int, hidden_size: int, vocab: int, input_dtype: 
                                   kept_fraction=kept_fraction, card=card)
 
 
+def _dense(bias):
+    """The kernels read bias[v] at ``b_ptr + v`` and hidden/weight at their strides: a strided bias view
+    (``bias[::2]``, a column of a parameter block) is copied once (V elements), not misread."""
+    return None if bias is None else bias.contiguous()
+
+
 class FusedEngine:
     """Engine (see ``function.py``): fused forward; backward by :func:`fused_backward_wins`.
 
@@ -93,8 +99,8 @@ class FusedEngine:
         self.backward_route = backward_route
 
     def forward_stats(self, hidden, weight, bias, labels, transform: LogitTransform) -> torch.Tensor:
-        return kernels.forward_stats(hidden, weight, bias, labels.contiguous(), num_splits=self.vocab_splits,
-                                     **transform.kernel_args())
+        return kernels.forward_stats(hidden, weight, _dense(bias), labels.contiguous(),
+                                     num_splits=self.vocab_splits, **transform.kernel_args())
 
     def route(self, hidden, weight, needs) -> str:
         if self.backward_route is not None:
@@ -115,7 +121,8 @@ class FusedEngine:
                 grad_entropy=grad_entropy, needs=needs)
         need_hidden, need_weight, need_bias = needs
         return kernels.backward(
-            hidden, weight, bias, labels, lse, grad_logp, entropy=entropy, grad_entropy=grad_entropy,
+            hidden, weight, _dense(bias), labels.contiguous(), lse, grad_logp, entropy=entropy,
+            grad_entropy=grad_entropy,
             need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, filter_eps=self.filter_eps,
             num_splits=self.vocab_splits, workspace_bytes=self.memory_budget, **transform.kernel_args(),
         )

@@ -72,7 +72,8 @@ class LogitsLogpsFunction(torch.autograd.Function):
             logits = logits.contiguous()
         if inplace:
             check_inplace_logits(logits)
-        flat_labels = labels.reshape(-1)
+        # The row kernels read labels[row] at labels_ptr + row: a strided view (labels[::2]) is copied once.
+        flat_labels = labels.reshape(-1).contiguous()
         stats = init_stats(flat_labels.numel(), logits.device, rows.stats_dtype(logits.dtype))
         offset = 0
         for block in row_blocks(logits):

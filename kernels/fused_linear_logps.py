@@ -21,8 +21,8 @@ uses it at once. No logits tile, softmax or logits gradient is ever written to m
   these kernels only where that arithmetic favours them (``dpo_fast/fused.py``), e.g. with
   gradient filtering. A bias gradient alone still runs the vocabulary-major kernel.
 
-Operands go to ``tl.dot`` in their own dtype (bf16/fp16 on tensor cores; float32 as
-3xTF32, see ``FLOAT32_DOT_PRECISION``); the logits gradient is rounded to that dtype before
+Operands go to ``tl.dot`` in their own dtype (bf16/fp16 on tensor cores; float32 in IEEE
+float32, see ``FLOAT32_DOT_PRECISION``); the logits gradient is rounded to that dtype before
 its two GEMMs, as the chunked path's in-place tile is. Every sum is float32.
 
 Determinism: every float32 accumulator has exactly one owning program, which updates it
@@ -44,6 +44,7 @@ from .launch import launch
 from .logsoftmax_gather import (  # the statistics layout as Triton constexprs, defined once there
     STAT_ARGMAX, STAT_MAX, STAT_SQEXP, STAT_SUMEXP, STAT_TARGET, STAT_ZEXP, STAT_ZSUM, _post_process, split_lse,
 )
+from .tl_math import one_minus_exp
 
 try:  # the launchers need torch; compiling the kernels ahead of time (benchmarks/kernels.py) does not
     import torch
@@ -254,8 +255,8 @@ def _logits_grad(s, cols, col_ok, row_ok, label, lse_hi, lse_lo, g, entropy, g_e
     z = tl.where(col_ok[None, :], z, float("-inf"))  # columns past the vocabulary: p = 0
     log_p = (z - lse_hi[:, None]) - lse_lo[:, None]
     p = tl.exp(log_p)
-    onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
-    grad_z = g[:, None] * (onehot - p)
+    # onehot - p, the label's 1 - p from log p (tl_math.one_minus_exp: exact as p -> 1 with the GPU's exp)
+    grad_z = g[:, None] * tl.where(cols[None, :] == label[:, None], one_minus_exp(log_p, p), -p)
     if HAS_ENTROPY_GRAD:
         # Where p is 0 (masked columns, dead rows) z - lse may be -inf: use 0 to keep 0 * inf out.
         log_p = tl.where(p > 0, log_p, 0.0)
@@ -478,11 +479,13 @@ def _grad_weight_kernel(
 DEFAULT_WORKSPACE_BYTES = 512 * 2**20  # float32 split partials of grad_hidden and weight-gradient scratch
 
 
-# tl.dot rounds float32 operands to TF32 (10-bit mantissa) by default on NVIDIA GPUs. "tf32x3"
-# splits each operand into two TF32 parts and keeps the three leading products: float32-level
-# error on tensor cores (about 2^-22 per product against 2^-24 for "ieee", which runs on the
-# much slower FMA units). Set DPO_FAST_FUSED_FP32_DOT=ieee for plain float32 products.
-FLOAT32_DOT_PRECISION = os.environ.get("DPO_FAST_FUSED_FP32_DOT", "tf32x3")
+# tl.dot rounds float32 operands to TF32 (10-bit mantissa) by default on NVIDIA GPUs. dpo-fast's
+# policy (dpo_fast/precision.py, README "Float32 precision policy"): a float32 head is multiplied in
+# IEEE float32 on every path, so float32 operands ask for "ieee" (FMA units). "tf32x3" (three TF32
+# tensor-core products, ~2^-22 per product) is faster but was measured too coarse for confident
+# tokens under emulated GPU arithmetic (tests/test_precision_policy.py: gradients 4-7x naive
+# float32's error at |z| 1e3-1e4); DPO_FAST_FUSED_FP32_DOT=tf32x3 opts into it.
+FLOAT32_DOT_PRECISION = os.environ.get("DPO_FAST_FUSED_FP32_DOT", "ieee")
 
 
 def _dot_precision(dtype) -> str:

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from . import stats_layout
 from .launch import launch
+from .tl_math import one_minus_exp, tanh_and_sech2
 
 # Triton kernels read module globals only as constexpr.
 STAT_MAX = tl.constexpr(stats_layout.STAT_MAX)
@@ -35,10 +36,11 @@ def _post_process(s, scale, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr)
     # One return statement: the GPU compiler type-checks every return, even under a
     # constexpr branch, and the two branches' dz/ds differ in shape (block vs scalar).
     if HAS_SOFTCAP:
-        # tanh(x) = 2 sigmoid(2x) - 1: tl has no tanh on every backend and the interpreter.
-        t = 2.0 * tl.sigmoid(2.0 * u / softcap) - 1.0
+        # tl has no tanh on every backend and the interpreter; tl_math's is as accurate as
+        # torch.tanh on the GPU too (no ex2.approx), and div_rn keeps div.full's 2 ulp out of u / softcap.
+        t, sech2 = tanh_and_sech2(tl.math.div_rn(u, softcap))
         z = softcap * t * inv_temperature
-        dz_ds = scale * (1.0 - t * t) * inv_temperature
+        dz_ds = scale * sech2 * inv_temperature
     else:
         z = u * inv_temperature
         dz_ds = scale * inv_temperature
@@ -171,8 +173,8 @@ def _row_grad_kernel(
         z, dz_ds = _post_process(s, scale, softcap, inv_temperature, HAS_SOFTCAP)
         log_p = (z - lse_hi) - lse_lo
         p = tl.exp(log_p)
-        # d log p_label / dz = onehot - p
-        grad = g * (tl.where(cols == local, 1.0, 0.0) - p)
+        # d log p_label / dz = onehot - p; 1 - p of the label from log p (one_minus_exp: exact as p -> 1)
+        grad = g * tl.where(cols == local, one_minus_exp(log_p, p), -p)
         if HAS_ENTROPY_GRAD:
             # d entropy / dz_j = -p_j (log p_j + entropy); p_j = 0 contributes nothing.
             grad -= tl.where(p > 0, g_entropy * p * (log_p + entropy), 0.0)

@@ -109,8 +109,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.device)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _gpu_arithmetic():
+    # DPO_FAST_EMULATE_GPU=1: the interpreter computes tl.dot, bf16 casts, exp and division as an
+    # NVIDIA GPU does (tests/gpu_arith.py), so a kernel that is exact only in numpy's arithmetic fails.
+    import gpu_arith
+
+    if gpu_arith.requested() and os.environ.get("TRITON_INTERPRET") == "1":
+        with gpu_arith.emulate_gpu_arithmetic():
+            yield
+    else:
+        yield
+
+
 def pytest_report_header(config):
-    return f"dpo-fast tests on {DEVICE} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"
+    import gpu_arith
+
+    emulated = gpu_arith.requested() and os.environ.get("TRITON_INTERPRET") == "1"
+    return (f"dpo-fast tests on {DEVICE} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+            f"{', GPU arithmetic emulated' if emulated else ''})")
 
 
 def pytest_configure(config):
