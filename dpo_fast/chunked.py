@@ -14,7 +14,9 @@ cuBLAS GEMM into a reused buffer and folded by the row kernels (``rows.py``).
   before the two gradient GEMMs; across chunks grad_weight is summed in float32.
 
 Which route, and the tile and chunk sizes, come from ``planner.py``. Logits tiles are
-float32 for every input dtype (``logits_dtype``).
+float32 for 16-bit inputs (``logits_dtype``). float64 inputs on PyTorch rows compute in
+float64 throughout (tiles, statistics, accumulators: ``TorchRows.stats_dtype``); the Triton
+rows compute in float32, so the public functions refuse float64 for them (``api.resolve_impl``).
 """
 
 from typing import Callable, List, Sequence, Tuple
@@ -110,6 +112,11 @@ class Workspace:
         return self.grad_buffer[: tile.numel()].view(tile.shape)
 
 
+def _accumulator_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """Gradient sums: float32 for 16-bit and float32 inputs, float64 for float64 inputs."""
+    return torch.promote_types(input_dtype, torch.float32)
+
+
 def _ranges(total: int, step: int):
     for start in range(0, total, step):
         yield start, min(total, start + step)
@@ -134,7 +141,7 @@ class ChunkedEngine:
     def _forward_stats(self, hidden, weight, bias, labels, transform, ignore_index):
         n, vocab = hidden.shape[0], weight.shape[0]
         plan = self._plan(hidden, weight, backward=False)
-        stats = init_stats(n, hidden.device)
+        stats = init_stats(n, hidden.device, self.rows.stats_dtype(hidden.dtype))
         workspace = Workspace(min(n, plan.token_chunk) * plan.vocab_block, hidden.dtype, hidden.device)
         for t0, t1 in _ranges(n, plan.token_chunk):
             for v0, v1 in _ranges(vocab, plan.vocab_block):
@@ -157,15 +164,17 @@ class ChunkedEngine:
         plan = self._plan(hidden, weight, backward=True, weight_grad=need_weight)
         workspace = Workspace(min(n, plan.token_chunk) * plan.vocab_block, hidden.dtype, hidden.device,
                               with_gradient=True)
-        grad_hidden_acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        acc = _accumulator_dtype(hidden.dtype)
+        grad_hidden_acc = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
         grad_weight = torch.empty_like(weight) if need_weight else None
-        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
-        grad_logp = grad_logp.float().contiguous()
-        grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
+        grad_bias = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_bias else None
+        stats_dtype = self.rows.stats_dtype(hidden.dtype)
+        grad_logp = grad_logp.to(stats_dtype).contiguous()
+        grad_entropy = None if grad_entropy is None else grad_entropy.to(stats_dtype).contiguous()
         # Vocabulary-major: each block of grad_weight is finished in float32, then written once.
         for v0, v1 in _ranges(vocab, plan.vocab_block):
             weight_block = weight[v0:v1]
-            block_acc = torch.zeros(v1 - v0, weight.shape[1], dtype=torch.float32,
+            block_acc = torch.zeros(v1 - v0, weight.shape[1], dtype=acc,
                                     device=weight.device) if need_weight else None
             for t0, t1 in _ranges(n, plan.token_chunk):
                 logits = workspace.logits(hidden[t0:t1], weight_block, None if bias is None else bias[v0:v1])
@@ -179,7 +188,7 @@ class ChunkedEngine:
                 if need_weight:
                     addmm_fp32(block_acc, tile.t(), hidden[t0:t1])
                 if need_bias:
-                    grad_bias[v0:v1] += tile.sum(dim=0, dtype=torch.float32)
+                    grad_bias[v0:v1] += tile.sum(dim=0, dtype=acc)
             if need_weight:
                 grad_weight[v0:v1] = block_acc
         return (
@@ -251,14 +260,15 @@ class _PairRun:
         self.need_refs = needs[4:6]
         self.pairs = len(spans) // 2
         device, n, vocab = hidden.device, hidden.shape[0], weight.shape[0]
-        self.stats = init_stats(n, device)
-        self.loss = torch.zeros((), dtype=torch.float32, device=device)
+        self.stats_dtype = rows.stats_dtype(hidden.dtype)
+        self.sum_dtype = _accumulator_dtype(weight.dtype)
+        self.stats = init_stats(n, device, self.stats_dtype)
+        self.loss = torch.zeros((), dtype=self.stats_dtype, device=device)
         self.grad_hidden = torch.zeros_like(hidden) if self.need_hidden else None
-        self.grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if self.need_bias else None
-        self.grad_refs = [torch.zeros(self.pairs, dtype=torch.float32, device=device) if need else None
+        self.grad_bias = torch.zeros(vocab, dtype=self.sum_dtype, device=device) if self.need_bias else None
+        self.grad_refs = [torch.zeros(self.pairs, dtype=self.stats_dtype, device=device) if need else None
                           for need in self.need_refs]
         self.grad_weight = None  # the float32 sum (or, for one chunk of whole pairs, the result itself)
-        self.sum_dtype = torch.promote_types(weight.dtype, torch.float32)
         # One workspace for the largest chunk (or piece), reused by every other.
         self.workspace = Workspace(max(_chunk_tokens(c, spans) for c in chunks) * vocab, hidden.dtype, device,
                                    with_gradient=True)
@@ -268,7 +278,7 @@ class _PairRun:
     def _logps(self, h, labels, segments):
         """Logits of ``h``, folded into the statistics of the kept rows ``segments`` (host ranges)."""
         logits = self.workspace.logits(h, self.weight, self.bias)
-        chunk_stats = init_stats(h.shape[0], h.device)
+        chunk_stats = init_stats(h.shape[0], h.device, self.stats_dtype)
         self.rows.stats(logits, labels, chunk_stats, vocab_start=0, ignore_index=KEPT_ONLY, transform=self.transform)
         offset = 0
         for start, end in segments:
@@ -278,7 +288,7 @@ class _PairRun:
 
     def _gradient_tile(self, logits, labels, lse, grad_logps):
         tile = self.workspace.gradient_tile(logits)  # the logits tile itself unless inputs are 16-bit
-        self.rows.grad(logits, labels, lse, grad_logps.float().contiguous(), tile, vocab_start=0,
+        self.rows.grad(logits, labels, lse, grad_logps.to(self.stats_dtype).contiguous(), tile, vocab_start=0,
                        ignore_index=KEPT_ONLY, transform=self.transform)
         return tile
 
@@ -299,8 +309,8 @@ class _PairRun:
         grads = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads)]
         for target, need in zip(self.grad_refs, self.need_refs):
             if need:
-                target[first:last] = grads.pop(2).float()
-        self.loss += part.detach().float()
+                target[first:last] = grads.pop(2).to(target.dtype)
+        self.loss += part.detach().to(self.loss.dtype)
         return grads[0], grads[1]
 
     # -- the two kinds of chunk ----------------------------------------------------------
@@ -318,7 +328,8 @@ class _PairRun:
         g_c, g_r = self._pair_loss(chunk.first, chunk.last, sums[:len(sums) // 2], sums[len(sums) // 2:])
         # Per-token upstream gradient: each sequence's dL/dS on its tokens (device lengths: no host sync).
         counts = torch.cat([self.lengths[chunk.first:chunk.last], self.lengths[pairs + chunk.first:pairs + chunk.last]])
-        grad_logps = torch.repeat_interleave(torch.cat([g_c, g_r]).float(), counts, output_size=h.shape[0])
+        grad_logps = torch.repeat_interleave(torch.cat([g_c, g_r]).to(self.stats_dtype), counts,
+                                             output_size=h.shape[0])
         tile = self._gradient_tile(logits, labels, finished.lse, grad_logps)
         nc = c1 - c0
         if self.need_hidden:
@@ -330,7 +341,7 @@ class _PairRun:
             else:
                 addmm_fp32(self._weight_sum(), tile.t(), h)
         if self.need_bias:
-            self.grad_bias += tile.sum(dim=0, dtype=torch.float32)
+            self.grad_bias += tile.sum(dim=0, dtype=self.sum_dtype)
 
     def split_pair(self, chunk: Chunk):
         p, spans, vocab = chunk.first, self.spans, self.weight.shape[0]
@@ -340,11 +351,11 @@ class _PairRun:
         unit_hidden = torch.empty(tokens, H, dtype=self.sum_dtype, device=device) if self.need_hidden else None
         unit_weight = [torch.zeros(vocab, H, dtype=self.sum_dtype, device=device) if self.need_weight else None
                        for _ in sides]
-        unit_bias = [torch.zeros(vocab, dtype=torch.float32, device=device) if self.need_bias else None
+        unit_bias = [torch.zeros(vocab, dtype=self.sum_dtype, device=device) if self.need_bias else None
                      for _ in sides]
         sums, offset = [], 0
         for side, (s0, s1) in enumerate(sides):
-            total = torch.zeros((), dtype=torch.float32, device=device)
+            total = torch.zeros((), dtype=self.stats_dtype, device=device)
             for t0 in range(s0, s1, chunk.piece_tokens):
                 t1 = min(s1, t0 + chunk.piece_tokens)
                 h, labels = self.hidden[t0:t1], self.labels[t0:t1]
@@ -360,13 +371,13 @@ class _PairRun:
                 if self.need_weight:
                     addmm_fp32(unit_weight[side], tile.t(), h)
                 if self.need_bias:
-                    unit_bias[side] += tile.sum(dim=0, dtype=torch.float32)
+                    unit_bias[side] += tile.sum(dim=0, dtype=self.sum_dtype)
                 offset += t1 - t0
             sums.append(total.reshape(1))
         g = self._pair_loss(p, p + 1, sums[0], sums[1])
         offset = 0
         for side, (s0, s1) in enumerate(sides):
-            scale = g[side].float()
+            scale = g[side].to(self.sum_dtype)
             if self.need_hidden:
                 self.grad_hidden[s0:s1] = unit_hidden[offset:offset + s1 - s0] * scale
             if self.need_bias:
@@ -374,7 +385,7 @@ class _PairRun:
             offset += s1 - s0
         if self.need_weight:
             # g_c A + g_r B in two passes (scalars stay on the device: no host read).
-            merged = unit_weight[0].mul_(g[0].float()).addcmul_(unit_weight[1], g[1].float())
+            merged = unit_weight[0].mul_(g[0].to(self.sum_dtype)).addcmul_(unit_weight[1], g[1].to(self.sum_dtype))
             del unit_weight
             if self.grad_weight is None:
                 self.grad_weight = merged

@@ -336,6 +336,7 @@ def _fused_forward_method(original_forward, computation: HeadComputation, fallba
                              f"a token is not scored)")
         if input_ids is None:
             raise ValueError("the dpo-fast forward needs input_ids (inputs_embeds is not supported)")
+        check.check_token_ids(input_ids=input_ids, labels=labels)
         # Wrappers (PEFT) pass their optional arguments as None; the backbone takes only what is set.
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("return_dict", "logits_to_keep")}
         kwargs["use_cache"] = False
@@ -445,6 +446,7 @@ def reference_logps(ref_model, input_ids, attention_mask, labels, *, temperature
     ``labels`` are unshifted (``labels[:, t]`` is token t, ``ignore_index`` where not scored), like
     :func:`dpo_forward`.
     """
+    check.check_token_ids(input_ids=input_ids, labels=labels)
     computation = SequenceLogpsComputation(temperature, impl, memory_budget, average, ignore_index)
     with torch.no_grad(), fused_forward(ref_model, computation, fallback) as model:
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
@@ -469,6 +471,7 @@ def dpo_forward(model, input_ids, attention_mask, labels, *, ref_model=None, ref
     runs its full-logits forward instead of raising :class:`ReconstructionError`.
     Returns a :class:`dpo_fast.DPOOutput`.
     """
+    check.check_token_ids(input_ids=input_ids, labels=labels)
     if ref_model is not None:
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             raise ValueError("pass either ref_model or ref_chosen_logps/ref_rejected_logps, not both")

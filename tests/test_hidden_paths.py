@@ -138,7 +138,7 @@ def test_packed_batches(impl, packing, device):
     labels[0] = -100  # prompt token
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=device)
     ids = torch.repeat_interleave(torch.arange(4, device=device), torch.tensor(lengths, device=device))
-    pack = dict(cu_seqlens=cu) if packing == "cu_seqlens" else dict(sequence_ids=ids)
+    pack = dict(cu_seqlens=cu) if packing == "cu_seqlens" else dict(sequence_ids=ids, num_sequences=4)
     seq = dpo_fast.sequence_logps(h, w, labels, impl=impl, **pack)
     h64, w64 = _as64(h, w)
     oracle = reference.sequence_logps(h64, w64, labels, **pack)
