@@ -126,6 +126,9 @@ class NumberRange:
 # Every numeric setting of the public functions (dpo_loss, DPOLoss, the *_logps functions), checked on
 # every call. The loss formulas are TRL's (losses.py); TRL itself checks only robust's and exo_pair's
 # label_smoothing, so the other ranges say where a formula stops meaning what its name says.
+# label_smoothing is read by sigmoid, exo_pair, robust, aot, aot_unpaired, simpo and cpo; the other types
+# ignore it, as TRL's do (its trainers pass their label_smoothing whatever the loss type), so it is not
+# refused there.
 NUMERIC_SETTINGS = {
     "beta": NumberRange(0, low_open=True, why="the scale of the implicit reward: at 0 the preference term "
                         "vanishes, and ipo and sppo_hard divide by it; a negative beta trains the preference "
