@@ -22,7 +22,8 @@ from .transform import LogitTransform
 
 # torch.compile: dpo_fast/ops.py (which sits above this module) registers here a custom-op twin of
 # each public function; while torch.compile traces, the public function calls its twin, an opaque op
-# with fake shapes, so a compiled step has no graph break.
+# with fake shapes, so a compiled step has no graph break. The twin is called inside the autocast cast
+# (``_in_autocast_dtype`` wraps the routing), so a compiled call computes in eager's precision.
 COMPILE_TWINS = {}
 # Keyword switches of the public functions (all keyword-only): bool, never truthy strings.
 _FLAGS = ("average", "inplace", "check_finite")
@@ -79,12 +80,21 @@ def _in_autocast_dtype(fn):
 # dispatch
 # ----------------------------------------------------------------------------------------
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The impl a call runs (``planner.choose_impl``), after checking the name."""
+def resolve_impl(impl: str, device: torch.device, dtype: Optional[torch.dtype] = None, name: str = "hidden") -> str:
+    """The impl a call runs (``planner.choose_impl``), after checking the name.
+
+    float64 inputs (``dtype``, the dtype of the input ``name``) are computed in float64, which only the
+    PyTorch rows do: 'auto' takes impl='torch' for them, and the Triton impls refuse them.
+    """
     check.check_impl(impl)
+    if impl == "auto" and dtype == torch.float64:
+        return "torch"
     runs = triton_runs_on(device)
     why_not = triton_cpu_problem() if not runs and device.type == "cpu" else None
-    return planner.choose_impl(impl, device, runs, why_not)
+    resolved = planner.choose_impl(impl, device, runs, why_not)
+    if dtype is not None:
+        check.check_impl_dtype(resolved, dtype, name)
+    return resolved
 
 
 def make_engine(impl: str, memory_budget: Optional[int], filter_eps: float = 0.0, device=None):
@@ -117,12 +127,14 @@ class _Prepared:
 
 
 def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl, sequence_ids,
-             cu_seqlens, memory_budget, check_finite, process_group=None, filter_eps=0.0, paired=False) -> _Prepared:
+             cu_seqlens, memory_budget, check_finite, process_group=None, filter_eps=0.0, paired=False,
+             num_sequences=None) -> _Prepared:
     check.check_hidden_inputs(hidden, weight, labels, bias, sequence_ids, cu_seqlens)
+    check.check_sequence_count(sequence_ids, num_sequences, paired)
     check.check_transform(temperature, logit_scale, softcap)
     check.check_memory_budget(memory_budget)
     check.check_ignore_index(ignore_index, labels.dtype)
-    impl = resolve_impl(impl, hidden.device)
+    impl = resolve_impl(impl, hidden.device, hidden.dtype)
     check.check_filter_eps(filter_eps, impl)
     engine = wrap_engine(make_engine(impl, memory_budget, filter_eps, hidden.device), weight, bias, process_group)
     # Under a process_group the full vocabulary (all shards together) is known once the ranks agree
@@ -130,8 +142,9 @@ def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scal
     # label check, like the packing checks, rides on the layout's one host read, and raises right
     # after it, before any kernel or GEMM.
     vocab_size = weight.shape[0] if process_group is None else None
-    values = check.value_checks(labels, sequence_ids, cu_seqlens, vocab_size, ignore_index, paired)
-    layout = build_layout(labels, ignore_index, sequence_ids, cu_seqlens, flags=values.flags, check=values)
+    values = check.value_checks(labels, sequence_ids, cu_seqlens, vocab_size, ignore_index, num_sequences)
+    layout = build_layout(labels, ignore_index, sequence_ids, cu_seqlens, flags=values.flags, check=values,
+                          num_sequences=num_sequences)
     if check_finite:
         check.check_finite(hidden=hidden, weight=weight, bias=bias)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -162,8 +175,8 @@ def _kept_token_outputs(prep: _Prepared, weight, bias) -> TokenStats:
 # ----------------------------------------------------------------------------------------
 
 @gathers_head
-@_routes_when_compiling("token_logps")
 @_in_autocast_dtype
+@_routes_when_compiling("token_logps")
 def token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
                 softcap=None, impl="auto", memory_budget=None, check_finite=False,
                 process_group=None, filter_eps=0.0) -> torch.Tensor:
@@ -180,29 +193,33 @@ def token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, tempera
 
 
 @gathers_head
-@_routes_when_compiling("sequence_logps")
 @_in_autocast_dtype
+@_routes_when_compiling("sequence_logps")
 def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
                    softcap=None, impl="auto", average=False, sequence_ids=None, cu_seqlens=None,
-                   memory_budget=None, check_finite=False, process_group=None, filter_eps=0.0) -> torch.Tensor:
+                   memory_budget=None, check_finite=False, process_group=None, filter_eps=0.0,
+                   num_sequences=None) -> torch.Tensor:
     """Sum (``average=True``: mean) of completion-token log-probs per sequence, shape ``[rows]``.
 
     Under ``torch.no_grad()`` this is the forward-only path for reference-model log-probs.
+    ``num_sequences`` (with ``sequence_ids``): how many sequences were packed, so one whose every
+    token was dropped after the last id still gets its row (0); without it, the largest id + 1.
     """
     prep = _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl,
-                    sequence_ids, cu_seqlens, memory_budget, check_finite, process_group, filter_eps=filter_eps)
+                    sequence_ids, cu_seqlens, memory_budget, check_finite, process_group, filter_eps=filter_eps,
+                    num_sequences=num_sequences)
     sums = prep.layout.sequence_sum(_kept_token_outputs(prep, weight, bias).logps)
     return sums / prep.layout.lengths.clamp(min=1).to(sums.dtype) if average else sums
 
 
 @gathers_head
-@_routes_when_compiling("dpo_loss")
 @_in_autocast_dtype
+@_routes_when_compiling("dpo_loss")
 def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logps=None, beta=0.1,
              loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.5, discopop_tau=0.05,
              cpo_alpha=1.0, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0, softcap=None,
              impl="auto", sequence_ids=None, cu_seqlens=None, memory_budget=None,
-             check_finite=False, process_group=None, filter_eps=0.0) -> DPOOutput:
+             check_finite=False, process_group=None, filter_eps=0.0, num_sequences=None) -> DPOOutput:
     """The DPO-family loss straight from hidden states: no ``[N, V]`` logits.
 
     Sequences are ``[chosen_1..chosen_B, rejected_1..rejected_B]``; ``labels[i]`` is the
@@ -216,12 +233,15 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
     ``dpo_fast.planner`` takes the fastest route (whole pairs at 6NHV, else two-pass at
     8NHV); tiles never go below 16 tokens x 128 vocabulary rows, whatever the budget.
     Under ``torch.autocast`` floating inputs run in the autocast dtype.
+
+    Packed sequences: ``cu_seqlens``, or ``sequence_ids`` with ``num_sequences`` (required: ids
+    cannot show trailing sequences that no token carries, and each would shift the pairing).
     """
     cfg = _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha,
                        ref_chosen_logps is not None or ref_rejected_logps is not None)
     prep = _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl,
                     sequence_ids, cu_seqlens, memory_budget, check_finite, process_group, filter_eps=filter_eps,
-                    paired=True)
+                    paired=True, num_sequences=num_sequences)
     layout = prep.layout
     check.check_pairs(layout.num_sequences, ref_chosen_logps, ref_rejected_logps, hidden.device)
     if check_finite:
@@ -241,9 +261,7 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
 
 def _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha, has_reference):
     names, weights = check.normalize_loss_types(loss_type, loss_weights)
-    check.check_loss_settings(names, beta, label_smoothing, has_reference, discopop_tau)
-    for name, value in (("gamma", gamma), ("cpo_alpha", cpo_alpha)):
-        check.check_finite_number(name, value)
+    check.check_loss_settings(names, beta, label_smoothing, has_reference, discopop_tau, gamma, cpo_alpha)
     return LossConfig(names, weights, float(beta), float(label_smoothing), float(gamma), float(discopop_tau),
                       float(cpo_alpha))
 
@@ -305,10 +323,10 @@ class DPOLoss(torch.nn.Module):
         check.check_process_group(process_group)
 
     def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, bias=None,
-                sequence_ids=None, cu_seqlens=None) -> DPOOutput:
+                sequence_ids=None, cu_seqlens=None, num_sequences=None) -> DPOOutput:
         return dpo_loss(hidden, weight, labels, ref_chosen_logps=ref_chosen_logps,
                         ref_rejected_logps=ref_rejected_logps, bias=bias, sequence_ids=sequence_ids,
-                        cu_seqlens=cu_seqlens, **self.settings)
+                        cu_seqlens=cu_seqlens, num_sequences=num_sequences, **self.settings)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.settings.items() if v is not None)
@@ -322,7 +340,7 @@ def _logits_outputs(logits, labels, ignore_index, temperature, inplace, impl, ch
     check.check_logits_inputs(logits, labels)
     check.check_transform(temperature, 1.0, None)
     check.check_ignore_index(ignore_index, labels.dtype)
-    impl = resolve_impl(impl, logits.device)
+    impl = resolve_impl(impl, logits.device, logits.dtype, "logits")
     if impl == "fused":
         raise ValueError("impl='fused' works from hidden states; for logits use impl='chunked', 'torch' or 'auto'")
     check.check_labels_range(labels, logits.shape[-1], ignore_index)

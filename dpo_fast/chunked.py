@@ -14,7 +14,9 @@ cuBLAS GEMM into a reused buffer and folded by the row kernels (``rows.py``).
   before the two gradient GEMMs; across chunks grad_weight is summed in float32.
 
 Which route, and the tile and chunk sizes, come from ``planner.py``. Logits tiles are
-float32 for every input dtype (``logits_dtype``).
+float32 for 16-bit inputs (``logits_dtype``). float64 inputs on PyTorch rows compute in
+float64 throughout (tiles, statistics, accumulators: ``TorchRows.stats_dtype``); the Triton
+rows compute in float32, so the public functions refuse float64 for them (``api.resolve_impl``).
 """
 
 from typing import Callable, List, Sequence, Tuple
@@ -149,6 +151,11 @@ class Workspace:
         return self.grad_buffer[: tile.numel()].view(tile.shape)
 
 
+def _accumulator_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """Gradient sums: float32 for 16-bit and float32 inputs, float64 for float64 inputs."""
+    return torch.promote_types(input_dtype, torch.float32)
+
+
 def _ranges(total: int, step: int):
     for start in range(0, total, step):
         yield start, min(total, start + step)
@@ -174,7 +181,7 @@ class ChunkedEngine:
     def _forward_stats(self, hidden, weight, bias, labels, transform, ignore_index):
         n, vocab = hidden.shape[0], weight.shape[0]
         plan = self._plan(hidden, weight, backward=False)
-        stats = init_stats(n, hidden.device)
+        stats = init_stats(n, hidden.device, self.rows.stats_dtype(hidden.dtype))
         workspace = Workspace(min(n, plan.token_chunk) * plan.vocab_block, hidden.dtype, hidden.device)
         for t0, t1 in _ranges(n, plan.token_chunk):
             for v0, v1 in _ranges(vocab, plan.vocab_block):
@@ -198,17 +205,19 @@ class ChunkedEngine:
         workspace = Workspace(min(n, plan.token_chunk) * plan.vocab_block, hidden.dtype, hidden.device,
                               with_gradient=True)
         # float32 sums written by their first product (beta=0), never zero-filled first.
-        grad_hidden_acc = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        acc = _accumulator_dtype(hidden.dtype)
+        grad_hidden_acc = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
         grad_weight = torch.empty_like(weight) if need_weight else None
-        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
-        grad_logp = grad_logp.float().contiguous()
-        grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
+        grad_bias = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_bias else None
+        stats_dtype = self.rows.stats_dtype(hidden.dtype)
+        grad_logp = grad_logp.to(stats_dtype).contiguous()
+        grad_entropy = None if grad_entropy is None else grad_entropy.to(stats_dtype).contiguous()
         # Vocabulary-major: each block of grad_weight is finished in float32, then written once.
         # One float32 block buffer serves every block (the ragged last one uses its head).
         block_buffer = None
         if need_weight:  # no token to write it when none is kept: zeros then
             block_buffer = (torch.empty if n else torch.zeros)(min(plan.vocab_block, vocab), weight.shape[1],
-                                                               dtype=torch.float32, device=weight.device)
+                                                               dtype=acc, device=weight.device)
         for v0, v1 in _ranges(vocab, plan.vocab_block):
             weight_block = weight[v0:v1]
             block_acc = block_buffer[:v1 - v0] if need_weight else None
@@ -224,7 +233,7 @@ class ChunkedEngine:
                 if need_weight:
                     (write_fp32 if t0 == 0 else addmm_fp32)(block_acc, tile.t(), hidden[t0:t1])
                 if need_bias:
-                    grad_bias[v0:v1] += tile.sum(dim=0, dtype=torch.float32)
+                    grad_bias[v0:v1] += tile.sum(dim=0, dtype=acc)
             if need_weight:
                 grad_weight[v0:v1] = block_acc
         return (
@@ -299,14 +308,15 @@ class _PairRun:
         self.need_refs = needs[4:6]
         self.pairs = len(spans) // 2
         device, n, vocab = hidden.device, hidden.shape[0], weight.shape[0]
-        self.stats = init_stats(n, device)
-        self.loss = torch.zeros((), dtype=torch.float32, device=device)
+        self.stats_dtype = rows.stats_dtype(hidden.dtype)
+        self.sum_dtype = _accumulator_dtype(weight.dtype)
+        self.stats = init_stats(n, device, self.stats_dtype)
+        self.loss = torch.zeros((), dtype=self.stats_dtype, device=device)
         self.grad_hidden = torch.empty_like(hidden) if self.need_hidden else None  # every row is written
-        self.grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if self.need_bias else None
-        self.grad_refs = [torch.zeros(self.pairs, dtype=torch.float32, device=device) if need else None
+        self.grad_bias = torch.zeros(vocab, dtype=self.sum_dtype, device=device) if self.need_bias else None
+        self.grad_refs = [torch.zeros(self.pairs, dtype=self.stats_dtype, device=device) if need else None
                           for need in self.need_refs]
         self.grad_weight = None  # the float32 sum (or, for one chunk of whole pairs, the result itself)
-        self.sum_dtype = torch.promote_types(weight.dtype, torch.float32)
         # One workspace for the largest chunk (or piece), reused by every other.
         self.workspace = Workspace(max(_chunk_tokens(c, spans) for c in chunks) * vocab, hidden.dtype, device,
                                    with_gradient=True)
@@ -325,7 +335,7 @@ class _PairRun:
     def _logps(self, h, labels, segments):
         """Logits of ``h``, folded into the statistics of the kept rows ``segments`` (host ranges)."""
         logits = self.workspace.logits(h, self.weight, self.bias)
-        chunk_stats = init_stats(h.shape[0], h.device)
+        chunk_stats = init_stats(h.shape[0], h.device, self.stats_dtype)
         self.rows.stats(logits, labels, chunk_stats, vocab_start=0, ignore_index=KEPT_ONLY, transform=self.transform)
         offset = 0
         for start, end in segments:
@@ -335,7 +345,7 @@ class _PairRun:
 
     def _gradient_tile(self, logits, labels, lse, grad_logps):
         tile = self.workspace.gradient_tile(logits)  # the logits tile itself unless inputs are 16-bit
-        self.rows.grad(logits, labels, lse, grad_logps.float().contiguous(), tile, vocab_start=0,
+        self.rows.grad(logits, labels, lse, grad_logps.to(self.stats_dtype).contiguous(), tile, vocab_start=0,
                        ignore_index=KEPT_ONLY, transform=self.transform)
         return tile
 
@@ -363,8 +373,8 @@ class _PairRun:
         grads = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads)]
         for target, need in zip(self.grad_refs, self.need_refs):
             if need:
-                target[first:last] = grads.pop(2).float()
-        self.loss += part.detach().float()
+                target[first:last] = grads.pop(2).to(target.dtype)
+        self.loss += part.detach().to(self.loss.dtype)
         return grads[0], grads[1]
 
     # -- the two kinds of chunk ----------------------------------------------------------
@@ -386,12 +396,13 @@ class _PairRun:
         g_c, g_r = self._pair_loss(chunk.first, chunk.last, sums[:len(sums) // 2], sums[len(sums) // 2:])
         # Per-token upstream gradient: each sequence's dL/dS on its tokens (device lengths: no host sync).
         counts = torch.cat([self.lengths[chunk.first:chunk.last], self.lengths[pairs + chunk.first:pairs + chunk.last]])
-        grad_logps = torch.repeat_interleave(torch.cat([g_c, g_r]).float(), counts, output_size=h.shape[0])
+        grad_logps = torch.repeat_interleave(torch.cat([g_c, g_r]).to(self.stats_dtype), counts,
+                                             output_size=h.shape[0])
         tile = self._gradient_tile(logits, labels, finished.lse, grad_logps)
         if self.need_weight:
             self._add_weight_grad(tile.t(), h)
         if self.need_bias:
-            self.grad_bias += tile.sum(dim=0, dtype=torch.float32)
+            self.grad_bias += tile.sum(dim=0, dtype=self.sum_dtype)
         if self.need_hidden:
             # One GEMM reads the weight once; chosen and rejected rows are then copied to their places
             # through the chunk's gathered rows (free after the weight GEMM): 4 t H bytes, not another V H.
@@ -412,11 +423,11 @@ class _PairRun:
         tokens = sum(e - s for s, e in sides)
         unit_hidden = torch.empty(tokens, H, dtype=self.sum_dtype, device=device) if self.need_hidden else None
         unit_weight = [None, None]  # written by each side's first piece (beta=0)
-        unit_bias = [torch.zeros(vocab, dtype=torch.float32, device=device) if self.need_bias else None
+        unit_bias = [torch.zeros(vocab, dtype=self.sum_dtype, device=device) if self.need_bias else None
                      for _ in sides]
         sums, offset = [], 0
         for side, (s0, s1) in enumerate(sides):
-            total = torch.zeros((), dtype=torch.float32, device=device)
+            total = torch.zeros((), dtype=self.stats_dtype, device=device)
             for t0, t1 in _even_pieces(s0, s1, chunk.piece_tokens):
                 h, labels = self.hidden[t0:t1], self.labels[t0:t1]
                 logits, finished = self._logps(h, labels, [(t0, t1)])
@@ -434,13 +445,13 @@ class _PairRun:
                     else:
                         addmm_fp32(unit_weight[side], tile.t(), h)
                 if self.need_bias:
-                    unit_bias[side] += tile.sum(dim=0, dtype=torch.float32)
+                    unit_bias[side] += tile.sum(dim=0, dtype=self.sum_dtype)
                 offset += t1 - t0
             sums.append(total.reshape(1))
         g = self._pair_loss(p, p + 1, sums[0], sums[1])
         offset = 0
         for side, (s0, s1) in enumerate(sides):
-            scale = g[side].float()
+            scale = g[side].to(self.sum_dtype)
             if self.need_hidden:  # scaled and cast in one pass
                 torch.mul(unit_hidden[offset:offset + s1 - s0], scale, out=self.grad_hidden[s0:s1])
             if self.need_bias:
@@ -448,8 +459,8 @@ class _PairRun:
             offset += s1 - s0
         if self.need_weight:
             out_dtype = self.weight.dtype if last else self.sum_dtype
-            self.grad_weight = _merge_scaled(unit_weight, [g[0].float(), g[1].float()], self.grad_weight,
-                                             out_dtype, self.fused_merge)
+            self.grad_weight = _merge_scaled(unit_weight, [g[0].to(self.sum_dtype), g[1].to(self.sum_dtype)],
+                                             self.grad_weight, out_dtype, self.fused_merge)
             del unit_weight
 
     def finish(self):

@@ -7,13 +7,17 @@ finds the three parts for any ``transformers`` model:
   their image features in ``base_model``);
 - the head, ``model.get_output_embeddings()``: its weight (tied to the input embeddings
   or not), its bias, and whether it is frozen;
-- the post-processing from the config: a scale, then a softcap, then the temperature.
+- the post-processing: a scale, then a softcap, then the temperature, each read where the
+  model's own forward reads it (:func:`logit_transform_of`): an attribute of the model
+  (Cohere's ``self.logit_scale``, copied from the config when the model is built), of its
+  backbone (FalconH1's ``self.model.lm_head_multiplier``), else the config.
 
 The first time a model is used, the reconstruction is checked against ``model(x).logits``
-on a few tokens: a model that post-processes its logits in a way the config does not say
+on a few tokens: a model that post-processes its logits in a way dpo-fast does not read
 is refused with an error naming its type, or (``fallback="naive"``) run through its own
-full-logits forward instead. The verdict is kept with what the rebuild read (scale,
-softcap, the head's structure): a later change of those, such as an edited
+full-logits forward instead. The verdict is kept with what the rebuild read (every
+candidate setting on the model, its backbone and its config, and the head's structure):
+a later change of any of them, such as an edited ``model.logit_scale`` or
 ``config.logit_scale``, is checked again.
 
 The fused computation runs *inside the model's forward*: :func:`fused_forward` swaps the
@@ -39,6 +43,9 @@ from .transform import LogitTransform
 
 # Scale names, first found wins (this is also the order TRL reads them in).
 _SCALE_MULTIPLIERS = ("logit_scale", "output_multiplier", "lm_head_multiplier")
+_SCALE_DIVISOR = "logits_scaling"  # divides (Granite, MiniCPM3), multiplies for HyperCLOVA X
+_SOFTCAP = "final_logit_softcapping"
+_SETTINGS = _SCALE_MULTIPLIERS + (_SCALE_DIVISOR, _SOFTCAP)
 # Tokens of the one-time reconstruction check.
 _CHECK_TOKENS = 8
 
@@ -71,25 +78,57 @@ def _text_config(config):
     return get() if callable(get) else config
 
 
+def _setting(name, holders):
+    """The first number ``name`` holds among ``holders`` (modules, then the config), or None.
+
+    A module attribute counts only as a plain number: a tensor of that name (CLIP's learned
+    ``logit_scale``, a per-row scale) is not one of these settings, and a model that applies
+    one fails the reconstruction check instead of being rebuilt without it.
+    """
+    for holder in holders:
+        value = getattr(holder, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _transform_from(holders, model_type: str, temperature: float = 1.0) -> LogitTransform:
+    scale = None
+    for name in _SCALE_MULTIPLIERS:
+        scale = _setting(name, holders)
+        if scale is not None:
+            break
+    divisor = _setting(_SCALE_DIVISOR, holders)
+    if scale is None and divisor is not None:
+        scale = divisor if model_type.startswith("hyperclovax") else 1.0 / divisor
+    softcap = _setting(_SOFTCAP, holders)
+    return LogitTransform(scale=1.0 if scale is None else scale, softcap=softcap, temperature=float(temperature))
+
+
 def logit_transform_from_config(config, temperature: float = 1.0) -> LogitTransform:
-    """Scale, softcap and temperature a model applies to ``lm_head`` outputs, read from its config.
+    """Scale, softcap and temperature a model applies to ``lm_head`` outputs, read from its config alone.
 
     Scale: ``logit_scale`` (Cohere), ``output_multiplier``, ``lm_head_multiplier`` (FalconH1) multiply;
     ``logits_scaling`` divides (Granite, MiniCPM3) except for HyperCLOVA X, which multiplies.
-    Softcap: ``final_logit_softcapping`` (Gemma-2). The temperature is the caller's.
+    Softcap: ``final_logit_softcapping`` (Gemma-2). The temperature is the caller's. A model whose
+    forward reads a copy kept on the module: :func:`logit_transform_of`.
     """
     text = _text_config(config)
-    scale = None
-    for name in _SCALE_MULTIPLIERS:
-        scale = getattr(text, name, None)
-        if scale is not None:
-            break
-    if scale is None and getattr(text, "logits_scaling", None) is not None:
-        model_type = str(getattr(text, "model_type", ""))
-        scale = text.logits_scaling if model_type.startswith("hyperclovax") else 1.0 / text.logits_scaling
-    softcap = getattr(text, "final_logit_softcapping", None)
-    return LogitTransform(scale=1.0 if scale is None else float(scale),
-                          softcap=None if softcap is None else float(softcap), temperature=float(temperature))
+    return _transform_from((text,), str(getattr(text, "model_type", "")), temperature)
+
+
+def _setting_holders(inner, backbone):
+    """Where forwards read the settings, first found wins: the model's attribute (Cohere, Cohere2, DiffusionGemma,
+    MistralLarge4 copy the config value at construction and multiply by the copy), the backbone's (FalconH1's
+    ``self.model.lm_head_multiplier``), then the text config (Granite, Gemma-2, Gemma-3, HyperCLOVA X, ...)."""
+    return (inner, backbone, _text_config(getattr(inner, "config", None)))
+
+
+def logit_transform_of(model: torch.nn.Module) -> LogitTransform:
+    """The scale and softcap ``model``'s own forward applies, read where it reads them (temperature 1)."""
+    inner = unwrap_model(model)
+    holders = _setting_holders(inner, inner.base_model)
+    return _transform_from(holders, str(getattr(holders[-1], "model_type", "")))
 
 
 def _is_lora_layer(module) -> bool:
@@ -111,6 +150,7 @@ class ResolvedHead:
     bias: Optional[torch.Tensor]  # [V] or None
     transform: LogitTransform  # at temperature 1: what the model's own forward applies
     model_type: str
+    settings_read: tuple = ()  # every candidate setting on (model, backbone, config): (holder, name, value)
 
     @property
     def tied(self) -> bool:
@@ -125,7 +165,8 @@ class ResolvedHead:
     def reads(self) -> tuple:
         """What the rebuild takes from the model besides parameter values: a verdict holds while these hold."""
         t = self.transform
-        return (self.model_type, t.scale, t.softcap, type(self.backbone), type(self.head), self.bias is not None)
+        return (self.model_type, t.scale, t.softcap, self.settings_read, type(self.backbone), type(self.head),
+                self.bias is not None)
 
     @property
     def own_fsdp2_group(self) -> bool:
@@ -171,8 +212,13 @@ def resolve_head(model: torch.nn.Module) -> ResolvedHead:
     shape = tuple(getattr(head.weight, "ds_shape", head.weight.shape))
     if len(shape) != 2:
         raise TypeError(f"lm_head weight of {model_type} must be [vocab, hidden], got shape {shape}")
+    holders = _setting_holders(inner, backbone)
+    # Every place a setting could be read, so that editing any of them (not only the one the rebuild took)
+    # checks the model again: a forward that reads another copy than the rebuild does is caught that way.
+    settings_read = tuple((where, name, _setting(name, (holder,)))
+                          for where, holder in zip(("model", "backbone", "config"), holders) for name in _SETTINGS)
     return ResolvedHead(backbone, head, head.weight, getattr(head, "bias", None),
-                        logit_transform_from_config(config), model_type)
+                        _transform_from(holders, model_type), model_type, settings_read)
 
 
 @contextlib.contextmanager
@@ -336,6 +382,7 @@ def _fused_forward_method(original_forward, computation: HeadComputation, fallba
                              f"a token is not scored)")
         if input_ids is None:
             raise ValueError("the dpo-fast forward needs input_ids (inputs_embeds is not supported)")
+        check.check_token_ids(input_ids=input_ids, labels=labels)
         # Wrappers (PEFT) pass their optional arguments as None; the backbone takes only what is set.
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("return_dict", "logits_to_keep")}
         kwargs["use_cache"] = False
@@ -445,6 +492,7 @@ def reference_logps(ref_model, input_ids, attention_mask, labels, *, temperature
     ``labels`` are unshifted (``labels[:, t]`` is token t, ``ignore_index`` where not scored), like
     :func:`dpo_forward`.
     """
+    check.check_token_ids(input_ids=input_ids, labels=labels)
     computation = SequenceLogpsComputation(temperature, impl, memory_budget, average, ignore_index)
     with torch.no_grad(), fused_forward(ref_model, computation, fallback) as model:
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
@@ -469,6 +517,7 @@ def dpo_forward(model, input_ids, attention_mask, labels, *, ref_model=None, ref
     runs its full-logits forward instead of raising :class:`ReconstructionError`.
     Returns a :class:`dpo_fast.DPOOutput`.
     """
+    check.check_token_ids(input_ids=input_ids, labels=labels)
     if ref_model is not None:
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             raise ValueError("pass either ref_model or ref_chosen_logps/ref_rejected_logps, not both")

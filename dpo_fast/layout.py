@@ -56,8 +56,10 @@ class TokenLayout:
 
 def build_layout(labels: torch.Tensor, ignore_index: int, sequence_ids: Optional[torch.Tensor] = None,
                  cu_seqlens: Optional[torch.Tensor] = None, flags: Sequence[torch.Tensor] = (),
-                 check: Optional[Callable[[List[int]], None]] = None) -> TokenLayout:
-    """Labels [R, T] (a sequence per row) or [N] with ``sequence_ids`` / ``cu_seqlens`` (packed).
+                 check: Optional[Callable[[List[int]], None]] = None,
+                 num_sequences: Optional[int] = None) -> TokenLayout:
+    """Labels [R, T] (a sequence per row) or [N] with ``sequence_ids`` / ``cu_seqlens`` (packed);
+    ``num_sequences``: R for ``sequence_ids`` as the caller states it (else the largest id + 1).
 
     One host read, whatever the packing: the per-sequence lengths, with the device scalars
     ``flags`` (a caller's checks) in the same transfer. ``check`` gets the flags' values right
@@ -66,7 +68,8 @@ def build_layout(labels: torch.Tensor, ignore_index: int, sequence_ids: Optional
     trusts the packing's values (``check`` judges them): ``cu_seqlens`` are clamped to [0, N]
     before they index, and ``sequence_ids``, whose count R = max + 1 is known only from the
     read, are counted into N slots (ids clamped to 0..N-1; R <= N once checked): all N counts
-    travel with the largest id, and the first R are the lengths (memory O(N)).
+    travel with the largest id, and the first R are the lengths (memory O(N)). With the caller's
+    ``num_sequences`` the ids are counted into R slots (clamped to 0..R-1, checked below R).
     """
     flat = labels.reshape(-1)
     n = flat.numel()
@@ -83,17 +86,19 @@ def build_layout(labels: torch.Tensor, ignore_index: int, sequence_ids: Optional
         lengths = kept_before[bounds[1:]] - kept_before[bounds[:-1]]
     elif sequence_ids is not None:
         ids = sequence_ids.reshape(-1).to(torch.int64)
-        num_sequences = None  # the largest id + 1, known after the read
-        lengths = torch.zeros(n, dtype=torch.int64, device=flat.device)
-        if n:
-            lengths.scatter_add_(0, ids.clamp(0, n - 1), kept_mask.to(torch.int64))
-            head = [ids.max().reshape(1)]
+        # Without the caller's count: the largest id + 1, known after the read, at most N.
+        slots = n if num_sequences is None else num_sequences
+        lengths = torch.zeros(slots, dtype=torch.int64, device=flat.device)
+        if n and slots:
+            lengths.scatter_add_(0, ids.clamp(0, slots - 1), kept_mask.to(torch.int64))
+            if num_sequences is None:
+                head = [ids.max().reshape(1)]
     else:  # tokens without sequences: one pseudo-sequence holds them all
         num_sequences = 1
         lengths = kept_mask.sum().reshape(1)
     lengths = lengths.to(torch.int64)
     host = torch.cat(head + [lengths] + [f.reshape(1).to(lengths) for f in flags]).tolist()  # the host read
-    if ids is not None:
+    if ids is not None and num_sequences is None:
         num_sequences = host[0] + 1 if head else 0
         host = host[len(head):]
     values, flags_host = host[:lengths.numel()], host[lengths.numel():]

@@ -79,11 +79,13 @@ def dpo_output(loss, sequence_logps, lengths, ref_chosen_logps, ref_rejected_log
                sequence_logit_means=None, sequence_top1=None, sequence_entropy=None) -> DPOOutput:
     """Assemble the output; ``sequence_*`` are per-sequence sums over completion tokens."""
     with torch.no_grad():
-        seq = sequence_logps.detach().float()
+        # float32, or float64 where the log-probs were computed in float64 (float64 inputs on PyTorch rows).
+        wide = torch.promote_types(sequence_logps.dtype, torch.float32)
+        seq = sequence_logps.detach().to(wide)
         pairs = seq.shape[0] // 2
         chosen, rejected = seq[:pairs], seq[pairs:]
-        ref_c = torch.zeros_like(chosen) if ref_chosen_logps is None else ref_chosen_logps.detach().float()
-        ref_r = torch.zeros_like(rejected) if ref_rejected_logps is None else ref_rejected_logps.detach().float()
+        ref_c = torch.zeros_like(chosen) if ref_chosen_logps is None else ref_chosen_logps.detach().to(wide)
+        ref_r = torch.zeros_like(rejected) if ref_rejected_logps is None else ref_rejected_logps.detach().to(wide)
         chosen_rewards, rejected_rewards = cfg.beta * (chosen - ref_c), cfg.beta * (rejected - ref_r)
         count = lengths.float()
         chosen_tokens, rejected_tokens = count[:pairs].sum().clamp(min=1), count[pairs:].sum().clamp(min=1)

@@ -8,8 +8,8 @@ becomes a metadata-only check (shapes, dtypes, devices, settings) plus one opaqu
 - ``dpo_fast::sequence_outputs`` runs the eager preparation (every value check included)
   and the forward-only engine, and returns per-token log-probs and log-sum-exp (shaped
   like ``labels``) and per-sequence sums, completion lengths and metrics. Its fake
-  implementation gives those shapes from the input shapes alone; with ``sequence_ids`` the
-  number of sequences is data-dependent and becomes an unbacked size.
+  implementation gives those shapes from the input shapes alone; with ``sequence_ids`` and
+  no ``num_sequences`` the number of sequences is data-dependent and becomes an unbacked size.
 - ``dpo_fast::sequence_outputs_backward`` turns the gradients of the token and sequence
   log-probs into per-kept-token gradients and runs the engine's backward.
 - ``dpo_fast::logits_outputs`` / ``logits_outputs_backward``: the same for log-probs from
@@ -49,24 +49,30 @@ CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
 OP_TAGS = () if CUDAGRAPH_UNSAFE is None else (CUDAGRAPH_UNSAFE,)
 
 
+def _rows(impl):
+    """The row work of a resolved impl: Triton kernels, or the PyTorch twin for impl='torch'."""
+    return TorchRows() if impl == "torch" else TritonRows()
+
+
 # ----------------------------------------------------------------------------------------
 # from hidden states
 # ----------------------------------------------------------------------------------------
 
-def _num_sequences_fake(labels, sequence_ids, cu_seqlens):
+def _num_sequences_fake(labels, sequence_ids, cu_seqlens, num_sequences):
     if labels.dim() == 2:
         return labels.shape[0]
     if cu_seqlens is not None:
         return cu_seqlens.shape[0] - 1
     if sequence_ids is not None:
-        return torch.library.get_ctx().new_dynamic_size()
+        return torch.library.get_ctx().new_dynamic_size() if num_sequences is None else num_sequences
     return 1
 
 
 def _prepare(hidden, weight, bias, labels, sequence_ids, cu_seqlens, ignore_index, temperature, logit_scale, softcap,
-             impl, memory_budget, check_finite, filter_eps, paired=False):
+             impl, memory_budget, check_finite, filter_eps, paired=False, num_sequences=None):
     return api._prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl,
-                        sequence_ids, cu_seqlens, memory_budget, check_finite, filter_eps=filter_eps, paired=paired)
+                        sequence_ids, cu_seqlens, memory_budget, check_finite, filter_eps=filter_eps, paired=paired,
+                        num_sequences=num_sequences)
 
 
 @torch.library.custom_op("dpo_fast::sequence_outputs", mutates_args=(), tags=OP_TAGS)
@@ -74,7 +80,7 @@ def sequence_outputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], lab
                      sequence_ids: Optional[Tensor], cu_seqlens: Optional[Tensor],
                      ref_chosen_logps: Optional[Tensor], ref_rejected_logps: Optional[Tensor], paired: bool,
                      ignore_index: int, temperature: float, logit_scale: float, softcap: Optional[float], impl: str,
-                     memory_budget: Optional[int], check_finite: bool, filter_eps: float
+                     memory_budget: Optional[int], check_finite: bool, filter_eps: float, num_sequences: Optional[int]
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(token log-probs, token lse, sequence log-probs, lengths, sequence entropy, mean-logit and top-1 sums).
 
@@ -82,7 +88,7 @@ def sequence_outputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], lab
     where it is known (``paired``: a DPO loss).
     """
     prep = _prepare(hidden, weight, bias, labels, sequence_ids, cu_seqlens, ignore_index, temperature, logit_scale,
-                    softcap, impl, memory_budget, check_finite, filter_eps, paired)
+                    softcap, impl, memory_budget, check_finite, filter_eps, paired, num_sequences)
     layout = prep.layout
     if paired:
         check.check_pairs(layout.num_sequences, ref_chosen_logps, ref_rejected_logps, hidden.device)
@@ -97,13 +103,14 @@ def sequence_outputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], lab
 
 @sequence_outputs.register_fake
 def _(hidden, weight, bias, labels, sequence_ids, cu_seqlens, ref_chosen_logps, ref_rejected_logps, paired,
-      ignore_index, temperature, logit_scale, softcap, impl, memory_budget, check_finite, filter_eps):
-    per_token = hidden.new_empty(labels.shape, dtype=torch.float32)
+      ignore_index, temperature, logit_scale, softcap, impl, memory_budget, check_finite, filter_eps, num_sequences):
+    dtype = _rows(impl).stats_dtype(hidden.dtype)  # float64 hidden states (impl='torch') stay float64
+    per_token = hidden.new_empty(labels.shape, dtype=dtype)
     lse = hidden.new_empty(labels.shape, dtype=torch.float64)  # float64: see rows.TokenStats
-    rows = _num_sequences_fake(labels, sequence_ids, cu_seqlens)
-    per_sequence = [hidden.new_empty((rows,), dtype=torch.float32) for _ in range(4)]
-    return (per_token, lse, per_sequence[0], hidden.new_empty((rows,), dtype=torch.int64),
-            *per_sequence[1:])
+    rows = _num_sequences_fake(labels, sequence_ids, cu_seqlens, num_sequences)
+    per_sequence = [hidden.new_empty((rows,), dtype=dtype) for _ in range(3)]  # log-probs, entropy, mean logit
+    return (per_token, lse, per_sequence[0], hidden.new_empty((rows,), dtype=torch.int64), *per_sequence[1:],
+            hidden.new_empty((rows,), dtype=torch.float32))  # top-1 counts
 
 
 @torch.library.custom_op("dpo_fast::sequence_outputs_backward", mutates_args=(), tags=OP_TAGS)
@@ -111,19 +118,19 @@ def sequence_outputs_backward(grad_token: Tensor, grad_sequence: Tensor, hidden:
                               bias: Optional[Tensor], labels: Tensor, sequence_ids: Optional[Tensor],
                               cu_seqlens: Optional[Tensor], lse: Tensor, ignore_index: int, temperature: float,
                               logit_scale: float, softcap: Optional[float], impl: str, memory_budget: Optional[int],
-                              filter_eps: float, need_hidden: bool, need_weight: bool, need_bias: bool
-                              ) -> Tuple[Tensor, Tensor, Tensor]:
+                              filter_eps: float, num_sequences: Optional[int], need_hidden: bool, need_weight: bool,
+                              need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients to (hidden, weight, bias); an empty tensor where not needed."""
     prep = _prepare(hidden, weight, bias, labels, sequence_ids, cu_seqlens, ignore_index, temperature, logit_scale,
-                    softcap, impl, memory_budget, False, filter_eps)
+                    softcap, impl, memory_budget, False, filter_eps, num_sequences=num_sequences)
     layout = prep.layout
     kept = layout.kept_index
     # Kept tokens are grouped sequence by sequence, in order: repeat each sequence's gradient over its tokens.
     sequence_of_kept = torch.repeat_interleave(torch.arange(layout.num_sequences, device=kept.device), layout.lengths,
                                                output_size=layout.num_kept)
-    grad_kept = grad_token.reshape(-1)[kept].float()
+    grad_kept = grad_token.reshape(-1)[kept]  # the engine takes it to its statistics' dtype
     if grad_sequence.numel():  # empty: no gradient reached the sequence sums
-        grad_kept = grad_kept + grad_sequence[sequence_of_kept].float()
+        grad_kept = grad_kept + grad_sequence[sequence_of_kept]
     grads = prep.engine.backward(prep.hidden, weight, bias, prep.labels, prep.transform, lse.reshape(-1)[kept],
                                  grad_kept, needs=(need_hidden, need_weight, need_bias and bias is not None))
     grad_hidden, grad_weight, grad_bias = grads
@@ -136,21 +143,23 @@ def sequence_outputs_backward(grad_token: Tensor, grad_sequence: Tensor, hidden:
 
 @sequence_outputs_backward.register_fake
 def _(grad_token, grad_sequence, hidden, weight, bias, labels, sequence_ids, cu_seqlens, lse, ignore_index,
-      temperature, logit_scale, softcap, impl, memory_budget, filter_eps, need_hidden, need_weight, need_bias):
+      temperature, logit_scale, softcap, impl, memory_budget, filter_eps, num_sequences, need_hidden, need_weight,
+      need_bias):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty((0,)),
             torch.empty_like(weight) if need_weight else hidden.new_empty((0,)),
             torch.empty_like(bias) if need_bias and bias is not None else hidden.new_empty((0,)))
 
 
-_SEQUENCE_SETTINGS = ("ignore_index", "temperature", "logit_scale", "softcap", "impl", "memory_budget", "filter_eps")
+_SEQUENCE_SETTINGS = ("ignore_index", "temperature", "logit_scale", "softcap", "impl", "memory_budget", "filter_eps",
+                      "num_sequences")
 
 
 def _sequence_setup(ctx, inputs, output):
     (hidden, weight, bias, labels, sequence_ids, cu_seqlens, _ref_c, _ref_r, _paired, ignore_index, temperature,
-     logit_scale, softcap, impl, memory_budget, _check_finite, filter_eps) = inputs
+     logit_scale, softcap, impl, memory_budget, _check_finite, filter_eps, num_sequences) = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, sequence_ids, cu_seqlens, output[1])
     ctx.settings = dict(zip(_SEQUENCE_SETTINGS, (ignore_index, temperature, logit_scale, softcap, impl, memory_budget,
-                                                 filter_eps)))
+                                                 filter_eps, num_sequences)))
 
 
 def _sequence_backward(ctx, grad_token, _grad_lse, grad_sequence, *_metrics):
@@ -162,7 +171,7 @@ def _sequence_backward(ctx, grad_token, _grad_lse, grad_sequence, *_metrics):
     grads = sequence_outputs_backward(grad_token, grad_sequence, hidden, weight, bias, labels, sequence_ids, cu_seqlens,
                                       lse, **ctx.settings, need_hidden=need[0], need_weight=need[1],
                                       need_bias=need[2])
-    return (*(g if n else None for g, n in zip(grads, need[:3])),) + (None,) * 14
+    return (*(g if n else None for g, n in zip(grads, need[:3])),) + (None,) * 15
 
 
 sequence_outputs.register_autograd(_sequence_backward, setup_context=_sequence_setup)
@@ -170,20 +179,22 @@ sequence_outputs.register_autograd(_sequence_backward, setup_context=_sequence_s
 
 def _checked_sequence_outputs(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl,
                               sequence_ids, cu_seqlens, memory_budget, check_finite, filter_eps,
-                              refs=(None, None), paired=False):
+                              refs=(None, None), paired=False, num_sequences=None):
     """Every check that needs no tensor values, at trace time; the op checks the values when it runs."""
     check.check_hidden_inputs(hidden, weight, labels, bias, sequence_ids, cu_seqlens)
+    check.check_sequence_count(sequence_ids, num_sequences, paired)
     check.check_transform(temperature, logit_scale, softcap)
     check.check_memory_budget(memory_budget)
     check.check_ignore_index(ignore_index, labels.dtype)
-    impl = api.resolve_impl(impl, hidden.device)
+    impl = api.resolve_impl(impl, hidden.device, hidden.dtype)
     check.check_filter_eps(filter_eps, impl)
-    if paired and sequence_ids is None:  # otherwise the count of sequences is known only when the op runs
-        rows = labels.shape[0] if labels.dim() == 2 else 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if paired:  # a paired loss with sequence_ids states num_sequences: the count is known here
+        rows = (labels.shape[0] if labels.dim() == 2 else num_sequences if sequence_ids is not None
+                else 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1)
         _check_pairs_at_trace(rows, refs, hidden.device)
     return sequence_outputs(hidden, weight, bias, labels, sequence_ids, cu_seqlens, *refs, paired, ignore_index,
                             float(temperature), float(logit_scale), None if softcap is None else float(softcap), impl,
-                            memory_budget, bool(check_finite), float(filter_eps))
+                            memory_budget, bool(check_finite), float(filter_eps), num_sequences)
 
 
 def _check_pairs_at_trace(rows, refs, device):
@@ -207,9 +218,10 @@ def token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, tempera
 
 def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
                    softcap=None, impl="auto", average=False, sequence_ids=None, cu_seqlens=None, memory_budget=None,
-                   check_finite=False, process_group=None, filter_eps=0.0):
+                   check_finite=False, process_group=None, filter_eps=0.0, num_sequences=None):
     out = _checked_sequence_outputs(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap,
-                                    impl, sequence_ids, cu_seqlens, memory_budget, check_finite, filter_eps)
+                                    impl, sequence_ids, cu_seqlens, memory_budget, check_finite, filter_eps,
+                                    num_sequences=num_sequences)
     sums, lengths = out[2], out[3]
     return sums / lengths.clamp(min=1).to(sums.dtype) if average else sums
 
@@ -218,20 +230,14 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
              loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.5, discopop_tau=0.05,
              cpo_alpha=1.0, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0, softcap=None,
              impl="auto", sequence_ids=None, cu_seqlens=None, memory_budget=None, check_finite=False,
-             process_group=None, filter_eps=0.0):
+             process_group=None, filter_eps=0.0, num_sequences=None):
     cfg = api._loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha,
                            ref_chosen_logps is not None or ref_rejected_logps is not None)
     out = _checked_sequence_outputs(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap,
                                     impl, sequence_ids, cu_seqlens, memory_budget, check_finite, filter_eps,
-                                    refs=(ref_chosen_logps, ref_rejected_logps), paired=True)
+                                    refs=(ref_chosen_logps, ref_rejected_logps), paired=True,
+                                    num_sequences=num_sequences)
     _, _, sequence, lengths, entropy, mean_logits, top1 = out
-    if sequence_ids is not None:
-        # The sequence count is data-dependent here (an unbacked size): tell the tracer what the
-        # op checks when it runs, an even count of at least one pair matching the references.
-        torch._check(sequence.shape[0] % 2 == 0)
-        torch._check(sequence.shape[0] >= 2)
-        if ref_chosen_logps is not None:
-            torch._check(sequence.shape[0] == 2 * ref_chosen_logps.shape[0])
     return _pair_loss_output(sequence, lengths, ref_chosen_logps, ref_rejected_logps, cfg, mean_logits, top1,
                              entropy)
 
@@ -248,10 +254,6 @@ def _pair_loss_output(sequence, lengths, ref_chosen, ref_rejected, cfg, mean_log
 # ----------------------------------------------------------------------------------------
 # from logits
 # ----------------------------------------------------------------------------------------
-
-def _logits_rows(impl):
-    return TritonRows() if impl == "chunked" else TorchRows()
-
 
 class _Saved(SimpleNamespace):
     """A stand-in autograd context: runs ``LogitsLogpsFunction``'s own forward and backward outside autograd."""
@@ -277,7 +279,7 @@ def logits_outputs(logits: Tensor, labels: Tensor, ref_chosen_logps: Optional[Te
     if check_finite:
         check.check_finite(logits=logits, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     ctx = _Saved()
-    outputs = LogitsLogpsFunction.forward(ctx, logits, labels, _logits_rows(impl),
+    outputs = LogitsLogpsFunction.forward(ctx, logits, labels, _rows(impl),
                                               LogitTransform(temperature=temperature), ignore_index, False)
     lse = ctx.saved_tensors[2]
     return tuple(o.reshape(labels.shape).clone() for o in (*outputs, lse))
@@ -285,7 +287,7 @@ def logits_outputs(logits: Tensor, labels: Tensor, ref_chosen_logps: Optional[Te
 
 @logits_outputs.register_fake
 def _(logits, labels, ref_chosen_logps, ref_rejected_logps, ignore_index, temperature, impl, check_finite, paired):
-    dtype = _logits_rows(impl).stats_dtype(logits.dtype)  # float64 logits on torch rows stay float64
+    dtype = _rows(impl).stats_dtype(logits.dtype)  # float64 logits on torch rows stay float64
     per_token = [logits.new_empty(labels.shape, dtype=dtype) for _ in range(4)]
     lse = logits.new_empty(labels.shape, dtype=torch.float64)  # float64: see rows.TokenStats
     return (*per_token, logits.new_empty(labels.shape, dtype=torch.bool), lse)
@@ -295,7 +297,7 @@ def _(logits, labels, ref_chosen_logps, ref_rejected_logps, ignore_index, temper
 def logits_outputs_backward(grad_logps: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int,
                             temperature: float, impl: str) -> Tensor:
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()  # as the forward read it
-    ctx = _Saved(saved_tensors=(logits, labels.reshape(-1), lse.reshape(-1)), rows=_logits_rows(impl),
+    ctx = _Saved(saved_tensors=(logits, labels.reshape(-1), lse.reshape(-1)), rows=_rows(impl),
                  transform=LogitTransform(temperature=temperature), ignore_index=ignore_index, inplace=False)
     return LogitsLogpsFunction.backward(ctx, grad_logps.reshape(-1))[0]
 
@@ -327,7 +329,7 @@ def _checked_logits_outputs(logits, labels, ignore_index, temperature, impl, che
     check.check_logits_inputs(logits, labels)
     check.check_transform(temperature, 1.0, None)
     check.check_ignore_index(ignore_index, labels.dtype)
-    impl = api.resolve_impl(impl, logits.device)
+    impl = api.resolve_impl(impl, logits.device, logits.dtype, "logits")
     if impl == "fused":
         raise ValueError("impl='fused' works from hidden states; for logits use impl='chunked', 'torch' or 'auto'")
     return logits_outputs(logits, labels, *refs, ignore_index, float(temperature), impl, bool(check_finite),

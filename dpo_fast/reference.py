@@ -49,8 +49,9 @@ def token_outputs(hidden, weight, labels, *, bias=None, ignore_index=-100, trans
                                      transform=transform, dtype=dtype)
 
 
-def sequence_index(labels, sequence_ids=None, cu_seqlens=None):
-    """(sequence of every token [N], number of sequences) for [R, T] or packed labels."""
+def sequence_index(labels, sequence_ids=None, cu_seqlens=None, num_sequences=None):
+    """(sequence of every token [N], number of sequences) for [R, T] or packed labels; ``num_sequences``:
+    the count of ``sequence_ids`` sequences (else the largest id + 1)."""
     if labels.dim() == 2:
         rows, cols = labels.shape
         return torch.arange(rows, device=labels.device).repeat_interleave(cols), rows
@@ -59,31 +60,31 @@ def sequence_index(labels, sequence_ids=None, cu_seqlens=None):
         return torch.searchsorted(cu_seqlens.long(), positions, right=True) - 1, cu_seqlens.numel() - 1
     if sequence_ids is not None:
         ids = sequence_ids.reshape(-1).long()
-        return ids, int(ids.max()) + 1
+        return ids, int(ids.max()) + 1 if num_sequences is None else num_sequences
     return torch.zeros(labels.numel(), dtype=torch.long, device=labels.device), 1
 
 
-def per_sequence(values, labels, sequence_ids=None, cu_seqlens=None):
+def per_sequence(values, labels, sequence_ids=None, cu_seqlens=None, num_sequences=None):
     """Sum per-token values into sequences."""
-    seq, count = sequence_index(labels, sequence_ids, cu_seqlens)
+    seq, count = sequence_index(labels, sequence_ids, cu_seqlens, num_sequences)
     return torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, seq, values.reshape(-1))
 
 
 def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, transform=LogitTransform(),
-                   sequence_ids=None, cu_seqlens=None, average=False, dtype=torch.float64):
+                   sequence_ids=None, cu_seqlens=None, average=False, dtype=torch.float64, num_sequences=None):
     logps, _ = token_outputs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, transform=transform,
                              dtype=dtype)
-    sums = per_sequence(logps, labels, sequence_ids, cu_seqlens)
+    sums = per_sequence(logps, labels, sequence_ids, cu_seqlens, num_sequences)
     if not average:
         return sums
-    lengths = per_sequence((labels != ignore_index).to(sums.dtype), labels, sequence_ids, cu_seqlens)
+    lengths = per_sequence((labels != ignore_index).to(sums.dtype), labels, sequence_ids, cu_seqlens, num_sequences)
     return sums / lengths.clamp(min=1)
 
 
 def dpo_loss_from_token_outputs(logps, metrics, labels, *, ignore_index, ref_chosen_logps, ref_rejected_logps,
-                                cfg: LossConfig, sequence_ids=None, cu_seqlens=None) -> DPOOutput:
+                                cfg: LossConfig, sequence_ids=None, cu_seqlens=None, num_sequences=None) -> DPOOutput:
     def seq(values):
-        return per_sequence(values, labels, sequence_ids, cu_seqlens)
+        return per_sequence(values, labels, sequence_ids, cu_seqlens, num_sequences)
 
     lengths = seq((labels != ignore_index).to(logps.dtype))
     sequence = seq(logps)
@@ -94,12 +95,13 @@ def dpo_loss_from_token_outputs(logps, metrics, labels, *, ignore_index, ref_cho
 
 def dpo_loss(hidden, weight, labels, *, bias=None, ignore_index=-100, transform=LogitTransform(),
              ref_chosen_logps=None, ref_rejected_logps=None, cfg: Optional[LossConfig] = None,
-             sequence_ids=None, cu_seqlens=None, dtype=torch.float64) -> DPOOutput:
+             sequence_ids=None, cu_seqlens=None, dtype=torch.float64, num_sequences=None) -> DPOOutput:
     logps, metrics = token_outputs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                    transform=transform, dtype=dtype)
     return dpo_loss_from_token_outputs(logps, metrics, labels, ignore_index=ignore_index,
                                        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-                                       cfg=cfg or LossConfig(), sequence_ids=sequence_ids, cu_seqlens=cu_seqlens)
+                                       cfg=cfg or LossConfig(), sequence_ids=sequence_ids, cu_seqlens=cu_seqlens,
+                                       num_sequences=num_sequences)
 
 
 def dpo_loss_from_logits(logits, labels, *, ignore_index=-100, transform=LogitTransform(), ref_chosen_logps=None,

@@ -7,6 +7,7 @@ travel in the layout's one host read (:class:`DeferredChecks`), and they raise r
 """
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -56,6 +57,13 @@ def _token_ids(name, labels):
         raise TypeError(f"{name} must be an int64 or int32 tensor of token ids, got dtype {labels.dtype}")
 
 
+def check_token_ids(**tensors):
+    """Entry points that hand token ids on (``dpo_fast.hf``, the TRL integration) check them first, under
+    their own argument names, before any model or kernel runs."""
+    for name, ids in tensors.items():
+        _token_ids(name, ids)
+
+
 def check_flags(**flags):
     """Switches must be bool: a string such as "False" is truthy and would silently turn the switch on."""
     for name, value in flags.items():
@@ -84,21 +92,87 @@ def _number(name, value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
 
 
-def check_finite_number(name, value):
-    _number(name, value)
-    if not _finite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+# ----------------------------------------------------------------------------------------
+# numeric settings: one table of valid ranges
+# ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NumberRange:
+    """The valid values of a numeric setting: finite, in [low, high] (an end open where said), and why."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    nonzero: bool = False
+    why: str = ""
+
+    def contains(self, value) -> bool:
+        if not _finite(value) or (self.nonzero and value == 0):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        if self.low == -math.inf and self.high == math.inf:
+            return "a finite, non-zero number" if self.nonzero else "a finite number"
+        if self.high == math.inf:
+            return f"a finite number {'>' if self.low_open else '>='} {self.low:g}"
+        return (f"a number in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.high_open else ']'}")
 
 
-def _positive_finite(name, value):
+# Every numeric setting of the public functions (dpo_loss, DPOLoss, the *_logps functions), checked on
+# every call. The loss formulas are TRL's (losses.py); TRL itself checks only robust's and exo_pair's
+# label_smoothing, so the other ranges say where a formula stops meaning what its name says.
+# label_smoothing is read by sigmoid, exo_pair, robust, aot, aot_unpaired, simpo and cpo; the other types
+# ignore it, as TRL's do (its trainers pass their label_smoothing whatever the loss type), so it is not
+# refused there.
+NUMERIC_SETTINGS = {
+    "beta": NumberRange(0, low_open=True, why="the scale of the implicit reward: at 0 the preference term "
+                        "vanishes, and ipo and sppo_hard divide by it; a negative beta trains the preference "
+                        "backwards"),
+    "label_smoothing": NumberRange(0, 0.5, why="the probability that a preference label is flipped (TRL's "
+                                   "convention): past 0.5 the flipped label is the likelier one, so the loss "
+                                   "would train the preference backwards"),
+    "gamma": NumberRange(why="SimPO's target reward margin, subtracted inside the logsigmoid: any finite "
+                         "margin leaves the loss decreasing in the chosen-minus-rejected reward"),
+    "discopop_tau": NumberRange(0, low_open=True, why="the temperature of DiscoPOP's sigmoid mix, which "
+                                "divides by it"),
+    "cpo_alpha": NumberRange(0, why="the weight of CPO's chosen NLL term: a negative weight would ascend it"),
+    "loss_weights": NumberRange(0, why="a negative weight would ascend that loss"),
+    "temperature": NumberRange(0, low_open=True, why="every logit is divided by it"),
+    "softcap": NumberRange(0, low_open=True, why="softcap * tanh(logit / softcap) divides by it"),
+    "logit_scale": NumberRange(nonzero=True, why="every logit is multiplied by it: at 0 all are equal (a "
+                               "negative scale negates the head, an unusual but well-defined model)"),
+    "filter_eps": NumberRange(0, why="a bound on the |d loss / d logit| that gradient filtering skips; 0 "
+                              "is exact"),
+}
+# Loss types that narrow a shared setting further: (loss type, setting) -> its range for that type.
+LOSS_TYPE_RANGES = {
+    ("robust", "label_smoothing"): NumberRange(0, 0.5, high_open=True, why="robust divides by "
+                                               "1 - 2 * label_smoothing"),
+    ("exo_pair", "label_smoothing"): NumberRange(0, 0.5, low_open=True, why="exo_pair takes log(label_smoothing) "
+                                                 "(the EXO paper suggests 1e-3)"),
+}
+
+
+def check_setting(name: str, value, loss_type: Optional[str] = None):
+    """``value`` of the numeric setting ``name`` lies in its :data:`NUMERIC_SETTINGS` range (and, with
+    ``loss_type``, in that type's :data:`LOSS_TYPE_RANGES` one): TypeError for a non-number, else ValueError."""
     _number(name, value)
-    if not _finite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    valid = LOSS_TYPE_RANGES.get((loss_type, name), NUMERIC_SETTINGS[name])
+    if not valid.contains(value):
+        which = f" for loss_type {loss_type!r}" if loss_type is not None else ""
+        raise ValueError(f"{name} must be {valid.describe()}{which}, got {value!r}: {valid.why}")
 
 
 def check_ignore_index(ignore_index, labels_dtype=torch.int64):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if labels_dtype.is_floating_point or labels_dtype.is_complex or labels_dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels_dtype}")
     info = torch.iinfo(labels_dtype)
     if not info.min <= ignore_index <= info.max:
         raise ValueError(f"ignore_index={ignore_index} does not fit labels' dtype {labels_dtype}")
@@ -115,17 +189,24 @@ def _same_device(**tensors):
 
 
 def check_transform(temperature, logit_scale, softcap):
-    _positive_finite("temperature", temperature)
-    check_finite_number("logit_scale", logit_scale)
-    if logit_scale == 0:
-        raise ValueError("logit_scale must be non-zero (every logit would be 0)")
+    check_setting("temperature", temperature)
+    check_setting("logit_scale", logit_scale)
     if softcap is not None:
-        _positive_finite("softcap", softcap)
+        check_setting("softcap", softcap)
 
 
 def check_impl(impl):
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def check_impl_dtype(impl: str, dtype: torch.dtype, name: str = "hidden"):
+    """float64 inputs mean float64 math: only the PyTorch rows (impl='torch', which 'auto' picks for float64)
+    compute in it; the Triton kernels compute in float32 and would hand float32 back."""
+    if dtype == torch.float64 and impl in ("chunked", "fused"):
+        raise TypeError(f"{name} is float64, but impl={impl!r} computes in float32 (Triton kernels) and would return "
+                        f"float32: use impl='torch' or 'auto' (both compute float64 inputs in float64), or "
+                        f"dpo_fast.reference (materialized logits, float64)")
 
 
 def labels_out_of_range(labels, vocab_size, ignore_index) -> torch.Tensor:
@@ -231,18 +312,18 @@ class DeferredChecks:
 
 
 def value_checks(labels, sequence_ids=None, cu_seqlens=None, vocab_size=None, ignore_index=-100,
-                 paired=False) -> DeferredChecks:
+                 num_sequences=None) -> DeferredChecks:
     """The value checks of a call from hidden states, after :func:`check_hidden_inputs`.
 
-    The packing (``cu_seqlens``, ``sequence_ids``; ``paired``: the sequences are the halves of
-    a pairwise loss, see :func:`_sequence_id_checks`), then the label range when
-    ``vocab_size`` is known (under a process_group the ranks check it together instead).
+    The packing (``cu_seqlens``, ``sequence_ids`` with the caller's ``num_sequences``, see
+    :func:`_sequence_id_checks`), then the label range when ``vocab_size`` is known (under a
+    process_group the ranks check it together instead).
     """
     checks = DeferredChecks()
     if cu_seqlens is not None:
         _cu_seqlens_checks(checks, labels, cu_seqlens)
     if sequence_ids is not None and sequence_ids.numel():
-        _sequence_id_checks(checks, sequence_ids, paired)
+        _sequence_id_checks(checks, sequence_ids, num_sequences)
     if vocab_size is not None:
         checks.add([labels_out_of_range(labels, vocab_size, ignore_index)],
                    lambda bad: check_labels_range(labels, vocab_size, ignore_index, bad_count=bad))
@@ -262,40 +343,56 @@ def _cu_seqlens_checks(checks, labels, cu_seqlens):
     checks.add([bounds[0], bounds[-1], (bounds[1:] < bounds[:-1]).any()], judge)
 
 
-def _sequence_id_checks(checks, sequence_ids, paired):
-    """Ids are sequence indices 0..R-1, so the number of sequences is max + 1.
+def _sequence_id_checks(checks, sequence_ids, num_sequences=None):
+    """Ids are sequence indices 0..R-1: R is ``num_sequences`` when given, else the largest id + 1.
 
-    Bounded by the token count N before anything is sized by them: a stray id of 2**40 must
-    not allocate 2**40 counters (N tokens fill at most N sequences; ``build_layout`` counts
-    into N slots and reads R only once this check has passed). An id below the largest that
-    no token carries is an empty sequence; a paired loss refuses it, since sequence k is
-    paired with k + R/2 and the gap would silently shift every pair after it (a sequence
-    whose tokens are all ignored still carries its id; cu_seqlens can state an empty one).
+    Without ``num_sequences`` the ids bound R by the token count N before anything is sized by
+    them: a stray id of 2**40 must not allocate 2**40 counters (N tokens fill at most N
+    sequences; ``build_layout`` counts into N slots and reads R only once this check has
+    passed). An id below R that no token carries is an empty sequence (0 tokens, as a
+    zero-length span of cu_seqlens). A sequence after the last id cannot be seen at all:
+    hence ``num_sequences``, which a paired loss requires (:func:`check_sequence_count`).
     """
     ids = sequence_ids.reshape(-1).to(torch.int64)
     n = ids.numel()
+    bound = n if num_sequences is None else num_sequences
     low, high = torch.aminmax(ids)
-    scalars = [low, high]
-    if paired:
-        # Which of the ids 0..n-1 occur, out-of-range ids parked in one extra slot: O(N) memory. A scatter, not
-        # bincount, which on CUDA reads its input's range back to the host.
-        seen = ids.new_zeros(n + 1, dtype=torch.bool).index_fill_(0, ids.clamp(0, n), True)[:n]
-        index = torch.arange(n, device=ids.device)
-        scalars.append(torch.where(~seen & (index < high), index, n).min())
 
-    def judge(low, high, first_gap=n):
+    def judge(low, high):
         if low < 0:
             raise ValueError(f"sequence_ids must be >= 0 (sequence indices 0..R-1), found {low}")
-        if high >= n:
+        if num_sequences is not None and high >= bound:
+            raise ValueError(f"sequence_ids must be sequence indices 0..R-1 with R = num_sequences={num_sequences}; "
+                             f"found {high}")
+        if high >= bound:
             raise ValueError(f"sequence_ids must be sequence indices 0..R-1 with R at most the token count ({n}); "
                              f"found {high}. Renumber arbitrary ids with torch.unique(ids, return_inverse=True)[1]")
-        if first_gap < n:
-            raise ValueError(f"sequence_ids must number the sequences of a paired loss 0..R-1 with no gap (sequence "
-                             f"k is paired with k + R/2): no token carries id {first_gap} (of 0..{high}). A "
-                             f"sequence whose tokens are all ignored still carries its id; pass cu_seqlens to "
-                             f"state an empty one")
 
-    checks.add(scalars, judge)
+    checks.add([low, high], judge)
+
+
+def check_sequence_count(sequence_ids, num_sequences, paired: bool):
+    """``num_sequences``: the number of packed ``sequence_ids`` sequences, stated by the caller.
+
+    Ids cannot show a sequence after the last id that no token carries (a rejected answer
+    truncated away entirely): counted from the ids, such trailing sequences vanish. For a
+    paired loss that shifts every pair (sequence k is paired with k + R/2), so a paired loss
+    with ``sequence_ids`` requires the count; elsewhere it is optional (without it, R is the
+    largest id + 1). Rows and ``cu_seqlens`` state their count themselves.
+    """
+    if num_sequences is None:
+        if paired and sequence_ids is not None:
+            raise ValueError("a paired loss with sequence_ids needs num_sequences=R, the number of packed "
+                             "sequences [chosen_1..chosen_B, rejected_1..rejected_B]: sequence_ids cannot show "
+                             "trailing sequences that no token carries, and sequence k is paired with k + R/2")
+        return
+    if isinstance(num_sequences, bool) or not isinstance(num_sequences, int):
+        raise TypeError(f"num_sequences must be an int, got {num_sequences!r}")
+    if sequence_ids is None:
+        raise ValueError("num_sequences is for packed sequence_ids; labels [rows, seq] and cu_seqlens state the "
+                         "number of sequences themselves")
+    if num_sequences < 0:
+        raise ValueError(f"num_sequences must be >= 0, got {num_sequences}")
 
 
 def check_logits_inputs(logits, labels):
@@ -329,27 +426,25 @@ def normalize_loss_types(loss_type, loss_weights):
         for w in loss_weights:
             if isinstance(w, bool) or not isinstance(w, (int, float)):
                 raise TypeError(f"loss_weights must hold numbers, got {loss_weights!r}")
+            if not NUMERIC_SETTINGS["loss_weights"].contains(w):
+                raise ValueError(f"loss_weights must be finite and >= 0 ({NUMERIC_SETTINGS['loss_weights'].why}), "
+                                 f"got {loss_weights!r}")
         weights = [float(w) for w in loss_weights]
-        if not all(math.isfinite(w) and w >= 0 for w in weights):
-            raise ValueError(f"loss_weights must be finite and >= 0 (a negative weight would ascend that loss), "
-                             f"got {loss_weights!r}")
     return names, weights
 
 
-def check_loss_settings(loss_types: Sequence[str], beta, label_smoothing, has_reference: bool, discopop_tau=0.05):
-    _positive_finite("beta", beta)
-    # TRL's convention: the probability that a preference label is flipped. Past 0.5 the
-    # flipped label is the likelier one, so the loss would train the preference backwards.
-    _number("label_smoothing", label_smoothing)
-    if not (0.0 <= label_smoothing <= 0.5):
-        raise ValueError(f"label_smoothing must be a number in [0, 0.5] (the probability that a preference "
-                         f"label is flipped), got {label_smoothing!r}")
-    _positive_finite("discopop_tau", discopop_tau)
-    if "robust" in loss_types and label_smoothing >= 0.5:
-        raise ValueError(f"label_smoothing must be < 0.5 for loss_type 'robust' (it divides by 1 - 2 * "
-                         f"label_smoothing), got {label_smoothing}")
-    if "exo_pair" in loss_types and label_smoothing <= 0:
-        raise ValueError("loss_type 'exo_pair' needs label_smoothing in (0, 0.5] (e.g. 1e-3)")
+def check_loss_settings(loss_types: Sequence[str], beta, label_smoothing, has_reference: bool, discopop_tau=0.05,
+                        gamma=0.5, cpo_alpha=1.0):
+    """Every numeric loss setting against :data:`NUMERIC_SETTINGS`, whatever the loss types (a setting a type
+    does not read is still checked, so a bad value fails now, not when the loss type changes), then the
+    narrower ranges of :data:`LOSS_TYPE_RANGES` for the types given."""
+    settings = dict(beta=beta, label_smoothing=label_smoothing, gamma=gamma, discopop_tau=discopop_tau,
+                    cpo_alpha=cpo_alpha)
+    for name, value in settings.items():
+        check_setting(name, value)
+    for loss_type, name in LOSS_TYPE_RANGES:
+        if loss_type in loss_types:
+            check_setting(name, settings[name], loss_type)
     if not has_reference:
         needing = [n for n in loss_types if LOSSES[n].needs_reference]
         if needing:
@@ -383,10 +478,7 @@ def check_finite(**tensors):
 
 def check_filter_eps(filter_eps, impl: str):
     """Gradient filtering (approximate) exists only in the fused kernels."""
-    if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) or not _finite(filter_eps):
-        raise TypeError(f"filter_eps must be a finite number, got {filter_eps!r}")
-    if filter_eps < 0:
-        raise ValueError(f"filter_eps must be >= 0, got {filter_eps}")
+    check_setting("filter_eps", filter_eps)
     if filter_eps > 0 and impl != "fused":
         raise ValueError(f"filter_eps applies to impl='fused' only (got impl={impl!r}); leave it 0 elsewhere")
 

@@ -252,11 +252,24 @@ def test_bfloat16_weight_gradient_scratch_groups_change_nothing(device):
         assert torch.equal(a, e)
 
 
-def test_float64_inputs_run_in_float32(device):
+def test_float64_inputs_are_refused_by_the_float32_kernels(device):
+    """Issue 22 item 7: the fused kernels compute in float32; float64 inputs (whose caller means float64) are
+    refused with the way to float64 math, not computed in float32 and handed back as float32."""
     h, w, b, labels = _tokens(30, 16, 70, dtype=torch.float64, device=device)
-    logps = dpo_fast.token_logps(h, w, labels, bias=b, impl="fused")
+    for call in (lambda: dpo_fast.token_logps(h, w, labels, bias=b, impl="fused"),
+                 lambda: dpo_fast.sequence_logps(h, w, labels, bias=b, impl="chunked"),
+                 lambda: dpo_fast.token_logps_from_logits(h @ w.t(), labels, impl="chunked")):
+        with pytest.raises(TypeError, match="float64.*impl='torch'.*dpo_fast.reference"):
+            call()
+
+
+def test_the_engine_still_takes_float64_and_computes_in_float32(device):
+    """Below the public functions the engine reads float64 operands (the gradcheck of tests/test_compile.py
+    relies on it) and folds them into float32 statistics."""
+    h, w, b, labels = _tokens(30, 16, 70, dtype=torch.float64, device=device)
+    logps, *_ = TokenLogpsFunction.apply(h, w, b, labels, FusedEngine(), LogitTransform())
     want, _ = reference.token_outputs(h, w, labels, bias=b)
-    assert rel_err(logps, want) < 1e-5
+    assert logps.dtype == torch.float32 and rel_err(logps, want) < 1e-5
     for a, e in zip(_grads(logps.sum(), (h, w, b)), _grads(want.sum(), (h, w, b))):
         assert a.dtype == torch.float64 and rel_err(a, e) < 1e-5
 

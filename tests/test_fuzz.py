@@ -106,7 +106,7 @@ def draw_case(seed: int, device) -> Case:
         else:  # tokens of the sequences interleaved in a random order
             ids = torch.repeat_interleave(torch.arange(rows), torch.tensor(lengths))
             order = torch.randperm(ids.numel())
-            labels, hidden, pack = labels[order], hidden[order], dict(sequence_ids=ids[order])
+            labels, hidden, pack = labels[order], hidden[order], dict(sequence_ids=ids[order], num_sequences=rows)
     weight = torch.randn(vocab, hidden_size) / hidden_size ** 0.5
     bias = torch.randn(vocab) * 0.5 if with_bias else None
     refs = (torch.randn(pairs) * 3 - 20, torch.randn(pairs) * 3 - 20) if with_refs else (None, None)
@@ -120,7 +120,7 @@ def draw_case(seed: int, device) -> Case:
         return t.to(dtype).requires_grad_() if cast else t
 
     return Case(seed, dtype, put(hidden), put(weight), put(bias), labels.to(device),
-                {k: v.to(device) for k, v in pack.items()}, transform, cfg,
+                {k: v.to(device) if torch.is_tensor(v) else v for k, v in pack.items()}, transform, cfg,
                 tuple(None if r is None else r.to(device) for r in refs), memory_budget,
                 dict(layout=layout, vocab=vocab, dtype=str(dtype), loss=loss_types, budget=memory_budget))
 

@@ -360,29 +360,69 @@ def test_ignore_index_other_than_minus_100():
     torch.testing.assert_close(averaged[1], averaged[0], rtol=0, atol=0)
 
 
-def test_edited_post_processing_setting_is_checked_again():
-    """Cohere copies config.logit_scale into the model when it is built. Edited afterwards, the config no longer
-    says what the model computes: the verdict of an earlier call must not cover the new value."""
+def _naive_reference_logps(model, input_ids, attention_mask, labels):
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return reference.token_outputs_from_logits(logits[:, :-1], labels[:, 1:])[0].sum(-1)
+
+
+def test_logit_settings_are_read_where_the_forward_reads_them():
+    """Issue 22 item 6: Cohere copies config.logit_scale into ``model.logit_scale`` when it is built and its
+    forward multiplies by that copy. After a verified call, editing the copy must change dpo-fast's log-probs
+    as it changes the model's (it used to keep the old scale: -24.957 against the model's -25.165); editing
+    only the config, which the forward no longer reads, must change nothing."""
     model, _ = build("cohere-logit_scale")
     input_ids, attention_mask, labels = batch()
-    targets = labels[:, 1:]
-    hf.reference_logps(model, input_ids, attention_mask, labels, impl="torch")  # verified at scale 2.5
+    ours = hf.reference_logps(model, input_ids, attention_mask, labels, impl="torch")  # verified at scale 2.5
+    torch.testing.assert_close(ours.double(), _naive_reference_logps(model, input_ids, attention_mask, labels),
+                               rtol=1e-5, atol=1e-4)
 
-    model.config.logit_scale = 5.0  # the model still multiplies by 2.5
-    with pytest.raises(hf.ReconstructionError, match="scale=5.0"):
-        hf.reference_logps(model, input_ids, attention_mask, labels, impl="torch")
-    ours = hf.reference_logps(model, input_ids, attention_mask, labels, impl="torch", fallback="naive")
-    with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    naive = reference.token_outputs_from_logits(logits[:, :-1], targets)[0].sum(-1)
-    torch.testing.assert_close(ours.double(), naive, rtol=1e-5, atol=1e-4)
+    model.logit_scale = 5.0  # what the forward multiplies by; the config still says 2.5
+    assert hf.resolve_head(model).transform.scale == 5.0
+    changed = hf.reference_logps(model, input_ids, attention_mask, labels, impl="torch")
+    naive = _naive_reference_logps(model, input_ids, attention_mask, labels)
+    assert (changed - ours).abs().max() > 1.0  # the new scale moves the log-probs far beyond tolerance
+    torch.testing.assert_close(changed.double(), naive, rtol=1e-5, atol=1e-4)
 
-    model.logit_scale = 5.0  # now the model agrees with its config: checked again, and the fused path follows
+    model.config.logit_scale = 1.0  # the forward ignores the config now: same numbers, checked again
+    again = hf.reference_logps(model, input_ids, attention_mask, labels, impl="torch")
+    torch.testing.assert_close(again.double(), naive, rtol=1e-5, atol=1e-4)
+
+
+def test_falcon_h1_scale_is_read_from_its_backbone():
+    """FalconH1's forward multiplies by ``self.model.lm_head_multiplier`` (the backbone's copy)."""
+    config = transformers.FalconH1Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64, mamba_d_ssm=32, mamba_n_heads=4,
+                                         mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=8,
+                                         lm_head_multiplier=0.5, tie_word_embeddings=False)
+    model = transformers.FalconH1ForCausalLM(config).float().eval()
+    input_ids, attention_mask, labels = batch()
+    attention_mask = torch.ones_like(attention_mask)  # Mamba layers: no padding inside the check
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    model.model.lm_head_multiplier = 3.0
+    assert hf.resolve_head(model).transform.scale == 3.0
     ours = hf.reference_logps(model, input_ids, attention_mask, labels, impl="torch")
-    with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    naive = reference.token_outputs_from_logits(logits[:, :-1], targets)[0].sum(-1)
-    torch.testing.assert_close(ours.double(), naive, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours.double(), _naive_reference_logps(model, input_ids, attention_mask, labels),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_float_labels_are_refused_before_the_model_runs():
+    """Issue 22 item 5: float labels used to crash deep inside (torch.iinfo() requires an integer input type);
+    every HF entry point refuses them first, naming the argument, before any forward runs."""
+    model, reference_model = build("llama-untied")
+    input_ids, attention_mask, labels = batch()
+    calls = []
+    model.register_forward_pre_hook(lambda *args: calls.append("forward"))
+    for call in (lambda: hf.dpo_forward(model, input_ids, attention_mask, labels.float(), impl="torch"),
+                 lambda: hf.dpo_forward(model, input_ids, attention_mask, labels.float(), ref_model=reference_model),
+                 lambda: hf.reference_logps(model, input_ids, attention_mask, labels.float())):
+        with pytest.raises(TypeError, match="labels must be an integer tensor"):
+            call()
+    with pytest.raises(TypeError, match="input_ids"):
+        hf.reference_logps(model, input_ids.float(), attention_mask, labels)
+    assert not calls
 
 
 def test_runs_where_deepspeed_cannot_be_imported(monkeypatch):

@@ -259,7 +259,7 @@ def _packed(h, labels, packing):
         return hidden, flat, dict(cu_seqlens=torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))
     ids = torch.repeat_interleave(torch.arange(rows, device=labels.device), lengths)
     order = torch.randperm(ids.numel(), device=labels.device)  # ids in any token order
-    return hidden.detach()[order].requires_grad_(), flat[order], dict(sequence_ids=ids[order])
+    return hidden.detach()[order].requires_grad_(), flat[order], dict(sequence_ids=ids[order], num_sequences=rows)
 
 
 @pytest.mark.parametrize("packing", ["rows", "cu_seqlens", "sequence_ids"])
@@ -293,14 +293,15 @@ def test_one_host_sync_per_call(budget, fn, packing, device, monkeypatch):
 @pytest.mark.parametrize("pack,message", [
     (dict(cu_seqlens=[0, 7, 5, 12]), "non-decreasing"),
     (dict(cu_seqlens=[0, 6, 11]), "end at the token count 12"),
-    (dict(sequence_ids=[0, 0, 1, 1, 2, 2, 3, 3, 5, 5, 5, 5]), "no token carries id 4"),
-    (dict(sequence_ids=[0] * 11 + [2 ** 40]), "at most the token count"),
+    (dict(sequence_ids=[0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4], num_sequences=4), "num_sequences=4; found 4"),
+    (dict(sequence_ids=[0] * 11 + [2 ** 40], num_sequences=2), "num_sequences=2; found 1099511627776"),
+    (dict(sequence_ids=[0, 0, 1, 1, 2, 2, 3, 3, -1, 0, 1, 2], num_sequences=4), ">= 0"),
 ])
 def test_packing_checks_raise_on_the_one_read(pack, message, device, monkeypatch):
     """A bad packing is refused on the layout's one read, before any GEMM (the check reads nothing itself)."""
     hidden, weight = torch.randn(12, 8, device=device), torch.randn(20, 8, device=device)
     labels = torch.randint(0, 20, (12,), device=device)
-    pack = {k: torch.tensor(v, device=device) for k, v in pack.items()}
+    pack = {k: torch.tensor(v, device=device) if isinstance(v, list) else v for k, v in pack.items()}
     tolist = torch.Tensor.tolist
     reads = []
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append("tolist") or tolist(self))

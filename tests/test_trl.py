@@ -102,6 +102,14 @@ def test_no_scored_token_gives_connected_zeros():
     assert hidden.grad is not None and not hidden.grad.any()
 
 
+def test_float_targets_are_refused_naming_the_argument():
+    """Issue 22 item 5: TRL's drop-in checks its targets' dtype first, under TRL's name for them."""
+    hidden, weight = torch.randn(5, 8), torch.randn(11, 8)
+    for targets in (torch.zeros(5), torch.zeros(5, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="targets"):
+            dpo_trl.ChunkedLogProb(impl="torch").apply(hidden, weight, None, targets, 1.0, 64)
+
+
 def test_installed_trl_trainer_matches_stock():
     if Version(trl.__version__) < Version(dpo_trl.FUSED_HEAD_SINCE):
         pytest.fail(f"the dev extra pins trl >= {dpo_trl.FUSED_HEAD_SINCE}; found {trl.__version__}")

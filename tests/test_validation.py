@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import dpo_fast
-from dpo_fast import rows
+from dpo_fast import reference, rows
+from dpo_fast import validation as check
 from dpo_fast.kernels import logsoftmax_gather
 
 V, H = 20, 8
@@ -195,12 +196,30 @@ BAD = [
                                          sequence_ids=_ids(*[0] * 11, 2 ** 40)), ValueError, "sequence_ids"),
     Bad("sequence-ids-past-token-count", hidden_call(seq, hidden=packed_hidden, labels=packed_labels,
                                                      sequence_ids=_ids(*[0] * 11, 12)), ValueError, "sequence_ids"),
-    Bad("sequence-ids-gap-paired", hidden_call(dpo, hidden=packed_hidden, labels=packed_labels,
-                                               sequence_ids=_ids(0, 0, 1, 1, 2, 2, 3, 3, 5, 5, 5, 5)), ValueError,
-        "sequence_ids"),
-    Bad("sequence-ids-gap-at-zero-paired", hidden_call(dpo, hidden=packed_hidden, labels=packed_labels,
-                                                       sequence_ids=_ids(*[1] * 6, *[2] * 3, *[3] * 3)), ValueError,
-        "sequence_ids"),
+    # Issue 22 item 3: ids cannot show trailing sequences no token carries, so a paired loss needs the count.
+    Bad("sequence-ids-paired-without-count", hidden_call(dpo, hidden=packed_hidden, labels=packed_labels,
+                                                         sequence_ids=_ids(0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3)),
+        ValueError, "num_sequences"),
+    Bad("sequence-ids-past-count", hidden_call(dpo, hidden=packed_hidden, labels=packed_labels,
+                                               sequence_ids=_ids(0, 0, 1, 1, 2, 2, 3, 3, 5, 5, 5, 5), num_sequences=4),
+        ValueError, "num_sequences"),
+    Bad("num-sequences-float", hidden_call(seq, hidden=packed_hidden, labels=packed_labels,
+                                           sequence_ids=_ids(*[0] * 12), num_sequences=2.0), TypeError,
+        "num_sequences"),
+    Bad("num-sequences-negative", hidden_call(seq, hidden=packed_hidden, labels=packed_labels,
+                                              sequence_ids=_ids(*[0] * 12), num_sequences=-1), ValueError,
+        "num_sequences"),
+    Bad("num-sequences-with-rows", hidden_call(dpo, num_sequences=4), ValueError, "num_sequences"),
+    Bad("num-sequences-with-cu-seqlens", hidden_call(seq, hidden=packed_hidden, labels=packed_labels,
+                                                     cu_seqlens=lambda d, a: torch.tensor([0, 12], device=d),
+                                                     num_sequences=1), ValueError, "num_sequences"),
+    Bad("num-sequences-odd", hidden_call(dpo, hidden=packed_hidden, labels=packed_labels,
+                                         sequence_ids=_ids(*[0] * 12), num_sequences=3), ValueError, "labels"),
+    Bad("num-sequences-refs", hidden_call(dpo, hidden=packed_hidden, labels=packed_labels,
+                                          sequence_ids=_ids(*[0] * 12), num_sequences=6,
+                                          ref_chosen_logps=lambda d, a: torch.zeros(2, device=d),
+                                          ref_rejected_logps=lambda d, a: torch.zeros(2, device=d)), ValueError,
+        "ref_chosen_logps"),
     Bad("both-packings", hidden_call(seq, hidden=packed_hidden, labels=packed_labels,
                                      sequence_ids=lambda d, a: torch.zeros(12, dtype=torch.long, device=d),
                                      cu_seqlens=lambda d, a: torch.tensor([0, 12], device=d)), ValueError,
@@ -257,8 +276,31 @@ BAD = [
         "label_smoothing"),
     Bad("exo-without-smoothing", hidden_call(dpo, loss_type="exo_pair"), ValueError, "label_smoothing"),
     Bad("gamma-inf", hidden_call(dpo, loss_type="simpo", gamma=math.inf), ValueError, "gamma"),
+    Bad("gamma-nan", hidden_call(dpo, loss_type="simpo", gamma=math.nan), ValueError, "gamma"),
     Bad("cpo-alpha-str", hidden_call(dpo, loss_type="cpo", cpo_alpha="1"), TypeError, "cpo_alpha"),
+    # Issue 22 item 4: a negative cpo_alpha ascends the NLL term, as a negative loss weight would.
+    Bad("cpo-alpha-negative", hidden_call(dpo, loss_type="cpo", cpo_alpha=-1.0), ValueError, "cpo_alpha"),
+    Bad("cpo-alpha-negative-unused", hidden_call(dpo, cpo_alpha=-1.0), ValueError, "cpo_alpha"),
     Bad("discopop-tau-zero", hidden_call(dpo, loss_type="discopop", discopop_tau=0.0), ValueError, "discopop_tau"),
+    Bad("discopop-tau-negative", hidden_call(dpo, loss_type="discopop", discopop_tau=-0.05), ValueError,
+        "discopop_tau"),
+    Bad("loss-weights-inf", hidden_call(dpo, loss_weights=[math.inf]), ValueError, "loss_weights"),
+    Bad("softcap-inf", hidden_call(tok, softcap=math.inf), ValueError, "softcap"),
+    Bad("logit-scale-inf", hidden_call(seq, logit_scale=-math.inf), ValueError, "logit_scale"),
+    Bad("filter-eps-negative", hidden_call(tok, impl="fused", filter_eps=-1e-9), ValueError, "filter_eps"),
+    Bad("filter-eps-nan", hidden_call(tok, impl="fused", filter_eps=math.nan), ValueError, "filter_eps"),
+    Bad("filter-eps-bool", hidden_call(tok, impl="fused", filter_eps=True), TypeError, "filter_eps"),
+    Bad("module-cpo-alpha", module_call(dict(loss_type="cpo", cpo_alpha=-0.5)), ValueError, "cpo_alpha"),
+    Bad("dpo-logits-cpo-alpha", logits_call(dpo_l, loss_type="cpo", cpo_alpha=-2.0), ValueError, "cpo_alpha"),
+    # Issue 22 item 7: the Triton impls compute in float32; float64 inputs mean float64 math.
+    Bad("hidden-float64-chunked", hidden_call(tok, hidden=_set("hidden", lambda t: t.double()),
+                                              weight=_set("weight", lambda t: t.double()), impl="chunked"),
+        TypeError, "hidden"),
+    Bad("hidden-float64-fused", hidden_call(dpo, hidden=_set("hidden", lambda t: t.double()),
+                                            weight=_set("weight", lambda t: t.double()), impl="fused"),
+        TypeError, "hidden"),
+    Bad("logits-float64-chunked", logits_call(seq_l, logits=_set("logits", lambda t: t.double()), impl="chunked"),
+        TypeError, "logits"),
     Bad("dpo-impl-unknown", hidden_call(dpo, impl="triton"), ValueError, "impl"),
     Bad("dpo-label-too-large", hidden_call(dpo, labels=_label_at(V + 7)), ValueError, "labels"),
     # --- switches and groups: a truthy string is not True ------------------------------------
@@ -385,7 +427,8 @@ def test_valid_edge_settings_are_accepted(fn, device):
 
 def test_sequence_ids_are_sequence_indices(device):
     """An id no token carries is an empty sequence for sequence_logps (0, as a zero-length cu_seqlens span);
-    dpo_loss accepts ids in any token order and a sequence whose tokens are all ignored (it carries its id)."""
+    dpo_loss (with its num_sequences) accepts ids in any token order and a sequence whose tokens are all
+    ignored."""
     hidden, weight = torch.randn(9, H, device=device), torch.randn(V, H, device=device)
     labels = torch.randint(0, V, (9,), device=device)
     with_gap = dpo_fast.sequence_logps(hidden, weight, labels, sequence_ids=torch.tensor([0, 0, 2, 2, 2, 3, 3, 3, 3],
@@ -398,7 +441,8 @@ def test_sequence_ids_are_sequence_indices(device):
     labels[7:] = -100  # sequence 3 (a rejected answer) has every token ignored
     order = torch.randperm(9, device=device)
     ids = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3], device=device)
-    shuffled = dpo_fast.dpo_loss(hidden[order], weight, labels[order], sequence_ids=ids[order], impl="torch")
+    shuffled = dpo_fast.dpo_loss(hidden[order], weight, labels[order], sequence_ids=ids[order], num_sequences=4,
+                                 impl="torch")
     spans = dpo_fast.dpo_loss(hidden, weight, labels, cu_seqlens=torch.tensor([0, 2, 5, 7, 9], device=device),
                               impl="torch")
     torch.testing.assert_close(shuffled.loss, spans.loss)
@@ -411,3 +455,83 @@ def test_settings_at_the_edge_of_their_range_are_accepted(device):
                             label_smoothing=0.5, check_finite=True, impl="torch")
     assert torch.isfinite(out.loss)
     assert dpo_fast.DPOLoss(loss_type="exo_pair", label_smoothing=0.5, check_finite=False, process_group=None)
+
+
+def test_trailing_sequences_without_tokens_are_counted_from_num_sequences(device):
+    """Issue 22 item 3: three pairs whose last two rejected answers lost every token. Their ids occur nowhere,
+    so counted from the ids the batch looked like two pairs (chosen_0..1 against chosen_2, rejected_0),
+    silently. With num_sequences=6 they are empty sequences, exactly as zero-length cu_seqlens spans."""
+    hidden = torch.randn(9, H, device=device, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, device=device, dtype=torch.float64)
+    labels = torch.randint(0, V, (9,), device=device)
+    ids = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3], device=device)
+    cu_seqlens = torch.tensor([0, 2, 5, 7, 9, 9, 9], device=device)
+    with pytest.raises(ValueError, match="num_sequences"):
+        dpo_fast.dpo_loss(hidden, weight, labels, sequence_ids=ids, impl="torch")
+    packed = dpo_fast.dpo_loss(hidden, weight, labels, sequence_ids=ids, num_sequences=6, impl="torch")
+    spans = dpo_fast.dpo_loss(hidden, weight, labels, cu_seqlens=cu_seqlens, impl="torch")
+    oracle = reference.dpo_loss(hidden, weight, labels, sequence_ids=ids, num_sequences=6)
+    assert packed.chosen_logps.shape == (3,) and bool((packed.rejected_logps[1:] == 0).all())
+    torch.testing.assert_close(packed.loss, spans.loss, rtol=0, atol=0)
+    torch.testing.assert_close(packed.loss, oracle.loss, rtol=1e-12, atol=1e-12)
+    sums = dpo_fast.sequence_logps(hidden, weight, labels, sequence_ids=ids, num_sequences=6, impl="torch")
+    assert sums.shape == (6,) and bool((sums[4:] == 0).all())
+    torch.testing.assert_close(sums, dpo_fast.sequence_logps(hidden, weight, labels, cu_seqlens=cu_seqlens,
+                                                             impl="torch"), rtol=0, atol=0)
+
+
+def _setting_call(name, value, device):
+    """A call that hands ``value`` to the numeric setting ``name``."""
+    hidden, weight, labels = _inputs(device)
+    if name in ("temperature", "softcap", "logit_scale", "filter_eps"):
+        return dpo_fast.token_logps(hidden, weight, labels, impl="torch", **{name: value})
+    if name == "loss_weights":
+        return dpo_fast.dpo_loss(hidden, weight, labels, impl="torch", loss_weights=[value]).loss
+    loss_type = {"gamma": "simpo", "cpo_alpha": "cpo", "discopop_tau": "discopop"}.get(name, "sigmoid")
+    return dpo_fast.dpo_loss(hidden, weight, labels, impl="torch", loss_type=loss_type, **{name: value}).loss
+
+
+def _edges(valid):
+    """(values inside the range, values outside it), at and next to each end."""
+    inside, outside = [], [math.nan, math.inf, -math.inf]
+    for end, is_open, step in ((valid.low, valid.low_open, -1), (valid.high, valid.high_open, 1)):
+        if math.isinf(end):
+            inside.append(step * 1e30)
+            continue
+        beyond = end + step * max(1e-9, abs(end) * 1e-9)
+        (outside if is_open else inside).append(end)
+        outside.append(beyond)
+    if valid.nonzero:
+        outside.append(0.0)
+    return [v for v in inside if not (valid.nonzero and v == 0)], outside
+
+
+@pytest.mark.parametrize("name", sorted(check.NUMERIC_SETTINGS))
+def test_every_numeric_setting_is_checked_against_its_range(name, device):
+    """Issue 22 item 4: every numeric setting has a range in the table, and the public functions enforce it,
+    at its ends (a closed end accepted, the value past it refused; an open end refused)."""
+    valid = check.NUMERIC_SETTINGS[name]
+    assert valid.why
+    inside, outside = _edges(valid)
+    for value in outside:
+        with pytest.raises(ValueError, match=name):
+            _setting_call(name, value, device)
+    for value in inside:
+        if abs(value) > 1e6 and name not in ("beta", "gamma", "discopop_tau", "cpo_alpha"):
+            continue  # a logit transform or weight of 1e30 is valid, but no meaningful run (filter_eps: fused only)
+        assert _setting_call(name, value, device) is not None
+
+
+@pytest.mark.parametrize("loss_type,name", sorted(check.LOSS_TYPE_RANGES))
+def test_loss_types_narrow_their_settings(loss_type, name, device):
+    valid = check.LOSS_TYPE_RANGES[(loss_type, name)]
+    hidden, weight, labels = _inputs(device)
+    inside, outside = _edges(valid)
+    narrower = [v for v in outside if check.NUMERIC_SETTINGS[name].contains(v)]  # the others: the test above
+    assert narrower
+    for value in narrower:
+        with pytest.raises(ValueError, match=f"{name}.*{loss_type}"):
+            dpo_fast.dpo_loss(hidden, weight, labels, impl="torch", loss_type=loss_type, **{name: value})
+    for value in inside:
+        assert torch.isfinite(dpo_fast.dpo_loss(hidden, weight, labels, impl="torch", loss_type=loss_type,
+                                                **{name: value}).loss)

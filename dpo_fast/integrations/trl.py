@@ -99,6 +99,7 @@ class ChunkedLogProb:
             return self._trl_function(", ".join(unknown)).apply(
                 hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs,
                 *more, **named)
+        api.check.check_token_ids(targets=targets)
         with _trl_compute_precision(hidden, weight, bias) as (hidden, weight, bias):
             prep = api._prepare(hidden, weight, targets, bias, -100, float(temperature),
                                 1.0 if logit_scale is None else float(logit_scale), final_logit_softcapping,
