@@ -22,48 +22,13 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 
 from . import planner
-from .cost_model import COPY_SLAB_BYTES
 from .function import refuse_second_order
+from .gemm import addmm_fp32, mm_float32  # noqa: F401  (re-exported)
 from .planner import Chunk, plan_tiles  # noqa: F401  (tile sizes live in the planner; re-exported)
 from .rows import KEPT_ONLY, finish_stats, init_stats
 from .transform import LogitTransform
 
 DEFAULT_MEMORY_BUDGET = planner.CPU_MEMORY_BUDGET  # see planner.default_memory_budget for CUDA devices
-
-
-def _slab_rows(cols: int) -> int:
-    return max(1, COPY_SLAB_BYTES // (4 * max(cols, 1)))
-
-
-def mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out`` (float32) = a @ b for 16-bit operands, never rounded to 16 bits.
-
-    cuBLAS writes float32 straight from 16-bit operands (``out_dtype``, checked once per
-    device type by ``planner.float32_gemm_out``); elsewhere ``b`` is staged to float32 in
-    slabs of rows of ``b.T`` (1 MiB each) so no float32 copy of a whole weight block exists.
-    """
-    if planner.float32_gemm_out(out.device.type):
-        return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    a32 = a.float()
-    step = _slab_rows(b.shape[0])
-    if step >= b.shape[1]:
-        return torch.mm(a32, b.float(), out=out)
-    for c0 in range(0, b.shape[1], step):
-        out[:, c0:c0 + step].copy_(a32 @ b[:, c0:c0 + step].float())
-    return out
-
-
-def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` for a float32 ``acc`` without rounding ``a @ b`` to a 16-bit dtype first."""
-    if a.dtype == acc.dtype and b.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif planner.float32_gemm_out(acc.device.type):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:  # staged a slab of rows of ``a`` at a time
-        b32 = b.float()
-        step = _slab_rows(a.shape[1])
-        for r0 in range(0, a.shape[0], step):
-            acc[r0:r0 + step].addmm_(a[r0:r0 + step].float(), b32)
 
 
 def logits_dtype(input_dtype: torch.dtype) -> torch.dtype:
@@ -110,6 +75,11 @@ class Workspace:
         return self.grad_buffer[: tile.numel()].view(tile.shape)
 
 
+def rows_workspace(rows, tokens: int, vocab: int, input_dtype: torch.dtype) -> int:
+    """Bytes a row backend allocates per call on a tile of at most ``tokens x vocab`` (0 for the kernels)."""
+    return rows.workspace_bytes(tokens, vocab, input_dtype) if hasattr(rows, "workspace_bytes") else 0
+
+
 def _ranges(total: int, step: int):
     for start in range(0, total, step):
         yield start, min(total, start + step)
@@ -124,7 +94,8 @@ class ChunkedEngine:
 
     def _plan(self, hidden, weight, backward: bool, weight_grad: bool = False):
         return planner.engine_tiles(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype,
-                                    hidden.device.type, self.memory_budget, backward, weight_grad)
+                                    hidden.device, self.memory_budget, backward, weight_grad,
+                                    rows_workspace(self.rows, hidden.shape[0], weight.shape[0], hidden.dtype))
 
     def forward_stats(self, hidden, weight, bias, labels, transform: LogitTransform,
                       ignore_index: int = KEPT_ONLY) -> torch.Tensor:
@@ -162,11 +133,13 @@ class ChunkedEngine:
         grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
         grad_logp = grad_logp.float().contiguous()
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
-        # Vocabulary-major: each block of grad_weight is finished in float32, then written once.
+        # Vocabulary-major: each block of grad_weight is finished in float32, then written once. One
+        # float32 block buffer serves every block (a new one per block would briefly hold two).
+        block_buffer = torch.empty(min(vocab, plan.vocab_block), weight.shape[1], dtype=torch.float32,
+                                   device=weight.device) if need_weight else None
         for v0, v1 in _ranges(vocab, plan.vocab_block):
             weight_block = weight[v0:v1]
-            block_acc = torch.zeros(v1 - v0, weight.shape[1], dtype=torch.float32,
-                                    device=weight.device) if need_weight else None
+            block_acc = block_buffer[:v1 - v0].zero_() if need_weight else None
             for t0, t1 in _ranges(n, plan.token_chunk):
                 logits = workspace.logits(hidden[t0:t1], weight_block, None if bias is None else bias[v0:v1])
                 tile = workspace.gradient_tile(logits)  # the logits tile itself unless inputs are float16

@@ -158,8 +158,11 @@ def whole_pairs(shape: Shape, chunk_tokens: int, chunks: int, split_pairs: int =
               + accumulators * 4 * shape.vh
               + (4 * split_tokens * H if split_pairs else 0)
               + STATS_BYTES_PER_TOKEN * N)
-    if not float32_gemm_out and e < 4:
-        memory += staging_bytes(t, H, V)
+    if not float32_gemm_out and e < 4:  # logits; the accumulated grad_weight; split pieces' float32 grad_hidden
+        pieces = split_pairs * math.ceil(split_tokens / t)
+        staged, moved = staging([(t, V, H, rounds), (V, H, t, rounds if accumulate else 0), (t, H, V, pieces)], e)
+        memory += staged
+        row_bytes += moved
     if chunks == 1 and not split_pairs:
         route = "whole pairs, 1 chunk"
     else:
@@ -168,14 +171,80 @@ def whole_pairs(shape: Shape, chunk_tokens: int, chunks: int, split_pairs: int =
     return Cost(route, shape.floor_flops(), gemm_s, row_bytes, hbm + row_bytes, memory)
 
 
-# Float32 staging of 16-bit GEMM operands where cuBLAS cannot write float32 from them (CPU): a slab at a time.
+# Float32 staging of 16-bit GEMM operands where no float32-output GEMM exists (CPU; CUDA torch < 2.8 or a
+# build that refuses mixed dtypes: ``gemm.float32_gemm_out``). No staged block is smaller than this
+# (unless the whole operand is), so per-op overhead stays amortized.
 COPY_SLAB_BYTES = 1 << 20
 
 
-def staging_bytes(tokens: int, hidden: int, vocab: int) -> int:
-    """float32 copies of 16-bit operands alive at once without float32-output GEMMs (chunked.mm_float32,
-    chunked.addmm_fp32): the token rows, and a slab of weight rows or of the gradient tile."""
-    return 4 * tokens * hidden + min(COPY_SLAB_BYTES, 4 * vocab * max(hidden, tokens))
+@dataclass(frozen=True)
+class StagingBlocks:
+    """How ``gemm._staged`` runs one ``[m, k] x [k, n]`` GEMM of 16-bit operands in float32.
+
+    ``along`` "n": ``a`` staged whole, ``b`` ``step`` columns at a time (each product lands in a
+    ``[m, step]`` temporary, then in the strided output); "m": ``b`` staged whole, ``a`` ``step``
+    rows at a time; "k": both a ``step``-wide slice of the reduction at a time, the float32 output
+    read and written once per slice. ``memory``: float32 bytes alive at once.
+    """
+
+    along: str
+    step: int
+    memory: int
+    m: int
+    n: int
+    k: int
+
+    def traffic(self, element_size: int) -> float:
+        """Bytes the staging adds to the GEMM itself: every operand element read (16-bit) and written
+        (float32) once, the float32 copy read by the GEMM instead of the 16-bit original, and what is
+        re-read per block (the whole-staged operand, or the float32 output per reduction slice)."""
+        m, n, k, e = self.m, self.n, self.k, element_size
+        blocks = math.ceil((self.k if self.along == "k" else self.n if self.along == "n" else self.m) / self.step)
+        copies = 8 * (m * k + k * n)  # read e + write 4 + the GEMM reads 4 bytes where it read e
+        if self.along == "n":
+            reread = 4 * m * k * (blocks - 1) + (8 * m * n if blocks > 1 else 0)  # and the temporaries' copy
+        elif self.along == "m":
+            reread = 4 * k * n * (blocks - 1)
+        else:
+            reread = 8 * m * n * (blocks - 1)
+        return copies + reread
+
+
+def _min_rows(cols: int) -> int:
+    return max(1, COPY_SLAB_BYTES // (4 * max(cols, 1)))
+
+
+def staging_blocks(m: int, n: int, k: int) -> StagingBlocks:
+    """The blocking of a staged ``[m, k] x [k, n]`` GEMM: the least memory among three proportionate ones.
+
+    Each keeps what is re-read per block no larger than what is copied: staging the operand with
+    the smaller free dimension whole and the other in blocks at least that wide re-reads the
+    whole copy at most once per its own width (at most the other operand's copy in all); blocking
+    the reduction in slices of at least ``2mn / (m + n)`` re-reads the float32 output no more
+    than the slices copy.
+    """
+    m, n, k = max(m, 1), max(n, 1), max(k, 1)
+    if m <= n:
+        step = min(n, max(m, _min_rows(k)))
+        whole = StagingBlocks("n", step, 4 * m * k + 4 * k * step + (4 * m * step if step < n else 0), m, n, k)
+    else:
+        step = min(m, max(n, _min_rows(k)))
+        whole = StagingBlocks("m", step, 4 * k * n + 4 * step * k, m, n, k)
+    kstep = min(k, max(math.ceil(2 * m * n / (m + n)), _min_rows(m + n)))
+    sliced = StagingBlocks("k", kstep, 4 * (m + n) * kstep, m, n, k)
+    return min((whole, sliced), key=lambda b: (b.memory, b.along != "k"))
+
+
+def staging(gemms, element_size: int):
+    """(largest float32 staging alive at once, staging bytes moved) of GEMMs ``[(m, n, k, count), ...]``
+    that run one after another."""
+    memory, traffic = 0, 0.0
+    for m, n, k, count in gemms:
+        if count:
+            blocks = staging_blocks(m, n, k)
+            memory = max(memory, blocks.memory)
+            traffic += count * blocks.traffic(element_size)
+    return memory, traffic
 
 
 def two_pass(shape: Shape, token_chunk: int, vocab_block: int, card: Card = DEFAULT_CARD,
@@ -200,8 +269,11 @@ def two_pass(shape: Shape, token_chunk: int, vocab_block: int, card: Card = DEFA
     flops = 2.0 * shape.nv * H * (4 if shape.trainable_head else 3)
     memory = (t * vb * (LOGIT_BYTES + g) + (4 * vb * H if shape.trainable_head else 0)
               + 4 * shape.nh + STATS_BYTES_PER_TOKEN * N)
-    if not float32_gemm_out and e < 4:
-        memory += staging_bytes(t, H, vb)
+    if not float32_gemm_out and e < 4:  # logits twice (forward, recompute), grad_hidden, grad_weight
+        staged, moved = staging([(t, vb, H, 2 * tiles), (t, H, vb, tiles),
+                                 (vb, H, t, tiles if shape.trainable_head else 0)], e)
+        memory += staged
+        row_bytes += moved
     return Cost("two-pass", flops, gemm_s, row_bytes, hbm + row_bytes, memory)
 
 
