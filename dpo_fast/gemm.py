@@ -106,6 +106,10 @@ def _staged(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
         return
     if blocks.along == "n":  # a staged whole, b a block of columns at a time
         a32 = a.float()
+        if blocks.step >= n:  # one block: straight into ``out``
+            b32 = b.float()
+            out.addmm_(a32, b32) if accumulate else torch.mm(a32, b32, out=out)
+            return
         for c0 in range(0, n, blocks.step):
             b32 = b[:, c0:c0 + blocks.step].float()
             target = out[:, c0:c0 + blocks.step]  # a strided view: the product lands in a [m, step] temporary

@@ -36,14 +36,6 @@ class LogitTransform:
             z = self.softcap * torch.tanh(z / self.softcap)
         return z / self.temperature if self.temperature != 1.0 else z
 
-    def apply_with_derivative(self, logits: torch.Tensor):
-        """(z, dz/dlogits) elementwise, for hand-written backward passes."""
-        u = logits * self.scale
-        if self.softcap is not None:
-            t = torch.tanh(u / self.softcap)
-            return self.softcap * t / self.temperature, self.scale * (1 - t * t) / self.temperature
-        return u / self.temperature, torch.full_like(u, self.scale / self.temperature)
-
     def apply_(self, z: torch.Tensor) -> torch.Tensor:
         """:meth:`apply` in place on a float buffer (the same operations in the same order)."""
         if self.scale != 1.0:
@@ -55,10 +47,10 @@ class LogitTransform:
         return z
 
     def apply_with_derivative_(self, z: torch.Tensor, dz: torch.Tensor):
-        """:meth:`apply_with_derivative` in place: ``z`` holds the logits and becomes the transformed
-        logits; the derivative is written into ``dz`` (a buffer like ``z``) under a softcap, else it is
-        the constant ``scale / temperature`` (None when 1). Same operations, same order; a multiply or
-        divide by 1 is skipped (exact anyway)."""
+        """(z, dz/dlogits) elementwise, in place, for hand-written backward passes: ``z`` holds the logits
+        and becomes the transformed logits; the derivative ``scale (1 - t^2) / temperature`` is written into
+        ``dz`` (a buffer like ``z``) under a softcap, else it is the constant ``scale / temperature`` (None
+        when 1). The operations of :meth:`apply`; a multiply or divide by 1 is skipped (exact anyway)."""
         if self.scale != 1.0:
             z.mul_(self.scale)
         if self.softcap is not None:
