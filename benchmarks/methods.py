@@ -90,6 +90,20 @@ def _keep_sequence_logps(inputs: Inputs, out) -> None:
     inputs.sequence_logps = torch.cat([out.chosen_logps, out.rejected_logps]).detach().float()
 
 
+def _build_naive_plain(inputs: Inputs):
+    """The plainest trainer code: full logits, float32 log_softmax, gather; no metrics at all."""
+    labels = inputs.labels
+
+    def fn():
+        logits = torch.nn.functional.linear(inputs.hidden, inputs.weight).float()
+        logps = torch.log_softmax(inputs.transform.apply(logits), dim=-1)
+        kept = labels != IGNORE
+        token = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * kept
+        return dpo_from_token_logps(token, inputs)
+
+    return fn
+
+
 def _build_naive_compiled(inputs: Inputs):
     # The token part (logits, log_softmax, gather, the same metrics) is compiled; the per-sequence
     # sums and the loss stay eager, as in the reference (Inductor's CPU codegen rejects its index_add).
@@ -243,13 +257,13 @@ def _dpo_fast_unavailable(impl):
     return check
 
 
-def _build_dpo_fast(inputs: Inputs, impl: str):
+def _build_dpo_fast(inputs: Inputs, impl: str, metrics: bool = True):
     import dpo_fast
 
     def fn():
         out = dpo_fast.dpo_loss(inputs.hidden, inputs.weight, inputs.labels, ref_chosen_logps=inputs.ref_chosen_logps,
                                 ref_rejected_logps=inputs.ref_rejected_logps, beta=BETA,
-                                softcap=inputs.case.softcap, impl=impl)
+                                softcap=inputs.case.softcap, impl=impl, metrics=metrics)
         _keep_sequence_logps(inputs, out)
         return out.loss
 
@@ -257,8 +271,10 @@ def _build_dpo_fast(inputs: Inputs, impl: str):
 
 
 METHODS: List[Method] = [
-    Method("naive-eager", True, "full logits, float32 log_softmax, gather, metrics (dpo_fast.reference, dtype=None)",
-           lambda case, device: None, _build_naive),
+    Method("naive-eager", True, "full logits, float32 log_softmax, gather, with TRL's metrics "
+           "(dpo_fast.reference, dtype=None)", lambda case, device: None, _build_naive),
+    Method("naive-plain", True, "full logits, float32 log_softmax, gather, no metrics",
+           lambda case, device: None, _build_naive_plain),
     Method("naive-compile", True, "the naive token log-probs and metrics under torch.compile",
            lambda case, device: None, _build_naive_compiled),
     Method("trl-chunked", True, "TRL ChunkedLogProbFunction: cuBLAS tiles, online LSE, recompute in backward",
@@ -273,8 +289,10 @@ METHODS: List[Method] = [
            _cce_compile_unavailable, lambda inputs: _build_cce(inputs, "torch_compile")),
     Method("torch-lce", True, "F.linear_cross_entropy(reduction='none', options=LinearCrossEntropyOptions())",
            _torch_lce_unavailable, _build_torch_lce),
-    Method("dpo-fast-torch", True, "dpo_fast.dpo_loss impl='torch'",
+    Method("dpo-fast-torch", True, "dpo_fast.dpo_loss impl='torch', with TRL's metrics",
            _dpo_fast_unavailable("torch"), lambda inputs: _build_dpo_fast(inputs, "torch")),
+    Method("dpo-fast-torch-plain", True, "dpo_fast.dpo_loss impl='torch', metrics=False (log-probs and loss only)",
+           _dpo_fast_unavailable("torch"), lambda inputs: _build_dpo_fast(inputs, "torch", metrics=False)),
     Method("dpo-fast-chunked", True, "dpo_fast.dpo_loss impl='chunked' (cuBLAS tiles + Triton rows)",
            _dpo_fast_unavailable("chunked"), lambda inputs: _build_dpo_fast(inputs, "chunked"),
            triton_interpreter=True),

@@ -258,7 +258,7 @@ class TracedRows:
 def cuda_code_path(tracer: OpTracer):
     """dpo-fast as on CUDA with torch >= 2.8, on CPU tensors: float32-output GEMMs assumed, impl='torch'
     engines built with traced rows."""
-    from dpo_fast import api, planner, rows
+    from dpo_fast import api, gemm, planner, rows
     from dpo_fast.chunked import ChunkedEngine
 
     from dpo_fast import chunked
@@ -283,14 +283,17 @@ def cuda_code_path(tracer: OpTracer):
                                   0 if one else tensor_bytes(t))
                     t.mul_(grad_loss.float())
 
-    saved = (planner.float32_gemm_out, api.torch_engine, chunked._merge_kernel, chunked.scale_by_grad_loss)
-    planner.float32_gemm_out = lambda device_type: True
-    api.torch_engine = lambda budget: ChunkedEngine(TracedRows(rows.TorchRows(), tracer), budget)
+    saved = (planner.float32_gemm_out, gemm.float32_gemm_out, api.torch_engine, chunked._merge_kernel,
+             chunked.scale_by_grad_loss)
+    planner.float32_gemm_out = gemm.float32_gemm_out = lambda device, dtype: dtype in (torch.float16, torch.bfloat16)
+    api.torch_engine = lambda budget, metrics=True: ChunkedEngine(
+        TracedRows(rows.TorchRows(rows.TorchRows.slab_for_budget(budget), metrics), tracer), budget)
     chunked._merge_kernel, chunked.scale_by_grad_loss = merge_kernel, scale_by_grad_loss
     try:
         yield
     finally:
-        (planner.float32_gemm_out, api.torch_engine, chunked._merge_kernel, chunked.scale_by_grad_loss) = saved
+        (planner.float32_gemm_out, gemm.float32_gemm_out, api.torch_engine, chunked._merge_kernel,
+         chunked.scale_by_grad_loss) = saved
 
 
 def trace_call(fn, *leaves: Optional[torch.Tensor]):

@@ -8,7 +8,7 @@ import torch
 
 from . import validation as check
 from . import planner
-from .chunked import ChunkedEngine, PairChunkLoss
+from .chunked import ChunkedEngine, PairChunkLoss, rows_workspace
 from .distributed import gathers_head, two_pass_only, wrap_engine
 from .function import TokenLogpsFunction
 from .layout import TokenLayout, build_layout
@@ -26,7 +26,7 @@ from .transform import LogitTransform
 # (``_in_autocast_dtype`` wraps the routing), so a compiled call computes in eager's precision.
 COMPILE_TWINS = {}
 # Keyword switches of the public functions (all keyword-only): bool, never truthy strings.
-_FLAGS = ("average", "inplace", "check_finite")
+_FLAGS = ("average", "inplace", "check_finite", "metrics")
 
 
 def _routes_when_compiling(name: str):
@@ -97,7 +97,8 @@ def resolve_impl(impl: str, device: torch.device, dtype: Optional[torch.dtype] =
     return resolved
 
 
-def make_engine(impl: str, memory_budget: Optional[int], filter_eps: float = 0.0, device=None):
+def make_engine(impl: str, memory_budget: Optional[int], filter_eps: float = 0.0, device=None, metrics: bool = True):
+    """``metrics=False``: the caller reads log-probs only (PyTorch rows then skip the metric statistics)."""
     # The engine tiles per-token (two-pass) work: its default is sized for GEMM efficiency, not by the card.
     budget = memory_budget or planner.default_memory_budget(torch.device(device or "cpu"), per_token=True)
     if impl == "fused":
@@ -105,7 +106,7 @@ def make_engine(impl: str, memory_budget: Optional[int], filter_eps: float = 0.0
 
         return FusedEngine(filter_eps=filter_eps, memory_budget=budget)
     if impl == "torch":
-        return torch_engine(budget)
+        return torch_engine(budget, metrics=metrics)
     return ChunkedEngine(TritonRows(), budget)
 
 
@@ -128,7 +129,7 @@ class _Prepared:
 
 def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl, sequence_ids,
              cu_seqlens, memory_budget, check_finite, process_group=None, filter_eps=0.0, paired=False,
-             num_sequences=None) -> _Prepared:
+             num_sequences=None, metrics: bool = True) -> _Prepared:
     check.check_hidden_inputs(hidden, weight, labels, bias, sequence_ids, cu_seqlens)
     check.check_sequence_count(sequence_ids, num_sequences, paired)
     check.check_transform(temperature, logit_scale, softcap)
@@ -136,7 +137,8 @@ def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scal
     check.check_ignore_index(ignore_index, labels.dtype)
     impl = resolve_impl(impl, hidden.device, hidden.dtype)
     check.check_filter_eps(filter_eps, impl)
-    engine = wrap_engine(make_engine(impl, memory_budget, filter_eps, hidden.device), weight, bias, process_group)
+    engine = wrap_engine(make_engine(impl, memory_budget, filter_eps, hidden.device, metrics), weight, bias,
+                         process_group)
     # Under a process_group the full vocabulary (all shards together) is known once the ranks agree
     # (distributed.agree), which also checks the label range on every rank at once. Otherwise the
     # label check, like the packing checks, rides on the layout's one host read, and raises right
@@ -188,7 +190,7 @@ def token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, tempera
     approximate gradients that skip tiles whose every |d logp / d logit| is below it; 0 is exact.
     """
     prep = _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl, None, None,
-                    memory_budget, check_finite, process_group, filter_eps=filter_eps)
+                    memory_budget, check_finite, process_group, filter_eps=filter_eps, metrics=False)
     return prep.layout.scatter(_kept_token_outputs(prep, weight, bias).logps)
 
 
@@ -207,7 +209,7 @@ def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temp
     """
     prep = _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl,
                     sequence_ids, cu_seqlens, memory_budget, check_finite, process_group, filter_eps=filter_eps,
-                    num_sequences=num_sequences)
+                    num_sequences=num_sequences, metrics=False)
     sums = prep.layout.sequence_sum(_kept_token_outputs(prep, weight, bias).logps)
     return sums / prep.layout.lengths.clamp(min=1).to(sums.dtype) if average else sums
 
@@ -219,7 +221,8 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
              loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.5, discopop_tau=0.05,
              cpo_alpha=1.0, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0, softcap=None,
              impl="auto", sequence_ids=None, cu_seqlens=None, memory_budget=None,
-             check_finite=False, process_group=None, filter_eps=0.0, num_sequences=None) -> DPOOutput:
+             check_finite=False, process_group=None, filter_eps=0.0, num_sequences=None,
+             metrics=True) -> DPOOutput:
     """The DPO-family loss straight from hidden states: no ``[N, V]`` logits.
 
     Sequences are ``[chosen_1..chosen_B, rejected_1..rejected_B]``; ``labels[i]`` is the
@@ -232,7 +235,9 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
     1 GiB; see ``planner.default_memory_budget``), and 512 MiB on CPU. Within it
     ``dpo_fast.planner`` takes the fastest route (whole pairs at 6NHV, else two-pass at
     8NHV); tiles never go below 16 tokens x 128 vocabulary rows, whatever the budget.
-    Under ``torch.autocast`` floating inputs run in the autocast dtype.
+    Under ``torch.autocast`` floating inputs run in the autocast dtype. ``metrics=False``
+    leaves the token metrics (``chosen_logits_mean``, ``rejected_logits_mean``,
+    ``token_accuracy``, ``entropy``) None, and impl="torch" skips computing them.
 
     Packed sequences: ``cu_seqlens``, or ``sequence_ids`` with ``num_sequences`` (required: ids
     cannot show trailing sequences that no token carries, and each would shift the pairing).
@@ -241,7 +246,7 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
                        ref_chosen_logps is not None or ref_rejected_logps is not None)
     prep = _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl,
                     sequence_ids, cu_seqlens, memory_budget, check_finite, process_group, filter_eps=filter_eps,
-                    paired=True, num_sequences=num_sequences)
+                    paired=True, num_sequences=num_sequences, metrics=metrics)
     layout = prep.layout
     check.check_pairs(layout.num_sequences, ref_chosen_logps, ref_rejected_logps, hidden.device)
     if check_finite:
@@ -255,6 +260,8 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
         out = _kept_token_outputs(prep, weight, bias)
         loss = batch_loss(layout.sequence_sum(out.logps), layout.lengths, ref_chosen_logps, ref_rejected_logps, cfg)
     seq = layout.sequence_sum
+    if not metrics:
+        return dpo_output(loss, seq(out.logps.detach()), layout.lengths, ref_chosen_logps, ref_rejected_logps, cfg)
     return dpo_output(loss, seq(out.logps.detach()), layout.lengths, ref_chosen_logps, ref_rejected_logps, cfg,
                       seq(out.mean_logits), seq(out.is_top1.float()), seq(out.entropy.detach()))
 
@@ -274,13 +281,16 @@ def _plan_loss(prep: _Prepared, weight, bias, cfg: LossConfig, memory_budget) ->
     lengths = prep.layout.lengths_host
     pairs = len(lengths) // 2
     budget = memory_budget or planner.default_memory_budget(prep.hidden.device)
+    rows = getattr(prep.engine, "rows", None)
+    workspace = rows_workspace(rows, prep.hidden.shape[0], weight.shape[0], prep.hidden.dtype) if rows else 0
     return planner.plan_loss([lengths[p] + lengths[p + pairs] for p in range(pairs)], weight.shape[0],
                              weight.shape[1], prep.hidden.dtype, torch.is_grad_enabled() and weight.requires_grad,
                              budget, prep.hidden.device.type, whole_pairs=whole_pairs,
                              sides=[(lengths[p], lengths[p + pairs]) for p in range(pairs)],
                              gathered_input=not prep.layout.identity,
                              input_tokens=prep.layout.labels_shape.numel(),
-                             two_pass_budget=getattr(prep.engine, "memory_budget", budget))
+                             two_pass_budget=getattr(prep.engine, "memory_budget", budget),
+                             rows_workspace=workspace)
 
 
 def _pair_chunk_route(prep: _Prepared, weight, bias, cfg: LossConfig, chunks, ref_chosen, ref_rejected):
@@ -305,13 +315,14 @@ class DPOLoss(torch.nn.Module):
     def __init__(self, beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.5,
                  discopop_tau=0.05, cpo_alpha=1.0, ignore_index=-100, temperature=1.0, logit_scale=1.0,
                  softcap=None, impl="auto", memory_budget=None, check_finite=False, filter_eps=0.0,
-                 process_group=None):
+                 process_group=None, metrics=True):
         super().__init__()
         self.settings = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
                              label_smoothing=label_smoothing, gamma=gamma, discopop_tau=discopop_tau,
                              cpo_alpha=cpo_alpha, ignore_index=ignore_index, temperature=temperature,
                              logit_scale=logit_scale, softcap=softcap, impl=impl, memory_budget=memory_budget,
-                             check_finite=check_finite, filter_eps=filter_eps, process_group=process_group)
+                             check_finite=check_finite, filter_eps=filter_eps, process_group=process_group,
+                             metrics=metrics)
         # Fail at construction, not at the first batch.
         _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha, True)
         check.check_transform(temperature, logit_scale, softcap)
@@ -319,7 +330,7 @@ class DPOLoss(torch.nn.Module):
         check.check_ignore_index(ignore_index)
         check.check_memory_budget(memory_budget)
         check.check_filter_eps(filter_eps, impl)
-        check.check_flags(check_finite=check_finite)
+        check.check_flags(check_finite=check_finite, metrics=metrics)
         check.check_process_group(process_group)
 
     def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, bias=None,

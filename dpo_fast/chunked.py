@@ -24,63 +24,14 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 
 from . import planner
-from .cost_model import COPY_SLAB_BYTES
 from .function import refuse_second_order
+from .gemm import addmm_fp32, mm_float32, write_fp32  # noqa: F401  (re-exported)
 from .precision import ieee_float32_matmul
 from .planner import Chunk, plan_tiles  # noqa: F401  (tile sizes live in the planner; re-exported)
 from .rows import HAS_TRITON, KEPT_ONLY, finish_stats, init_stats
 from .transform import LogitTransform
 
 DEFAULT_MEMORY_BUDGET = planner.CPU_MEMORY_BUDGET  # see planner.default_memory_budget for CUDA devices
-
-
-def _slab_rows(cols: int) -> int:
-    return max(1, COPY_SLAB_BYTES // (4 * max(cols, 1)))
-
-
-def mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out`` (float32) = a @ b for 16-bit operands, never rounded to 16 bits.
-
-    cuBLAS writes float32 straight from 16-bit operands (``out_dtype``, checked once per
-    device type by ``planner.float32_gemm_out``); elsewhere ``b`` is staged to float32 in
-    slabs of rows of ``b.T`` (1 MiB each) so no float32 copy of a whole weight block exists.
-    """
-    if planner.float32_gemm_out(out.device.type):
-        return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    a32 = a.float()
-    step = _slab_rows(b.shape[0])
-    if step >= b.shape[1]:
-        return torch.mm(a32, b.float(), out=out)
-    for c0 in range(0, b.shape[1], step):
-        out[:, c0:c0 + step].copy_(a32 @ b[:, c0:c0 + step].float())
-    return out
-
-
-def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` for a float32 ``acc`` without rounding ``a @ b`` to a 16-bit dtype first."""
-    if a.dtype == acc.dtype and b.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif planner.float32_gemm_out(acc.device.type):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:  # staged a slab of rows of ``a`` at a time
-        b32 = b.float()
-        step = _slab_rows(a.shape[1])
-        for r0 in range(0, a.shape[0], step):
-            acc[r0:r0 + step].addmm_(a[r0:r0 + step].float(), b32)
-
-
-def write_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``out = a @ b`` into a float32 (or same-dtype) ``out``: the GEMM writes it (beta=0), no zero-fill first.
-
-    Where no float32-output GEMM exists for 16-bit operands the staged accumulate of
-    :func:`addmm_fp32` runs into zeros (its slabs bound the float32 copies)."""
-    if a.dtype == out.dtype and b.dtype == out.dtype:
-        return torch.mm(a, b, out=out)
-    if planner.float32_gemm_out(out.device.type):
-        return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    out.zero_()
-    addmm_fp32(out, a, b)
-    return out
 
 
 def scale_by_grad_loss(tensors, grad_loss: torch.Tensor) -> None:
@@ -156,6 +107,11 @@ def _accumulator_dtype(input_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(input_dtype, torch.float32)
 
 
+def rows_workspace(rows, tokens: int, vocab: int, input_dtype: torch.dtype) -> int:
+    """Bytes a row backend allocates per call on a tile of at most ``tokens x vocab`` (0 for the kernels)."""
+    return rows.workspace_bytes(tokens, vocab, input_dtype) if hasattr(rows, "workspace_bytes") else 0
+
+
 def _ranges(total: int, step: int):
     for start in range(0, total, step):
         yield start, min(total, start + step)
@@ -170,7 +126,8 @@ class ChunkedEngine:
 
     def _plan(self, hidden, weight, backward: bool, weight_grad: bool = False):
         return planner.engine_tiles(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype,
-                                    hidden.device.type, self.memory_budget, backward, weight_grad)
+                                    hidden.device, self.memory_budget, backward, weight_grad,
+                                    rows_workspace(self.rows, hidden.shape[0], weight.shape[0], hidden.dtype))
 
     def forward_stats(self, hidden, weight, bias, labels, transform: LogitTransform,
                       ignore_index: int = KEPT_ONLY) -> torch.Tensor:

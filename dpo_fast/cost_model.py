@@ -182,10 +182,14 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
     sum_bytes = e if single else 4  # the float32 sum (or the float32 head's grad_weight itself)
     gemm_s = hbm = row_bytes = 0.0
 
+    staged_gemms = []  # float32 results of 16-bit operands where no float32-output GEMM exists
+
     def gemm(m, n, k, a_bytes, out_bytes, accumulate):
         nonlocal gemm_s, hbm
         gemm_s += _gemm_seconds(m, n, k, a_bytes, e, out_bytes, accumulate, card)
         hbm += _gemm_traffic(m, n, k, a_bytes, e, out_bytes, accumulate)
+        if not float32_gemm_out and e < 4 and out_bytes == 4:
+            staged_gemms.append((m, n, k, 1))
 
     ordered = sorted(chunks, key=lambda c: not c.split)
     have_sum = False
@@ -235,8 +239,10 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
     memory += max(phases)
     if gathered_input:
         memory += 2 * N * H * e  # the gathered kept rows and their grad_hidden (not the returned gradient)
-    if not float32_gemm_out and e < 4:
-        memory += staging_bytes(largest, H, V)
+    if staged_gemms:
+        staged, moved = staging(staged_gemms, e)
+        memory += staged
+        row_bytes += moved
     if single:
         route = "whole pairs, 1 chunk"
     else:
@@ -273,14 +279,80 @@ def whole_pairs(shape: Shape, chunk_tokens: int, chunks: int, split_pairs: int =
     return whole_pair_route(shape, runs or [PairChunkRun(t)], card=card, float32_gemm_out=float32_gemm_out)
 
 
-# Float32 staging of 16-bit GEMM operands where cuBLAS cannot write float32 from them (CPU): a slab at a time.
+# Float32 staging of 16-bit GEMM operands where no float32-output GEMM exists (CPU; CUDA torch < 2.8 or a
+# build that refuses mixed dtypes: ``gemm.float32_gemm_out``). No staged block is smaller than this
+# (unless the whole operand is), so per-op overhead stays amortized.
 COPY_SLAB_BYTES = 1 << 20
 
 
-def staging_bytes(tokens: int, hidden: int, vocab: int) -> int:
-    """float32 copies of 16-bit operands alive at once without float32-output GEMMs (chunked.mm_float32,
-    chunked.addmm_fp32): the token rows, and a slab of weight rows or of the gradient tile."""
-    return 4 * tokens * hidden + min(COPY_SLAB_BYTES, 4 * vocab * max(hidden, tokens))
+@dataclass(frozen=True)
+class StagingBlocks:
+    """How ``gemm._staged`` runs one ``[m, k] x [k, n]`` GEMM of 16-bit operands in float32.
+
+    ``along`` "n": ``a`` staged whole, ``b`` ``step`` columns at a time (each product lands in a
+    ``[m, step]`` temporary, then in the strided output); "m": ``b`` staged whole, ``a`` ``step``
+    rows at a time; "k": both a ``step``-wide slice of the reduction at a time, the float32 output
+    read and written once per slice. ``memory``: float32 bytes alive at once.
+    """
+
+    along: str
+    step: int
+    memory: int
+    m: int
+    n: int
+    k: int
+
+    def traffic(self, element_size: int) -> float:
+        """Bytes the staging adds to the GEMM itself: every operand element read (16-bit) and written
+        (float32) once, the float32 copy read by the GEMM instead of the 16-bit original, and what is
+        re-read per block (the whole-staged operand, or the float32 output per reduction slice)."""
+        m, n, k, e = self.m, self.n, self.k, element_size
+        blocks = math.ceil((self.k if self.along == "k" else self.n if self.along == "n" else self.m) / self.step)
+        copies = 8 * (m * k + k * n)  # read e + write 4 + the GEMM reads 4 bytes where it read e
+        if self.along == "n":
+            reread = 4 * m * k * (blocks - 1) + (8 * m * n if blocks > 1 else 0)  # and the temporaries' copy
+        elif self.along == "m":
+            reread = 4 * k * n * (blocks - 1)
+        else:
+            reread = 8 * m * n * (blocks - 1)
+        return copies + reread
+
+
+def _min_rows(cols: int) -> int:
+    return max(1, COPY_SLAB_BYTES // (4 * max(cols, 1)))
+
+
+def staging_blocks(m: int, n: int, k: int) -> StagingBlocks:
+    """The blocking of a staged ``[m, k] x [k, n]`` GEMM: the least memory among three proportionate ones.
+
+    Each keeps what is re-read per block no larger than what is copied: staging the operand with
+    the smaller free dimension whole and the other in blocks at least that wide re-reads the
+    whole copy at most once per its own width (at most the other operand's copy in all); blocking
+    the reduction in slices of at least ``2mn / (m + n)`` re-reads the float32 output no more
+    than the slices copy.
+    """
+    m, n, k = max(m, 1), max(n, 1), max(k, 1)
+    if m <= n:
+        step = min(n, max(m, _min_rows(k)))
+        whole = StagingBlocks("n", step, 4 * m * k + 4 * k * step + (4 * m * step if step < n else 0), m, n, k)
+    else:
+        step = min(m, max(n, _min_rows(k)))
+        whole = StagingBlocks("m", step, 4 * k * n + 4 * step * k, m, n, k)
+    kstep = min(k, max(math.ceil(2 * m * n / (m + n)), _min_rows(m + n)))
+    sliced = StagingBlocks("k", kstep, 4 * (m + n) * kstep, m, n, k)
+    return min((whole, sliced), key=lambda b: (b.memory, b.along != "k"))
+
+
+def staging(gemms, element_size: int):
+    """(largest float32 staging alive at once, staging bytes moved) of GEMMs ``[(m, n, k, count), ...]``
+    that run one after another."""
+    memory, traffic = 0, 0.0
+    for m, n, k, count in gemms:
+        if count:
+            blocks = staging_blocks(m, n, k)
+            memory = max(memory, blocks.memory)
+            traffic += count * blocks.traffic(element_size)
+    return memory, traffic
 
 
 def _blocks(total: int, step: int):
@@ -342,8 +414,13 @@ def two_pass(shape: Shape, token_chunk: int, vocab_block: int, card: Card = DEFA
     memory += STATS_BYTES_PER_TOKEN * N
     if gathered_input:
         memory += 2 * shape.nh * e  # the gathered kept rows (saved for backward) and their gradient
-    if not float32_gemm_out and e < 4:
-        memory += staging_bytes(t, H, vb)
+    if not float32_gemm_out and e < 4:  # logits twice (forward, recompute), grad_hidden, grad_weight
+        tiles = math.ceil(N / t) * math.ceil(V / vb)
+        forward = math.ceil(N / max(1, min(tf, N))) * math.ceil(V / max(1, min(vf, V)))
+        staged, moved = staging([(min(tf, N), min(vf, V), H, forward), (t, vb, H, tiles), (t, H, vb, tiles),
+                                 (vb, H, t, tiles if shape.trainable_head else 0)], e)
+        memory += staged
+        row_bytes += moved
     return Cost("two-pass", flops, gemm_s, row_bytes, hbm + row_bytes, memory)
 
 

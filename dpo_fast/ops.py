@@ -230,7 +230,7 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
              loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.5, discopop_tau=0.05,
              cpo_alpha=1.0, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0, softcap=None,
              impl="auto", sequence_ids=None, cu_seqlens=None, memory_budget=None, check_finite=False,
-             process_group=None, filter_eps=0.0, num_sequences=None):
+             process_group=None, filter_eps=0.0, num_sequences=None, metrics=True):
     cfg = api._loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha,
                            ref_chosen_logps is not None or ref_rejected_logps is not None)
     out = _checked_sequence_outputs(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap,
@@ -238,6 +238,8 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
                                     refs=(ref_chosen_logps, ref_rejected_logps), paired=True,
                                     num_sequences=num_sequences)
     _, _, sequence, lengths, entropy, mean_logits, top1 = out
+    if not metrics:  # computed by the op anyway (its outputs are fixed); not returned, as in eager
+        mean_logits = top1 = entropy = None
     return _pair_loss_output(sequence, lengths, ref_chosen_logps, ref_rejected_logps, cfg, mean_logits, top1,
                              entropy)
 

@@ -15,6 +15,7 @@ vocabulary rows (or the whole dimension when smaller), whatever the budget: a bu
 that runs those tiles (about 16 KiB of float32 logits) rather than 1 x 1 GEMMs.
 """
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import cost_model as cm
+from .gemm import float32_gemm_out
 
 MIN_TILE_TOKENS = 16
 MIN_VOCAB_BLOCK = 128
@@ -64,21 +66,6 @@ def paper_default_budget(card_memory_bytes: float) -> int:
     return max(PER_TOKEN_BUDGET, min(int(card_memory_bytes) // DPO_FREE_FRACTION, DPO_BUDGET_CAP))
 
 
-@functools.lru_cache(maxsize=None)
-def float32_gemm_out(device_type: str) -> bool:
-    """Whether cuBLAS writes float32 straight from 16-bit operands here (``torch.mm(..., out_dtype=)``,
-    torch >= 2.8 on CUDA). Checked once; elsewhere the operands are staged to float32 a slab at a time."""
-    if device_type != "cuda":
-        return False
-    supported = hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
-    if not supported:
-        import warnings
-
-        warnings.warn(f"torch {torch.__version__} has no mm(out_dtype=float32): 16-bit logits tiles are "
-                      "staged through float32 copies (slower); torch >= 2.8 avoids this", stacklevel=3)
-    return supported
-
-
 # ----------------------------------------------------------------------------------------
 # two-pass tiles
 # ----------------------------------------------------------------------------------------
@@ -89,25 +76,24 @@ class TilePlan:
     vocab_block: int
 
 
-def bytes_per_logit(element_size: int, with_gradient: bool, staged: bool = False) -> int:
-    """Workspace bytes per tile element: the float32 logits, a 16-bit gradient tile beside them
-    for 16-bit inputs, and (``staged``: no float32-output GEMM) a float32 copy of that tile."""
+def bytes_per_logit(element_size: int, with_gradient: bool) -> int:
+    """Workspace bytes per tile element: the float32 logits and a 16-bit gradient tile beside them
+    for 16-bit inputs (float32 copies made without a float32-output GEMM: :func:`tile_memory`)."""
     separate = cm.gradient_tile_bytes(element_size) if with_gradient else 0
-    return cm.LOGIT_BYTES + separate + (4 if staged and separate else 0)
+    return cm.LOGIT_BYTES + separate
 
 
 def plan_tiles(num_tokens: int, vocab: int, hidden_size: int, element_size: int, memory_budget: int,
-               weight_grad: bool, staged_hidden: int = 0) -> TilePlan:
+               weight_grad: bool) -> TilePlan:
     """Largest tiles that keep the workspace (and the float32 weight-gradient block) in budget.
 
-    ``element_size`` is the workspace's bytes per logit (:func:`bytes_per_logit`);
-    ``staged_hidden`` the bytes per weight row of float32 copies (``4 * H`` on CPU for
-    16-bit inputs, else 0). Tiles never go below the floor in the module docstring.
+    ``element_size`` is the workspace's bytes per logit (:func:`bytes_per_logit`). Tiles never
+    go below the floor in the module docstring.
     """
     tile_budget = memory_budget // 2 if weight_grad else memory_budget
     vocab_block = vocab
-    row_bytes = (4 * hidden_size if weight_grad else 0) + staged_hidden
-    if row_bytes:  # a float32 [vocab_block, H] accumulator (and staging) take the other half
+    row_bytes = 4 * hidden_size if weight_grad else 0
+    if row_bytes:  # a float32 [vocab_block, H] accumulator takes the other half
         vocab_block = min(vocab, max(1, (memory_budget // 2) // row_bytes))
     # Leave room for at least a few dozen tokens per tile so the GEMMs stay efficient.
     vocab_block = min(vocab_block, max(1, tile_budget // (element_size * min(max(num_tokens, 1), 64))))
@@ -123,13 +109,38 @@ def plan_tiles(num_tokens: int, vocab: int, hidden_size: int, element_size: int,
     return TilePlan(token_chunk=token_chunk, vocab_block=vocab_block)
 
 
+def tile_memory(tiles: TilePlan, num_tokens: int, vocab: int, hidden_size: int, element_size: int, backward: bool,
+                weight_grad: bool, staged: bool, rows_workspace: int = 0) -> int:
+    """Bytes the two-pass engine allocates for these tiles beyond per-token state: the logits (and
+    gradient) tile, the float32 weight-gradient block, the row work's buffers and, without a
+    float32-output GEMM, the largest float32 staging of one of its GEMMs (``cost_model.staging_blocks``)."""
+    t, vb, H = min(tiles.token_chunk, max(num_tokens, 1)), min(tiles.vocab_block, vocab), hidden_size
+    memory = t * vb * bytes_per_logit(element_size, backward) + (4 * vb * H if weight_grad else 0) + rows_workspace
+    if staged:
+        gemms = [(t, vb, H, 1)] + ([(t, H, vb, 1), (vb, H, t, int(weight_grad))] if backward else [])
+        memory += cm.staging(gemms, element_size)[0]
+    return memory
+
+
 def engine_tiles(num_tokens: int, vocab: int, hidden_size: int, input_dtype: torch.dtype, device_type: str,
-                 memory_budget: int, backward: bool, weight_grad: bool) -> TilePlan:
-    """Tiles of the two-pass engine for these inputs on this device."""
+                 memory_budget: int, backward: bool, weight_grad: bool, rows_workspace: int = 0) -> TilePlan:
+    """Tiles of the two-pass engine for these inputs on this device, every buffer of :func:`tile_memory`
+    within ``memory_budget`` (down to the tile floor). ``rows_workspace``: bytes the row work allocates
+    per tile (``TorchRows.workspace_bytes``; 0 for the Triton kernels)."""
     e = input_dtype.itemsize
-    staged = e < 4 and not float32_gemm_out(device_type)
-    return plan_tiles(num_tokens, vocab, hidden_size, bytes_per_logit(e, backward, staged), memory_budget,
-                      weight_grad, staged_hidden=4 * hidden_size if staged else 0)
+    staged = e < 4 and not float32_gemm_out(device_type, input_dtype)
+    budget = max(1, memory_budget - rows_workspace)
+    tiles = plan_tiles(num_tokens, vocab, hidden_size, bytes_per_logit(e, backward), budget, weight_grad)
+    floor_t = min(max(num_tokens, 1), MIN_TILE_TOKENS)
+    floor_v = min(vocab, MIN_VOCAB_BLOCK)
+    # Staging (no float32-output GEMM) is not in plan_tiles' closed form: shrink the larger side until it fits.
+    while (staged and tile_memory(tiles, num_tokens, vocab, hidden_size, e, backward, weight_grad, True, 0) > budget
+           and (tiles.token_chunk > floor_t or tiles.vocab_block > floor_v)):
+        if tiles.vocab_block > floor_v and (tiles.vocab_block >= tiles.token_chunk or tiles.token_chunk <= floor_t):
+            tiles = TilePlan(tiles.token_chunk, max(floor_v, tiles.vocab_block // 2))
+        else:
+            tiles = TilePlan(max(floor_t, tiles.token_chunk // 2), tiles.vocab_block)
+    return tiles
 
 
 # ----------------------------------------------------------------------------------------
@@ -178,8 +189,9 @@ def _group_pairs(pair_tokens: Sequence[int], limit: int) -> List[Chunk]:
 
 
 def _whole_pair_cost(shape: cm.Shape, sides, chunks: List[Chunk], staged: bool, card,
-                     gathered_input: bool = False) -> cm.Cost:
-    """The cost model's price of these chunks: ``sides[p]`` is pair p's (chosen, rejected) kept tokens."""
+                     gathered_input: bool = False, rows_workspace: int = 0) -> cm.Cost:
+    """The cost model's price of these chunks: ``sides[p]`` is pair p's (chosen, rejected) kept tokens;
+    ``rows_workspace``: the row work's own buffers (``TorchRows.workspace_bytes``), added to the memory."""
     every_pair = len(chunks) == 1 and not chunks[0].split
     runs = []
     for c in chunks:
@@ -187,44 +199,51 @@ def _whole_pair_cost(shape: cm.Shape, sides, chunks: List[Chunk], staged: bool, 
             runs.append(cm.PairChunkRun(sum(sides[c.first]), sides=tuple(sides[c.first]), piece_limit=c.piece_tokens))
         else:
             runs.append(cm.PairChunkRun(sum(a + b for a, b in sides[c.first:c.last]), gathered=not every_pair))
-    return cm.whole_pair_route(shape, runs, gathered_input=gathered_input, card=card, float32_gemm_out=not staged)
+    cost = cm.whole_pair_route(shape, runs, gathered_input=gathered_input, card=card, float32_gemm_out=not staged)
+    return dataclasses.replace(cost, memory_bytes=cost.memory_bytes + rows_workspace)
 
 
 def plan_loss(pair_tokens: Sequence[int], vocab: int, hidden_size: int, input_dtype: torch.dtype,
               trainable_head: bool, memory_budget: int, device_type: str = "cuda", whole_pairs: bool = True,
               card: cm.Card = cm.DEFAULT_CARD, sides: Optional[Sequence[Tuple[int, int]]] = None,
-              gathered_input: bool = False, input_tokens: int = 0, two_pass_budget: Optional[int] = None) -> Plan:
+              gathered_input: bool = False, input_tokens: int = 0, two_pass_budget: Optional[int] = None,
+              rows_workspace: int = 0) -> Plan:
     """The fastest route for a loss over pairs of ``pair_tokens`` kept tokens each (chosen + rejected).
 
     ``whole_pairs=False`` (not pair-local, no gradient, a vocabulary-parallel head...) leaves
     the two-pass route only. ``sides``: each pair's (chosen, rejected) kept tokens (a split pair's
     pieces are cut per side; default: halves). ``gathered_input``: the kept tokens were gathered
     from padded hidden states of ``input_tokens`` rows (priced on every route). ``two_pass_budget``: the
-    budget the two-pass engine tiles by (default ``memory_budget``).
+    budget the two-pass engine tiles by (default ``memory_budget``). ``rows_workspace``: bytes the row
+    work allocates beside each tile (``TorchRows.workspace_bytes``; 0 for the Triton kernels), counted in
+    every route's memory.
     """
     if sides is None:
         sides = [(t - t // 2, t // 2) for t in pair_tokens]
     e = input_dtype.itemsize
-    staged = e < 4 and not float32_gemm_out(device_type)
+    staged = e < 4 and not float32_gemm_out(device_type, input_dtype)
     n = int(sum(pair_tokens))
     shape = cm.Shape(max(n, 1), hidden_size, vocab, e, trainable_head, input_tokens)
     engine_budget = memory_budget if two_pass_budget is None else two_pass_budget
-    tiles = engine_tiles(n, vocab, hidden_size, input_dtype, device_type, engine_budget, True, trainable_head)
-    forward = engine_tiles(n, vocab, hidden_size, input_dtype, device_type, engine_budget, False, False)
-    two_pass = Plan("two-pass", cm.two_pass(shape, tiles.token_chunk, tiles.vocab_block, card,
-                                            float32_gemm_out=not staged, gathered_input=gathered_input,
-                                            forward_tiles=(forward.token_chunk, forward.vocab_block)))
+    tiles = engine_tiles(n, vocab, hidden_size, input_dtype, device_type, engine_budget, True, trainable_head,
+                         rows_workspace)
+    forward = engine_tiles(n, vocab, hidden_size, input_dtype, device_type, engine_budget, False, False,
+                           rows_workspace)
+    cost = cm.two_pass(shape, tiles.token_chunk, tiles.vocab_block, card, float32_gemm_out=not staged,
+                       gathered_input=gathered_input, forward_tiles=(forward.token_chunk, forward.vocab_block))
+    two_pass = Plan("two-pass", dataclasses.replace(cost, memory_bytes=cost.memory_bytes + rows_workspace))
     if not whole_pairs or n == 0 or not pair_tokens:
         return two_pass
     candidates = [two_pass]
     one = [Chunk(0, len(pair_tokens))]
-    cost = _whole_pair_cost(shape, sides, one, staged, card, gathered_input)
+    cost = _whole_pair_cost(shape, sides, one, staged, card, gathered_input, rows_workspace)
     if cost.memory_bytes <= memory_budget:
         candidates.append(Plan("whole-pairs", cost, tuple(one), accumulate=False))
     else:
-        for limit in _chunk_limits(shape, pair_tokens, sides, memory_budget, staged, card, gathered_input):
+        for limit in _chunk_limits(shape, pair_tokens, sides, memory_budget, staged, card, gathered_input,
+                                   rows_workspace):
             chunks = _group_pairs(pair_tokens, limit)
-            cost = _whole_pair_cost(shape, sides, chunks, staged, card, gathered_input)
+            cost = _whole_pair_cost(shape, sides, chunks, staged, card, gathered_input, rows_workspace)
             candidates.append(Plan("whole-pairs", cost, tuple(chunks), accumulate=trainable_head and e < 4))
     fitting = [p for p in candidates if p.cost.memory_bytes <= memory_budget] or [two_pass]
     return min(fitting, key=lambda p: (p.cost.seconds(card), p.route != "whole-pairs"))
@@ -241,7 +260,7 @@ def _largest_fitting(fits, low: int, high: int) -> int:
 
 
 def _chunk_limits(shape: cm.Shape, pair_tokens, sides, memory_budget: int, staged: bool, card,
-                  gathered_input: bool) -> List[int]:
+                  gathered_input: bool, rows_workspace: int = 0) -> List[int]:
     """Chunk sizes worth pricing: the largest that splits no pair, and the largest that splits some.
 
     Within each regime memory grows with the chunk (the tile), so each is found by bisection;
@@ -249,7 +268,8 @@ def _chunk_limits(shape: cm.Shape, pair_tokens, sides, memory_budget: int, stage
     """
     def fits(limit):
         chunks = _group_pairs(pair_tokens, limit)
-        return _whole_pair_cost(shape, sides, chunks, staged, card, gathered_input).memory_bytes <= memory_budget
+        cost = _whole_pair_cost(shape, sides, chunks, staged, card, gathered_input, rows_workspace)
+        return cost.memory_bytes <= memory_budget
 
     longest = max(pair_tokens)
     whole = _largest_fitting(fits, max(longest, MIN_TILE_TOKENS), max(longest, min(MAX_CHUNK_TOKENS, shape.tokens)))

@@ -148,78 +148,146 @@ class TritonRows:
 
 
 class TorchRows:
-    """The same row work in PyTorch, a slab of rows at a time so float32 copies stay bounded."""
+    """The same row work in PyTorch, a slab of rows at a time into reused buffers.
+
+    Per call (one tile) it allocates ``WORK_BUFFERS`` slab buffers of ``slab_elements`` each in
+    the statistics' dtype (:meth:`workspace_bytes`, which the planner counts against the budget)
+    and nothing per element beyond them: the exponentials are computed in place, products of
+    the metrics go into a scratch buffer, and an identity transform of float32 logits reads the
+    tile itself (no copy). The statistics are those of the formulas (same operations per element;
+    row sums may run in another order).
+    ``metrics=False`` skips what only the metrics need (entropy, log sum p^2, vocab-mean logit,
+    argmax): the log-probs and their gradients are unchanged, the metric statistics stay 0.
+    """
 
     name = "torch"
+    WORK_BUFFERS = 3  # stats: exp, transformed logits, scratch; grad: p, transformed logits or gradient, dz
+    DEFAULT_SLAB_ELEMENTS = 1 << 20  # 4 MiB of float32 per buffer: large enough to amortize per-op overhead
 
-    # 2^18 float32 elements = 1 MiB per temporary: small enough to stay in cache and keep the
-    # float32 copies of a bf16 tile negligible, large enough to amortize per-op overhead
-    # (measured on the CPU benchmark: 2^22 cost 1.7x the time and 4.6x the memory at H=256, V=8192).
-    def __init__(self, slab_elements: int = 1 << 18):
+    def __init__(self, slab_elements: int = DEFAULT_SLAB_ELEMENTS, metrics: bool = True):
         self.slab_elements = slab_elements
+        self.metrics = metrics
 
     @staticmethod
     def stats_dtype(input_dtype: torch.dtype) -> torch.dtype:
         """float64 inputs are computed (and returned) in float64; every other dtype in float32."""
         return torch.float64 if input_dtype == torch.float64 else torch.float32
 
+    @classmethod
+    def slab_for_budget(cls, memory_budget: int) -> int:
+        """Slab elements so the row buffers take at most an eighth of ``memory_budget`` (float32)."""
+        return max(1, min(cls.DEFAULT_SLAB_ELEMENTS, memory_budget // (8 * 4 * cls.WORK_BUFFERS)))
+
+    def slab_rows(self, cols: int) -> int:
+        return max(1, self.slab_elements // max(cols, 1))
+
+    def workspace_bytes(self, rows: int, cols: int, input_dtype: torch.dtype) -> int:
+        """Bytes of the buffers one call on a ``[rows, cols]`` tile allocates (at least one row each)."""
+        elements = min(max(rows, 1), self.slab_rows(cols)) * cols
+        return self.WORK_BUFFERS * elements * self.stats_dtype(input_dtype).itemsize
+
     def _slabs(self, rows: int, cols: int):
-        step = max(1, self.slab_elements // max(cols, 1))
+        step = self.slab_rows(cols)
         for start in range(0, rows, step):
             yield start, min(rows, start + step)
 
+    def _buffers(self, tile, dtype, wanted):
+        """One flat slab buffer per true entry of ``wanted`` (None for the others)."""
+        elements = min(tile.shape[0], self.slab_rows(tile.shape[1])) * tile.shape[1]
+        return [torch.empty(elements, dtype=dtype, device=tile.device) if want else None for want in wanted]
+
+    @staticmethod
+    def _view(buffer, rows, cols):
+        return buffer[: rows * cols].view(rows, cols)
+
     def stats(self, tile, labels, stats, *, vocab_start, ignore_index, transform: LogitTransform):
         rows, cols = tile.shape
+        copy = tile.dtype != stats.dtype or not transform.is_identity
+        exps, logits, scratch = self._buffers(tile, stats.dtype, (True, copy, self.metrics))
         for r0, r1 in self._slabs(rows, cols):
-            z = transform.apply(tile[r0:r1].to(stats.dtype))
+            n = r1 - r0
+            z = transform.apply_(self._view(logits, n, cols).copy_(tile[r0:r1])) if copy else tile[r0:r1]
             active = labels[r0:r1] != ignore_index
             st = stats[:, r0:r1]
             old_max = st[STAT_MAX]
-            block_arg = z.argmax(dim=1)  # first maximum, like the kernel
-            block_max = z.gather(1, block_arg[:, None]).squeeze(1)
+            block_max = z.amax(dim=1)
             new_max = torch.maximum(old_max, block_max)
             shift = torch.where(new_max == float("-inf"), torch.zeros_like(new_max), new_max)
             rescale = torch.exp(old_max - shift)
-            e = torch.exp(z - shift[:, None])
+            e = torch.sub(z, shift[:, None], out=self._view(exps, n, cols)).exp_()
             local = labels[r0:r1] - vocab_start
             has_target = (local >= 0) & (local < cols)
             target = z.gather(1, local.clamp(0, cols - 1)[:, None]).squeeze(1)
-            updated = torch.stack([
-                new_max,
-                st[STAT_SUMEXP] * rescale + e.sum(1),
-                st[STAT_ZEXP] * rescale + (e * torch.where(e > 0, z, torch.zeros_like(z))).sum(1),
-                st[STAT_SQEXP] * rescale * rescale + (e * e).sum(1),
-                st[STAT_ZSUM] + z.sum(1),
-                torch.where(block_max > old_max, (block_arg + vocab_start).to(st.dtype), st[STAT_ARGMAX]),
-                torch.where(has_target, target, st[STAT_TARGET]),
-            ])
-            st.copy_(torch.where(active, updated, st))
+            names = [STAT_MAX, STAT_SUMEXP, STAT_TARGET]
+            values = [new_max, st[STAT_SUMEXP] * rescale + e.sum(1), torch.where(has_target, target, st[STAT_TARGET])]
+            if self.metrics:
+                work = self._view(scratch, n, cols)
+                block_arg = z.argmax(dim=1)  # first maximum, like the kernel
+                names += [STAT_ZEXP, STAT_SQEXP, STAT_ZSUM, STAT_ARGMAX]
+                values += [st[STAT_ZEXP] * rescale + _weighted_exp_sum(e, z, work),
+                           st[STAT_SQEXP] * rescale * rescale + torch.mul(e, e, out=work).sum(1),
+                           st[STAT_ZSUM] + z.sum(1),
+                           torch.where(block_max > old_max, (block_arg + vocab_start).to(st.dtype), st[STAT_ARGMAX])]
+            st[names] = torch.where(active, torch.stack(values), st[names])
 
     def grad(self, tile, labels, lse, grad_logp, out, *, vocab_start, ignore_index, transform: LogitTransform,
              entropy=None, grad_entropy=None):
         rows, cols = tile.shape
+        dtype = self.stats_dtype(tile.dtype)
+        copy = tile.dtype != dtype or not transform.is_identity
+        # p; the transformed logits (later the gradient, when it is not written into ``out`` directly); dz.
+        probs, logits, derivative = self._buffers(tile, dtype, (True, copy or out.dtype != dtype,
+                                                               copy and transform.softcap is not None))
         for r0, r1 in self._slabs(rows, cols):
-            z, dz = transform.apply_with_derivative(tile[r0:r1].to(self.stats_dtype(tile.dtype)))
+            n = r1 - r0
+            dz = None
+            if copy:
+                z = self._view(logits, n, cols).copy_(tile[r0:r1])
+                z, dz = transform.apply_with_derivative_(z, None if derivative is None else
+                                                         self._view(derivative, n, cols))
+            else:
+                z = tile[r0:r1]
             row_lse = lse[r0:r1].double()
             ignored = (labels[r0:r1] == ignore_index) | (row_lse == float("-inf"))
             # +inf makes p exactly 0 on rows without gradient, with no overflow in exp().
             row_lse = torch.where(ignored, torch.full_like(row_lse, float("inf")), row_lse)
+            p = self._view(probs, n, cols)
             if z.dtype == torch.float64:
-                log_p = z - row_lse[:, None]
+                torch.sub(z, row_lse[:, None], out=p)
             else:
                 lse_hi, lse_lo = split_lse(row_lse)
-                log_p = (z - lse_hi[:, None]) - lse_lo[:, None]
-            p = torch.exp(log_p)
+                torch.sub(z, lse_hi[:, None], out=p).sub_(lse_lo[:, None])
+            g = torch.where(ignored, torch.zeros_like(grad_logp[r0:r1]), grad_logp[r0:r1]).to(z.dtype)
             local = (labels[r0:r1] - vocab_start)[:, None]
-            onehot = (torch.arange(cols, device=tile.device)[None, :] == local).to(z.dtype)
-            g = torch.where(ignored, torch.zeros_like(grad_logp[r0:r1]), grad_logp[r0:r1])[:, None]
-            grad = g * (onehot - p)
-            if grad_entropy is not None:
-                ge = torch.where(ignored, torch.zeros_like(g[:, 0]), grad_entropy[r0:r1])[:, None]
-                h = entropy[r0:r1][:, None]
-                grad = grad - torch.where(p > 0, ge * p * (log_p + h), torch.zeros_like(p))
-            grad = torch.where(ignored[:, None], torch.zeros_like(grad), grad * dz)
-            out[r0:r1] = grad.to(out.dtype)
+            if grad_entropy is not None:  # the entropy term needs log p beside p: the plain formula
+                log_p = p.clone()
+                p.exp_()
+                onehot = (torch.arange(cols, device=tile.device)[None, :] == local).to(z.dtype)
+                ge = torch.where(ignored, torch.zeros_like(g), grad_entropy[r0:r1].to(z.dtype))[:, None]
+                grad = g[:, None] * (onehot - p)
+                grad = grad - torch.where(p > 0, ge * p * (log_p + entropy[r0:r1][:, None]), torch.zeros_like(p))
+                grad = torch.where(ignored[:, None], torch.zeros_like(grad), grad if dz is None else grad * dz)
+                out[r0:r1] = grad.to(out.dtype)
+                continue
+            p.exp_()
+            # g * (onehot - p): -g p everywhere, then g (1 - p) at the target (the same roundings as the formula).
+            has_target = (local >= 0) & (local < cols)
+            index = local.clamp(0, cols - 1)
+            at_target = g[:, None] * (1 - p.gather(1, index))
+            direct = out.dtype == dtype  # the gradient straight into ``out`` (the tile itself, in place)
+            grad = out[r0:r1] if direct else self._view(logits, n, cols)
+            torch.mul(p, -g[:, None], out=grad)
+            grad.scatter_(1, index, torch.where(has_target, at_target, grad.gather(1, index)))
+            if dz is not None:
+                grad.mul_(dz)
+            if not direct:
+                out[r0:r1] = grad
+
+
+def _weighted_exp_sum(e: torch.Tensor, z: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """Per-row sum of e * z, with 0 where e is 0: a -inf logit gives 0 * -inf = nan, mapped back to 0
+    (a nan logit already makes the row's sum of exponentials nan)."""
+    return torch.mul(e, z, out=work).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf")).sum(1)
 
 
 def split_lse(lse: torch.Tensor):

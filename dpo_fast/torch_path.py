@@ -2,12 +2,13 @@
 
 For CPUs, and wherever Triton cannot run. Same tiling, same autograd Functions, same
 numbers as impl="chunked" up to float32 summation order; peak memory stays bounded by
-the same ``memory_budget`` (the row work upcasts a bounded slab of rows at a time).
+the same ``memory_budget`` (the row work's slab buffers are part of what the planner counts).
 """
 
 from .chunked import DEFAULT_MEMORY_BUDGET, ChunkedEngine
 from .rows import TorchRows
 
 
-def torch_engine(memory_budget: int = DEFAULT_MEMORY_BUDGET) -> ChunkedEngine:
-    return ChunkedEngine(TorchRows(), memory_budget)
+def torch_engine(memory_budget: int = DEFAULT_MEMORY_BUDGET, metrics: bool = True) -> ChunkedEngine:
+    """Row buffers sized from the budget (``TorchRows.slab_for_budget``), counted by the planner."""
+    return ChunkedEngine(TorchRows(TorchRows.slab_for_budget(memory_budget), metrics), memory_budget)

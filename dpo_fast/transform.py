@@ -36,10 +36,28 @@ class LogitTransform:
             z = self.softcap * torch.tanh(z / self.softcap)
         return z / self.temperature if self.temperature != 1.0 else z
 
-    def apply_with_derivative(self, logits: torch.Tensor):
-        """(z, dz/dlogits) elementwise, for hand-written backward passes."""
-        u = logits * self.scale
+    def apply_(self, z: torch.Tensor) -> torch.Tensor:
+        """:meth:`apply` in place on a float buffer (the same operations in the same order)."""
+        if self.scale != 1.0:
+            z.mul_(self.scale)
         if self.softcap is not None:
-            t = torch.tanh(u / self.softcap)
-            return self.softcap * t / self.temperature, self.scale * (1 - t * t) / self.temperature
-        return u / self.temperature, torch.full_like(u, self.scale / self.temperature)
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        if self.temperature != 1.0:
+            z.div_(self.temperature)
+        return z
+
+    def apply_with_derivative_(self, z: torch.Tensor, dz: torch.Tensor):
+        """(z, dz/dlogits) elementwise, in place, for hand-written backward passes: ``z`` holds the logits
+        and becomes the transformed logits; the derivative ``scale (1 - t^2) / temperature`` is written into
+        ``dz`` (a buffer like ``z``) under a softcap, else it is the constant ``scale / temperature`` (None
+        when 1). The operations of :meth:`apply`; a multiply or divide by 1 is skipped (exact anyway)."""
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if self.softcap is not None:
+            t = z.div_(self.softcap).tanh_()
+            torch.mul(t, t, out=dz).neg_().add_(1).mul_(self.scale).div_(self.temperature)
+            return t.mul_(self.softcap).div_(self.temperature), dz
+        if self.temperature != 1.0:
+            z.div_(self.temperature)
+        constant = self.scale / self.temperature
+        return z, (None if constant == 1.0 else constant)

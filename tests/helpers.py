@@ -113,3 +113,30 @@ def record_launches(monkeypatch) -> List[Launch]:
 
         monkeypatch.setattr(cls, "run", run)
     return launches
+def peak_allocated_bytes(fn):
+    """(peak, retained): the most bytes ``fn()`` had allocated at once on the CPU beyond what existed
+    before it (forward and backward alike), and what was still allocated when it returned.
+
+    From torch.profiler's allocation records (every allocation and free of the CPU allocator,
+    with its own time stamp), replayed in time order.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = []
+
+    def walk(node):
+        fields = node.extra_fields
+        if type(fields).__name__ == "_ExtraFields_Allocation" and str(fields.device) == "cpu":
+            records.append((node.start_time_ns, fields.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    live = peak = 0
+    for _, size in sorted(records, key=lambda r: r[0]):
+        live += size
+        peak = max(peak, live)
+    return peak, live

@@ -392,13 +392,13 @@ def test_gradcheck_notices_a_wrong_gradient(device, monkeypatch):
     from dpo_fast.transform import LogitTransform
 
     h, w, b, labels = _tiny64(device)
-    original = LogitTransform.apply_with_derivative
+    original = LogitTransform.apply_with_derivative_
 
-    def wrong(self, logits):
-        z, dz = original(self, logits)
+    def wrong(self, logits, buffer):
+        z, dz = original(self, logits, buffer)
         return z, dz * self.temperature
 
-    monkeypatch.setattr(LogitTransform, "apply_with_derivative", wrong)
+    monkeypatch.setattr(LogitTransform, "apply_with_derivative_", wrong)
     ok = torch.autograd.gradcheck(lambda h, w, b: dpo_fast.token_logps(h, w, labels, bias=b, impl="torch",
                                                                        temperature=0.8), (h, w, b),
                                   raise_exception=False, **GRADCHECK)

@@ -117,10 +117,15 @@ def test_whole_pair_route_equals_two_pass_route(impl, device, monkeypatch):
     # A budget the planner answers with one pair per chunk: several chunks (6NHV still).
     lengths = (labels != -100).sum(1).tolist()
     pair_tokens = [lengths[p] + lengths[p + 3] for p in range(3)]
-    budget = next(b for b in range(1000, 100000, 50)
-                  if len(planner.plan_loss(pair_tokens, 64, 16, h.dtype, True, b, "cpu", gathered_input=True,
-                                           sides=[(lengths[p], lengths[p + 3]) for p in range(3)],
-                                           input_tokens=labels.numel()).chunks) >= 2)
+    kept = sum(pair_tokens)
+
+    def chunks_at(b):  # the planner as the call asks it: with the rows' own buffers (impl='torch')
+        workspace = chunked.rows_workspace(dpo_fast.api.make_engine(impl, b).rows, kept, 64, h.dtype)
+        return len(planner.plan_loss(pair_tokens, 64, 16, h.dtype, True, b, "cpu", gathered_input=True,
+                                     sides=[(lengths[p], lengths[p + 3]) for p in range(3)],
+                                     input_tokens=labels.numel(), rows_workspace=workspace).chunks)
+
+    budget = next(b for b in range(1000, 100000, 50) if chunks_at(b) >= 2)
     several = dpo_fast.dpo_loss(h, w, labels, impl=impl, memory_budget=budget)
     assert len(calls) == 1
     assert rel_err(several.loss, whole.loss) < 1e-6

@@ -1,0 +1,134 @@
+"""GEMMs with a float32 result from 16-bit operands, never rounded to 16 bits on the way.
+
+Where the build can (``torch.mm(..., out_dtype=torch.float32)``, CUDA torch >= 2.8 once
+the kernel accepts mixed dtypes), the GEMM writes its float32 accumulator directly. Whether
+it can is decided by a tiny real call per device and dtype (:func:`float32_gemm_out`,
+cached): CUDA builds of torch 2.8/2.9 expose the argument but refuse the call ("self and
+mat2 must have the same dtype"), and CPU builds (torch 2.13 included) have no kernel for it.
+
+Elsewhere the operands are *staged*: float32 copies of blocks of them, multiplied in float32.
+The blocking (``cost_model.staging_blocks``, which also prices it) makes every staged copy
+proportionate: each block of either operand is copied once, and what is re-read per block
+(the other operand's staged copy, or the float32 result) is bounded by the copy traffic itself.
+"""
+
+import functools
+import warnings
+
+import torch
+
+from . import cost_model as cm
+
+# What refused calls raise: RuntimeError (a CUDA build before the mixed-dtype kernel, a CPU build
+# without the kernel: NotImplementedError is a RuntimeError), TypeError (a torch without ``out_dtype``).
+_REFUSALS = (RuntimeError, TypeError)
+
+
+def _device_key(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def float32_gemm_out(device, dtype: torch.dtype) -> bool:
+    """Whether ``mm``/``addmm`` with ``out_dtype=torch.float32`` work for ``dtype`` operands on ``device``.
+
+    Decided by a real call of both forms used here (cached per device and dtype). A CUDA
+    device that is not present (planning on paper) is assumed to have it when this torch
+    has the argument.
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
+    return _probe(_device_key(device), dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(device: str, dtype: torch.dtype) -> bool:
+    # Small integers: every product and sum is exact in float32, so the check is exact too.
+    a = (torch.arange(16 * 8, device=device) % 7 - 3).to(dtype).view(16, 8)
+    b = (torch.arange(8 * 16, device=device) % 5 - 2).to(dtype).view(16, 8).t()  # a transposed view, as used
+    expected = a.float() @ b.float()
+    try:
+        out = torch.empty(16, 16, dtype=torch.float32, device=device)
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+        acc = torch.ones(8, 8, dtype=torch.float32, device=device)
+        torch.addmm(acc, a.t(), b.t(), out_dtype=torch.float32, out=acc)
+        works = bool(torch.equal(out, expected)) and bool(torch.equal(acc, 1 + a.t().float() @ b.t().float()))
+    except _REFUSALS as exc:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        works = False
+    else:
+        reason = "its result differed from float32 arithmetic"
+    if not works and not device.startswith("cpu"):  # on CPU staging is the expected route, not news
+        warnings.warn(f"dpo_fast: torch {torch.__version__} on {device} has no float32-output GEMM for {dtype} "
+                      f"operands ({reason}); 16-bit GEMMs are staged through float32 copies (slower, priced by the "
+                      "planner)", stacklevel=3)
+    return works
+
+
+def mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (float32) = a @ b, never rounded to a 16-bit dtype."""
+    if a.dtype == out.dtype and b.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    if float32_gemm_out(out.device, a.dtype):
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    _staged(a, b, out, accumulate=False)
+    return out
+
+
+def write_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out = a @ b`` into a float32 (or same-dtype) ``out``: the GEMM writes it (beta=0), no zero-fill first."""
+    return mm_float32(a, b, out)
+
+
+def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for a float32 ``acc``, without rounding ``a @ b`` to a 16-bit dtype first."""
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif float32_gemm_out(acc.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        _staged(a, b, acc, accumulate=True)
+
+
+def _staged(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """``out (+)= a @ b`` through float32 copies of blocks, blocked as ``cost_model.staging_blocks`` says."""
+    m, k = a.shape
+    n = b.shape[1]
+    blocks = cm.staging_blocks(m, n, k)
+    if blocks.along == "k":  # both operands staged a slice of the reduction at a time; out read once per slice
+        for k0 in range(0, k, blocks.step):
+            a32, b32 = a[:, k0:k0 + blocks.step].float(), b[k0:k0 + blocks.step].float()
+            if accumulate or k0 > 0:
+                out.addmm_(a32, b32)
+            else:
+                torch.mm(a32, b32, out=out)
+            del a32, b32
+        return
+    if blocks.along == "n":  # a staged whole, b a block of columns at a time
+        a32 = a.float()
+        if blocks.step >= n:  # one block: straight into ``out``
+            b32 = b.float()
+            out.addmm_(a32, b32) if accumulate else torch.mm(a32, b32, out=out)
+            return
+        for c0 in range(0, n, blocks.step):
+            b32 = b[:, c0:c0 + blocks.step].float()
+            target = out[:, c0:c0 + blocks.step]  # a strided view: the product lands in a [m, step] temporary
+            if accumulate:
+                target.addmm_(a32, b32)
+            else:
+                target.copy_(a32 @ b32)
+            del b32
+        return
+    b32 = b.float()  # "m": b staged whole, a a block of rows at a time
+    for r0 in range(0, m, blocks.step):
+        a32 = a[r0:r0 + blocks.step].float()
+        if accumulate:
+            out[r0:r0 + blocks.step].addmm_(a32, b32)
+        else:
+            torch.mm(a32, b32, out=out[r0:r0 + blocks.step])
+        del a32
