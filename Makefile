@@ -6,7 +6,19 @@ STAMP := $(VENV)/.dpo-fast-installed
 # This CPU machine keeps a CPU build of torch 2.13.0 on disk; a GPU image brings its own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast bench clean
+# Frameworks whose pins conflict with .venv's get a venv each, holding the framework and the versions
+# it pins; everything else (torch, dpo-fast, pytest) comes from .venv, whose site-packages a .pth file
+# adds behind the venv's own. A failed build leaves its reason in <venv>/BUILD_FAILED: the framework's
+# tests then skip with that reason (tests/test_frameworks.py); every other test runs.
+VERL_VENV ?= .venv-verl
+VERL_STAMP := $(VERL_VENV)/.installed
+# verl 0.9.1 without its declared dependencies (ray[default], wandb, tensorboard, ... are not needed to import
+# its kernel, model forwards and losses), then what the import needs, within verl's pins; pip installs only
+# what .venv does not already hold in a matching version.
+VERL_PACKAGES := "transformers>=5.5.3,<5.11,!=5.6.0" "huggingface-hub>=1.5.0,<2.0" "tokenizers>=0.22.0,<=0.23.0" \
+	"tensordict>=0.8.0,<=0.10.0,!=0.9.0" ray hydra-core codetiming pylatexenc torchdata pybind11 dill
+
+.PHONY: install frameworks test test-fast bench clean
 
 $(PYTHON):
 	$(PY) -m venv --system-site-packages $(VENV)
@@ -23,11 +35,27 @@ $(STAMP): $(PYTHON) setup.py Makefile
 
 install: $(STAMP)
 
-test: install
+$(VERL_STAMP): $(STAMP) Makefile
+	rm -rf $(VERL_VENV)
+	$(PY) -m venv --system-site-packages $(VERL_VENV)
+	$(VERL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > $(VERL_VENV)/.site
+	$(PYTHON) -c "import sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" \
+		> "$$(cat $(VERL_VENV)/.site)/zz-dpo-fast-main-venv.pth"
+	( $(VERL_VENV)/bin/python -m pip install -q --no-deps verl==0.9.1 \
+		&& $(VERL_VENV)/bin/python -m pip install -q $(VERL_PACKAGES) \
+		&& $(VERL_VENV)/bin/python -c "import verl, dpo_fast; from verl.utils.experimental.torch_functional import FusedLinearForPPO" \
+	) > $(VERL_VENV)/build.log 2>&1 \
+		|| (grep -v "^WARNING: Location" $(VERL_VENV)/build.log | tail -5 > $(VERL_VENV)/BUILD_FAILED; \
+			echo "verl venv not built: see $(VERL_VENV)/BUILD_FAILED")
+	touch $(VERL_STAMP)
+
+frameworks: $(VERL_STAMP)
+
+test: install frameworks
 	$(PYTHON) -m pytest tests -q -ra
 
 bench: install
 	$(PYTHON) -m benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VERL_VENV) build *.egg-info .pytest_cache
