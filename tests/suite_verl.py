@@ -22,6 +22,7 @@ from verl.utils.kernel import linear_cross_entropy as verl_kernel  # noqa: E402
 
 from dpo_fast.integrations import verl as dpo_verl  # noqa: E402
 from _ranks import WORLD, run_ranks  # noqa: E402
+from _verl_contract import inputs as _inputs, run as _run, tp_worker  # noqa: E402
 
 EPS = torch.finfo(torch.float32).eps
 STOCK = verl_kernel.linear_cross_entropy
@@ -36,28 +37,6 @@ def _unpatched():
 def float32_tol(reference: torch.Tensor, terms: int) -> float:
     """Float32 rounding of a value summed from ``terms`` products, at the reference's scale."""
     return 4 * EPS * terms ** 0.5 * (1.0 + float(reference.abs().max()))
-
-
-def _inputs(rows=2, length=9, hidden=48, vocab=67, pad=3, seed=0):
-    """hidden [rows, length, H], head [V, H], labels [rows, length] (right padding: pad id 0 after the text),
-    upstream gradients masked at the padding (verl's response mask)."""
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(rows, length, hidden, generator=g)
-    w = torch.randn(vocab, hidden, generator=g) / hidden ** 0.5
-    labels = torch.randint(1, vocab, (rows, length), generator=g)
-    mask = torch.ones(rows, length)
-    labels[0, length - pad:] = 0
-    mask[0, length - pad:] = 0
-    grad_logp = torch.randn(rows, length, generator=g) * mask
-    grad_entropy = torch.randn(rows, length, generator=g) * mask
-    return h, w, labels, grad_logp, grad_entropy
-
-
-def _run(fn, h, w, labels, grad_logp, grad_entropy, temperature):
-    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-    logp, entropy = fn(h, w, labels, temperature)
-    (logp.reshape(labels.shape) * grad_logp + entropy.reshape(labels.shape).float() * grad_entropy).sum().backward()
-    return logp.detach(), entropy.detach(), h.grad, w.grad
 
 
 def _torch_reference(h, w, labels, temperature):
@@ -180,30 +159,11 @@ def test_ppo_step_on_tiny_llama_matches_torch_backend():
 # tensor parallel: two gloo ranks, each with half the head's rows
 # ----------------------------------------------------------------------------------------
 
-def _tp_worker(rank, temperature):
-    import verl  # noqa: F401  (the child process imports verl as a worker would)
-    from verl.utils.kernel import linear_cross_entropy as kernel
-
-    from dpo_fast.integrations import verl as adapter
-
-    adapter.patch_verl(impl="torch")
-    h, w, labels, grad_logp, grad_entropy = _inputs(vocab=64)
-    rows = w.shape[0] // WORLD
-    shard = w[rank * rows:(rank + 1) * rows]
-
-    def call(h, w, labels, t):
-        return kernel.linear_cross_entropy(h, w, labels, t, "none", dist.group.WORLD)
-
-    logp, entropy, grad_h, grad_w = _run(call, h, shard, labels, grad_logp, grad_entropy, temperature)
-    return dict(logp=logp.tolist(), entropy=entropy.tolist(), grad_hidden=grad_h.tolist(),
-                grad_weight=grad_w.tolist())
-
-
 def test_vocab_sharded_head_on_two_ranks_matches_full_head(tmp_path):
     """verl's contract under tensor parallelism: statistics of the full vocabulary on every rank, each
     rank's own rows of grad_weight, and each rank's *partial* grad_hidden (verl's gather sums them)."""
     temperature = 0.7
-    reports, error = run_ranks({"tp": (_tp_worker, (temperature,))}, tmp_path, seed=0)
+    reports, error = run_ranks({"tp": (tp_worker, (temperature, WORLD))}, tmp_path, seed=0)
     assert error is None, error
     h, w, labels, grad_logp, grad_entropy = _inputs(vocab=64)
     ref = _run(_torch_reference, h, w, labels, grad_logp, grad_entropy, temperature)
@@ -226,28 +186,53 @@ def test_vocab_sharded_head_on_two_ranks_matches_full_head(tmp_path):
 # activation through verl's plugin entry point
 # ----------------------------------------------------------------------------------------
 
-_SHOW_KERNEL = ("import verl; from verl.utils.kernel import linear_cross_entropy as k; "
-                "print(type(k.linear_cross_entropy).__module__)")
+def test_installed_plugin_left_verl_unpatched():
+    """This process imported verl without DPO_FAST_VERL (tests/test_frameworks.py removes it): dpo-fast's
+    entry point loaded and did nothing."""
+    from importlib.metadata import entry_points
+
+    assert "DPO_FAST_VERL" not in os.environ
+    plugins = {ep.name: ep.value for ep in entry_points(group="verl.plugins")}
+    assert plugins.get("dpo_fast") == "dpo_fast.integrations.verl_plugin"
+    assert "dpo_fast.integrations.verl_plugin" in sys.modules  # loaded by `import verl`
+    assert not isinstance(STOCK, dpo_verl.LinearCrossEntropy)
 
 
-@pytest.mark.parametrize("switch, expected", [("1", "dpo_fast.integrations.verl"), (None, "builtins")])
-def test_plugin_entry_point_patches_only_with_env_switch(switch, expected):
-    env = {k: v for k, v in os.environ.items() if k != "DPO_FAST_VERL"}
-    if switch is not None:
-        env["DPO_FAST_VERL"] = switch
-    done = subprocess.run([sys.executable, "-c", _SHOW_KERNEL], env=env, capture_output=True, text=True,
-                          timeout=300)
+def test_plugin_entry_point_patches_with_env_switch():
+    """A fresh `import verl` with DPO_FAST_VERL=1: the kernel name is dpo-fast's, without user code."""
+    show = ("import verl; from verl.utils.kernel import linear_cross_entropy as k; "
+            "print(type(k.linear_cross_entropy).__module__)")
+    done = subprocess.run([sys.executable, "-c", show], env={**os.environ, "DPO_FAST_VERL": "1"},
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    # Unpatched, the name is verl's LinearCrossEntropy.apply: a builtin method of the autograd Function.
-    assert done.stdout.strip().splitlines()[-1] == expected, done.stdout + done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "dpo_fast.integrations.verl", done.stdout + done.stderr[-2000:]
+
+
+def test_plugin_switch_values(monkeypatch):
+    from dpo_fast.integrations import verl_plugin
+
+    monkeypatch.setenv("DPO_FAST_VERL", "0")
+    assert verl_plugin.activate_from_env() is False and not dpo_verl.is_patched()
+    monkeypatch.setenv("DPO_FAST_VERL", "yes")
+    with pytest.warns(UserWarning, match="neither '1' nor '0'"):
+        assert verl_plugin.activate_from_env() is False
+    monkeypatch.setenv("DPO_FAST_VERL", "1")
+    assert verl_plugin.activate_from_env() is True
+    assert isinstance(verl_kernel.linear_cross_entropy, dpo_verl.LinearCrossEntropy)
 
 
 def test_megatron_modules_bound_at_import_are_patched():
     """The Megatron engine's modules bind the kernel at import: patched when already imported, and a
     module imported after the patch binds the patched name; unpatch restores both."""
-    fused = pytest.importorskip("verl.models.mcore.model_forward_fused",
-                                reason="megatron-core does not import here")
-    dpo_verl.patch_verl()
-    assert isinstance(fused.linear_cross_entropy, dpo_verl.LinearCrossEntropy)
+    import importlib
+
+    before, after = dpo_verl.BOUND_AT_IMPORT
+    early = importlib.import_module(before)  # megatron-core 0.16.1, installed without its dependencies
+    assert early.linear_cross_entropy is STOCK
+    patched = dpo_verl.patch_verl()
+    assert before in patched and isinstance(early.linear_cross_entropy, dpo_verl.LinearCrossEntropy)
+    sys.modules.pop(after, None)
+    late = importlib.import_module(after)
+    assert isinstance(late.linear_cross_entropy, dpo_verl.LinearCrossEntropy)
     dpo_verl.unpatch_verl()
-    assert fused.linear_cross_entropy is STOCK
+    assert early.linear_cross_entropy is STOCK and late.linear_cross_entropy is STOCK
