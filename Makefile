@@ -18,6 +18,12 @@ VERL_STAMP := $(VERL_VENV)/.installed
 VERL_PACKAGES := "transformers>=5.5.3,<5.11,!=5.6.0" "huggingface-hub>=1.5.0,<2.0" "tokenizers>=0.22.0,<=0.23.0" \
 	"tensordict>=0.8.0,<=0.10.0,!=0.9.0" ray hydra-core codetiming pylatexenc torchdata pybind11 dill
 
+# LLaMA-Factory 0.9.5 pins trl <= 0.24: it, trl 0.24.0 and what their import needs go to a folder put first on
+# PYTHONPATH over .venv (pip --target, no dependencies; torchaudio, imported at module import, is stubbed by the test).
+LF_DIR ?= .venv-llamafactory
+LF_STAMP := $(LF_DIR)/.installed
+LF_PACKAGES := llamafactory==0.9.5 trl==0.24.0 omegaconf antlr4-python3-runtime==4.9.3 "tyro<0.9.0" fire
+
 .PHONY: install frameworks test test-fast bench clean
 
 $(PYTHON):
@@ -52,7 +58,15 @@ $(VERL_STAMP): $(STAMP) Makefile
 			echo "verl venv not built: see $(VERL_VENV)/BUILD_FAILED")
 	touch $(VERL_STAMP)
 
-frameworks: $(VERL_STAMP)
+$(LF_STAMP): $(STAMP) Makefile
+	rm -rf $(LF_DIR)
+	mkdir -p $(LF_DIR)
+	$(PYTHON) -m pip install -q --no-deps --target $(LF_DIR) $(LF_PACKAGES) > $(LF_DIR)/build.log 2>&1 \
+		|| (grep -v "^WARNING: Location" $(LF_DIR)/build.log | tail -5 > $(LF_DIR)/BUILD_FAILED; \
+			echo "LLaMA-Factory folder not built: see $(LF_DIR)/BUILD_FAILED")
+	touch $(LF_STAMP)
+
+frameworks: $(VERL_STAMP) $(LF_STAMP)
 
 test: install frameworks
 	$(PYTHON) -m pytest tests -q -ra
@@ -61,4 +75,4 @@ bench: install
 	$(PYTHON) -m benchmarks
 
 clean:
-	rm -rf $(VENV) $(VERL_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VERL_VENV) $(LF_DIR) build *.egg-info .pytest_cache
