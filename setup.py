@@ -11,6 +11,8 @@ setup(
     # a top-level "kernels" package would shadow Hugging Face's kernel-hub package.
     packages=["dpo_fast", "dpo_fast.integrations", "dpo_fast.kernels"],
     package_dir={"dpo_fast.kernels": "kernels"},
+    # verl loads this group on `import verl`; the plugin patches verl only when DPO_FAST_VERL=1.
+    entry_points={"verl.plugins": ["dpo_fast = dpo_fast.integrations.verl_plugin"]},
     install_requires=[
         "torch>=2.4",
         # Triton publishes Linux wheels only; elsewhere dpo-fast runs its PyTorch path.

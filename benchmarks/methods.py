@@ -382,6 +382,39 @@ def _build_liger_grpo(inputs: Inputs):
     return fn
 
 
+def _verl_unavailable(case, device, triton=False):
+    if case.softcap is not None:
+        return "verl's log-prob kernels have no logit softcapping"
+    if triton:
+        if case.hidden_size % 128:
+            return "verl's Triton kernel asserts hidden_size % 128 == 0"
+        return _needs_cuda(device, "verl's Triton kernel") or _missing("verl")
+    return _missing("verl")
+
+
+def _build_verl_grpo(inputs: Inputs, backend: str):
+    """verl's log-prob + entropy head as its actor calls it: ``FusedLinearForPPO`` (use_fused_kernels with
+    impl_backend="torch", chunks of 512 tokens) or its Triton kernel (impl_backend="triton"; verl's own class,
+    never the name patch_verl() replaces)."""
+    H = inputs.case.hidden_size
+    if backend == "torch":
+        from verl.utils.experimental.torch_functional import FusedLinearForPPO
+
+        head = FusedLinearForPPO(impl_backend="torch")
+        call = lambda: head(inputs.hidden.reshape(-1, H), inputs.weight, inputs.labels.reshape(-1), 1.0)  # noqa: E731
+    else:
+        from verl.utils.kernel.linear_cross_entropy import LinearCrossEntropy
+
+        call = lambda: LinearCrossEntropy.apply(inputs.hidden.reshape(-1, H), inputs.weight,  # noqa: E731
+                                                inputs.labels.reshape(-1), 1.0, "none", None)
+
+    def fn():
+        logps, fn.entropy = call()
+        return _grpo_from_token_logps(logps, inputs)
+
+    return fn
+
+
 def _build_dpo_fast_grpo(inputs: Inputs, impl: str):
     from dpo_fast.integrations.trl import ChunkedLogProb
 
@@ -404,6 +437,11 @@ METHODS = [Method(m.name, m.exact, m.summary, _objective_only("dpo", m.unavailab
            _objective_only("grpo", _trl_unavailable), _build_trl_grpo),
     Method("liger-grpo", True, "Liger LigerFusedLinearGRPOLoss (beta=0, loss_type='dapo'), no entropy",
            _objective_only("grpo", _liger_grpo_unavailable), _build_liger_grpo),
+    Method("verl-torch-grpo", True, "verl FusedLinearForPPO(impl_backend='torch'): 512-token chunks, + entropy",
+           _objective_only("grpo", _verl_unavailable), lambda inputs: _build_verl_grpo(inputs, "torch")),
+    Method("verl-triton-grpo", True, "verl's Triton linear_cross_entropy (use_fused_kernels, impl_backend=triton)",
+           _objective_only("grpo", lambda case, device: _verl_unavailable(case, device, triton=True)),
+           lambda inputs: _build_verl_grpo(inputs, "triton")),
     Method("dpo-fast-grpo-torch", True, "dpo-fast's TRL drop-in (log-probs + entropy) impl='torch'",
            _objective_only("grpo", _dpo_fast_unavailable("torch")),
            lambda inputs: _build_dpo_fast_grpo(inputs, "torch")),

@@ -279,14 +279,18 @@ class VocabParallelEngine:
     weight (and bias). Forward statistics come out as if computed over the full head;
     backward returns the full ``grad_hidden`` on every rank (already summed: do not reduce
     it again across this group) and this rank's rows of ``grad_weight``/``grad_bias``.
+    With ``sum_grad_hidden=False`` backward returns this rank's partial ``grad_hidden``
+    instead, for callers whose own collective sums it (Megatron's sequence-parallel gather,
+    whose backward is a reduce-scatter: verl's kernel contract).
     """
 
-    def __init__(self, inner, process_group):
+    def __init__(self, inner, process_group, sum_grad_hidden: bool = True):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("process_group given but torch.distributed is not initialized: call "
                                "torch.distributed.init_process_group first")
         self.inner = inner
         self.process_group = process_group
+        self.sum_grad_hidden = sum_grad_hidden
         self._shard: Optional[VocabShard] = None
 
     def shard(self, local_rows: int, device="cpu") -> VocabShard:
@@ -318,7 +322,7 @@ class VocabParallelEngine:
         grad_hidden, grad_weight, grad_bias = self.inner.backward(
             hidden, weight, bias, shard.local_labels(labels), transform, lse, grad_logp, entropy=entropy,
             grad_entropy=grad_entropy, needs=needs)
-        if grad_hidden is not None:
+        if grad_hidden is not None and self.sum_grad_hidden:
             # Sum in float32 so 16-bit partials are rounded once, after the sum.
             total = grad_hidden.float()
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.process_group)
@@ -575,6 +579,14 @@ def wrap_engine(engine, weight, bias, process_group):
     if is_zero3_param(weight) or is_zero3_param(bias):
         engine = GatherInBackward(engine)
     return engine
+
+
+def leave_grad_hidden_partial(engine) -> None:
+    """Make the vocabulary-parallel engine in ``engine`` (possibly wrapped) return each rank's partial
+    ``grad_hidden``: see :class:`VocabParallelEngine`'s ``sum_grad_hidden``."""
+    while not isinstance(engine, VocabParallelEngine):
+        engine = engine.inner
+    engine.sum_grad_hidden = False
 
 
 def two_pass_only(weight, bias, process_group) -> bool:

@@ -345,6 +345,8 @@ class HeadComputation:
     """
 
     ignore_index = -100
+    # False: the caller's labels are already each position's target (OpenRLHF rolls them itself).
+    shift_labels = True
 
     def from_hidden(self, hidden, targets, head: ResolvedHead):  # pragma: no cover - interface
         raise NotImplementedError
@@ -390,7 +392,7 @@ def _fused_forward_method(original_forward, computation: HeadComputation, fallba
         head = resolve_head(self)
         mode = verify(self, head, input_ids, attention_mask, fallback, original_forward)
         check.check_ignore_index(computation.ignore_index, labels.dtype)
-        targets = shift_targets(labels, computation.ignore_index)
+        targets = shift_targets(labels, computation.ignore_index) if computation.shift_labels else labels
         if mode == "naive":
             logits = original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
             return _pack(computation.from_logits(logits, targets.to(logits.device)))
