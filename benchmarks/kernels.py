@@ -1,15 +1,21 @@
-"""``python -m benchmarks.kernels``: every kernel's default configs compiled ahead of time, no GPU needed.
+"""``python -m benchmarks.kernels``: every kernel launch that happens, compiled ahead of time, no GPU needed.
 
-For each kernel x config x dtype x target (sm_90: H100/H200, sm_80: A100) this compiles
-the kernel with ``triton.compile`` for a ``GPUTarget``, its arguments specialized as the
-JIT specializes a real launch (at Llama-3-8B's head: N=8192 tokens, H=4096, V=128256),
-and reads registers, spill bytes (the cubin's stack frame: ptxas puts spills there; these
-kernels make no calls and hold no local arrays) and shared memory. ``--all`` adds every
-autotuning config; ``--python`` also runs another interpreter (e.g. a venv with the GPU
-image's Triton 3.6) and merges its rows. ``--write`` puts the table in ``benchmarks/KERNELS.md``.
+The fused kernels' launches come from their launchers (``benchmarks/launches.py`` runs
+``forward_stats`` and ``backward`` on meta tensors at real shapes and records each launch
+and each config the autotuner's pruning keeps for it). Every distinct specialization (the
+constexprs, the integer arguments equal to 1 that the JIT turns into constants, the ones
+divisible by 16, the pointers' alignment, the config) is compiled with ``triton.compile``
+for a ``GPUTarget`` (sm_90: H100/H200, sm_80: A100), and its registers, spill bytes (the
+cubin's stack frame: ptxas puts spills there; these kernels make no calls and hold no local
+arrays), shared memory and resident programs per SM are read. A row fits when it spills
+nothing, its shared memory is within the card's limit and, for the token-major kernels
+whose vocabulary splits are sized in waves of SMs x resident programs, the SM holds exactly
+the number of programs the launcher's split sizing assumed.
 
-Nothing here imports torch or dpo_fast: the kernels are loaded from ``kernels/`` directly,
-so a bare ``pip install triton==X`` venv can compile them.
+``--python`` also compiles the same jobs with another interpreter (e.g. a venv with the GPU
+image's Triton 3.6: ``python3 -m venv /tmp/venv36 && /tmp/venv36/bin/pip install
+triton==3.6.0``) and merges its rows; that interpreter needs Triton only (the jobs travel
+as JSON: ``--jobs FILE``). ``--write`` puts the table in ``benchmarks/KERNELS.md``.
 """
 
 import argparse
@@ -25,20 +31,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS_MD = Path(__file__).resolve().parent / "KERNELS.md"
 
-# target -> (compute capability, shared memory one block may use, bytes)
-TARGETS = {"sm_90": (90, 227 * 1024), "sm_80": (80, 163 * 1024)}
+# target -> (compute capability, shared memory one block may use, shared memory per SM), bytes
+TARGETS = {"sm_90": (90, 227 * 1024, 228 * 1024), "sm_80": (80, 163 * 1024, 164 * 1024)}
 DTYPES = ("bf16", "fp16", "fp32")
 MAX_REGISTERS = 255  # per thread; more is impossible, so 255 with no spills is the real limit
+REGISTERS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64  # sm_80 and sm_90
 
-# The launch the specialization imitates: Llama-3-8B's head, all tokens in one call.
-TOKENS, HIDDEN, VOCAB = 8192, 4096, 128256
 
-
-class Ptr:
-    """A pointer argument of the given Triton element type (allocations are 16-byte aligned)."""
-
-    def __init__(self, dtype):
-        self.dtype = dtype
+def _ptr(dtype):
+    return {"ptr": dtype, "align16": True}
 
 
 # Row kernels (kernels/logsoftmax_gather.py): example launch arguments of one GEMM tile
@@ -50,38 +52,18 @@ ROW_TILE_ROWS, ROW_TILE_COLS = 2048, 16384
 def _row_kernel_args(dtype):
     # float16 batches get float32 logits tiles and a float16 gradient tile (chunked.logits_dtype).
     tile_dtype = "fp32" if dtype == "fp16" else dtype
-    common = dict(tile_ptr=Ptr(tile_dtype), tile_row_stride=ROW_TILE_COLS, labels_ptr=Ptr("i64"),
+    common = dict(tile_ptr=_ptr(tile_dtype), tile_row_stride=ROW_TILE_COLS, labels_ptr=_ptr("i64"),
                   vocab_start=ROW_TILE_COLS * 3, n_cols=ROW_TILE_COLS, ignore_index=-1,
                   scale=0.5, softcap=30.0, inv_temperature=0.7)
     return {
-        "_row_stats_kernel": dict(common, stats_ptr=Ptr("fp32"), stats_stride=ROW_TILE_ROWS),
-        "_row_grad_kernel": dict(common, out_ptr=Ptr(dtype), out_row_stride=ROW_TILE_COLS, lse_ptr=Ptr("fp64"),
-                                 grad_logp_ptr=Ptr("fp32"), entropy_ptr=Ptr("fp32"), grad_entropy_ptr=Ptr("fp32")),
+        "_row_stats_kernel": dict(common, stats_ptr=_ptr("fp32"), stats_stride=ROW_TILE_ROWS),
+        "_row_grad_kernel": dict(common, out_ptr=_ptr(dtype), out_row_stride=ROW_TILE_COLS, lse_ptr=_ptr("fp64"),
+                                 grad_logp_ptr=_ptr("fp32"), entropy_ptr=_ptr("fp32"),
+                                 grad_entropy_ptr=_ptr("fp32")),
     }
 
 
 ROW_CONSTEXPRS = dict(HAS_SOFTCAP=True, HAS_ENTROPY_GRAD=True)
-
-
-def _fused_kernel_args(dtype, splits):
-    """Every argument name any fused kernel takes, with its value at the reference launch."""
-    return dict(
-        h_ptr=Ptr(dtype), stride_hn=HIDDEN, stride_hk=1, w_ptr=Ptr(dtype), stride_wv=HIDDEN, stride_wk=1,
-        b_ptr=Ptr(dtype), labels_ptr=Ptr("i64"), partial_ptr=Ptr("fp32"), stats_ptr=Ptr("fp32"),
-        lse_ptr=Ptr("fp64"), grad_logp_ptr=Ptr("fp32"), entropy_ptr=Ptr("fp32"), grad_entropy_ptr=Ptr("fp32"),
-        dh_ptr=Ptr("fp32"), dw_ptr=Ptr("fp32"), db_ptr=Ptr("fp32"),
-        n=TOKENS, V=VOCAB, H=HIDDEN, num_splits=splits, n_bucket=TOKENS, v_start=0, v_end=VOCAB,
-        scale=0.5, softcap=30.0, inv_temperature=0.7, filter_eps=1e-4,
-    )
-
-
-FUSED_CONSTEXPRS = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_ENTROPY_GRAD=True, FILTER=True, NEED_WEIGHT=True,
-                        NEED_BIAS=True)
-# The other side of every constexpr branch, with the arguments equal to 1 that the JIT turns
-# into constants (one token, one split): compiled once per kernel (bf16, sm_90) so that a
-# branch that only fails to compile on a GPU fails here.
-FLAGS_OFF = dict(HAS_BIAS=False, HAS_SOFTCAP=False, HAS_ENTROPY_GRAD=False, FILTER=False, NEED_WEIGHT=False,
-                 NEED_BIAS=True)
 
 
 def _load_kernels():
@@ -110,9 +92,10 @@ def _specialize(fn, values, constexprs):
             signature[name], consts[name] = "constexpr", constexprs[name]
             continue
         value = values[name]
-        if isinstance(value, Ptr):
-            signature[name] = "*" + value.dtype
-            attrs[(i,)] = [["tt.divisibility", 16]]
+        if isinstance(value, dict):  # a pointer
+            signature[name] = "*" + value["ptr"]
+            if value["align16"]:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
@@ -122,9 +105,29 @@ def _specialize(fn, values, constexprs):
             signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        elif value is None:
+            signature[name], consts[name] = "constexpr", None
         else:
             signature[name] = "fp32"
     return signature, consts, attrs
+
+
+def specialization(job) -> str:
+    """What the JIT specializes beyond dtype and config, in words: flags on, integers equal to 1,
+    integers not divisible by 16, unaligned pointers."""
+    flags = [k.replace("HAS_", "").lower() for k, v in sorted(job["constexprs"].items())
+             if v is True]
+    ints = []
+    for name, value in job["values"].items():
+        if isinstance(value, dict):
+            if not value["align16"]:
+                ints.append(f"{name} unaligned")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if value == 1:
+                ints.append(f"{name}=1")
+            elif value % 16:
+                ints.append(f"{name}%16!=0")
+    return " ".join(flags or ["no flags"]) + ("; " + ", ".join(ints) if ints else "")
 
 
 def _resources(cubin: bytes):
@@ -142,8 +145,18 @@ def _resources(cubin: bytes):
     return int(fields["REG"]), int(fields["STACK"]), int(fields["LOCAL"])
 
 
+def resident_programs(registers: int, warps: int, shared: int, target: str) -> int:
+    """Programs one SM holds at once: registers (allocated per warp in units of 256), warps, shared memory
+    (1 KB of it reserved per block)."""
+    _, _, smem_per_sm = TARGETS[target]
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = REGISTERS_PER_SM // (per_warp * warps)
+    by_shared = smem_per_sm // (shared + 1024)
+    return min(by_registers, MAX_WARPS_PER_SM // warps, by_shared)
+
+
 def compile_one(job):
-    """Compile one (kernel, config, dtype, target) job; returns its table row."""
+    """Compile one (kernel, specialization, config, target) job; returns its table row."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -152,9 +165,10 @@ def compile_one(job):
     module = fused if job["family"] == "fused" else rows
     fn = _jit_fn(getattr(module, job["kernel"]))
     signature, consts, attrs = _specialize(fn, job["values"], job["constexprs"])
-    capability, smem_limit = TARGETS[job["target"]]
-    options = {k: job[k] for k in ("num_warps", "num_stages") if job.get(k) is not None}
-    row = {k: job[k] for k in ("kernel", "config", "dtype", "target", "default")}
+    capability, smem_limit, _ = TARGETS[job["target"]]
+    options = {k: job[k] for k in ("num_warps", "num_stages", "maxnreg") if job.get(k) is not None}
+    row = {k: job.get(k) for k in ("kernel", "config", "spec", "launches", "dtype", "target", "default",
+                                    "assumed_programs")}
     row.update(triton=triton.__version__, warps=job.get("num_warps") or 4)
     try:
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
@@ -165,52 +179,89 @@ def compile_one(job):
     registers, stack, local = _resources(compiled.asm["cubin"])
     row.update(registers=registers, spill_bytes=stack + local, shared=compiled.metadata.shared,
                shared_limit=smem_limit)
-    row["fits"] = row["spill_bytes"] == 0 and row["shared"] <= smem_limit
+    row["programs"] = resident_programs(registers, row["warps"], row["shared"], job["target"])
+    row["fits"] = (row["spill_bytes"] == 0 and row["shared"] <= smem_limit
+                   and row["assumed_programs"] in (None, row["programs"]))
     return row
 
 
-def _config_name(cfg):
-    kw = ",".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in cfg["constexprs"].items())
-    return f"{kw} w{cfg['num_warps']} s{cfg['num_stages']}"
+def _config_name(constexprs, warps, stages, maxnreg=None):
+    kw = ",".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in sorted(constexprs.items())
+                  if k.startswith("BLOCK"))
+    precision = constexprs.get("DOT_PRECISION")
+    return (kw + (f",{precision}" if precision else "") + f" w{warps} s{stages}"
+            + (f" r{maxnreg}" if maxnreg else ""))
 
 
-def jobs(all_configs: bool = False, targets=tuple(TARGETS), dtypes=DTYPES):
-    """Every compile to run: the kernels' own config tables (``compile_configs``) and the row kernels'."""
-    fused, rows = _load_kernels()
+def fused_jobs(targets=tuple(TARGETS)):
+    """One job per distinct specialization of the fused kernels' recorded launches."""
+    from . import launches
+
+    fused, _ = _load_kernels()
+    by_key = {}
+    for target in targets:
+        for scenario in launches.SCENARIOS:
+            for dtype in scenario.dtypes:
+                for launch in launches.record(scenario, dtype, target, fused):
+                    fn = _jit_fn(getattr(fused, launch["kernel"]))
+                    signature, consts, attrs = _specialize(fn, launch["values"], launch["constexprs"])
+                    key = json.dumps([launch["kernel"], target, signature, consts, sorted(map(str, attrs.items())),
+                                      launch["num_warps"], launch["num_stages"], launch["maxnreg"]], sort_keys=True)
+                    if key in by_key:
+                        job = by_key[key]
+                        if scenario.name not in job["launches"]:
+                            job["launches"].append(scenario.name)
+                        assumed = {job["assumed_programs"], launch["assumed_programs"]} - {None}
+                        assert len(assumed) <= 1, (key, assumed)  # one split sizing per kernel and dtype
+                        job["assumed_programs"] = assumed.pop() if assumed else None
+                        continue
+                    job = dict(launch, family="fused", launches=[scenario.name])
+                    del job["scenario"]
+                    job["spec"] = specialization(job)
+                    job["config"] = _config_name(launch["constexprs"], launch["num_warps"], launch["num_stages"],
+                                                 launch["maxnreg"])
+                    job["default"] = None
+                    if not any(isinstance(v, dict) and v["ptr"] == dtype for v in job["values"].values()):
+                        job["dtype"] = "fp32"  # no operand of the batch's dtype (the split merge): statistics only
+                    by_key[key] = job
+    return list(by_key.values())
+
+
+def row_jobs(targets=tuple(TARGETS), dtypes=DTYPES):
+    """The row kernels at one example tile, every optional feature on."""
+    _, rows = _load_kernels()
     out = []
     for target in targets:
         for dtype in dtypes:
-            for kernel, cfg, default in fused.compile_configs(dtype, all_configs):
-                values = _fused_kernel_args(dtype, cfg.get("num_splits", 3))
-                constexprs = dict(FUSED_CONSTEXPRS, **cfg["constexprs"])
-                out.append(dict(family="fused", kernel=kernel, config=_config_name(cfg), dtype=dtype, target=target,
-                                default=default, values=values, constexprs=constexprs,
-                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-                if default and dtype == "bf16" and target == "sm_90" and kernel != "_merge_splits_kernel":
-                    out.append(dict(out[-1], config=_config_name(cfg) + " (flags off, n=1, 1 split)",
-                                    values=dict(values, n=1, num_splits=1),
-                                    constexprs=dict(constexprs, **FLAGS_OFF)))
             for kernel, values in _row_kernel_args(dtype).items():
                 block = rows._block_for(values["n_cols"])
                 fn = _jit_fn(getattr(rows, kernel))
                 constexprs = {k: v for k, v in dict(ROW_CONSTEXPRS, BLOCK=block).items() if k in fn.arg_names}
-                out.append(dict(family="rows", kernel=kernel, config=f"BLOCK={block} w4 s3", dtype=dtype,
-                                target=target, default=True, values=values, constexprs=constexprs,
-                                num_warps=None, num_stages=None))
+                job = dict(family="rows", kernel=kernel, config=f"BLOCK={block} w4 s3", dtype=dtype, target=target,
+                           default=True, values=values, constexprs=constexprs, num_warps=None, num_stages=None,
+                           launches=["one tile"], assumed_programs=None)
+                job["spec"] = specialization(job)
+                out.append(job)
     return out
 
 
-def run_all(all_configs=False, workers=None, targets=tuple(TARGETS), dtypes=DTYPES):
-    todo = jobs(all_configs, targets, dtypes)
+def jobs(targets=tuple(TARGETS)):
+    return fused_jobs(targets) + row_jobs(targets)
+
+
+def run_jobs(todo, workers=None):
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         return list(pool.map(compile_one, todo))
 
 
-def _other_python(python, all_configs):
-    done = subprocess.run([python, "-m", "benchmarks.kernels", "--json"] + (["--all"] if all_configs else []),
-                          cwd=ROOT, capture_output=True, text=True,
-                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-    if done.returncode != 0:
+def _other_python(python, todo):
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(todo, f)
+        f.flush()
+        done = subprocess.run([python, "-m", "benchmarks.kernels", "--jobs", f.name, "--json"], cwd=ROOT,
+                              capture_output=True, text=True,
+                              env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    if not done.stdout.strip():
         raise SystemExit(f"{python} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout)
 
@@ -219,23 +270,30 @@ def markdown(rows):
     lines = [
         "# Kernel resources, compiled ahead of time",
         "",
-        "Written by `python -m benchmarks.kernels --all --write` (see its docstring). Arguments are specialized "
-        f"as the JIT specializes a launch at N={TOKENS}, H={HIDDEN}, V={VOCAB}, with every optional feature on "
-        "(bias, softcap, entropy gradient, filtering). Registers per thread; spill bytes per thread (stack "
-        "frame); shared memory per block against the card's limit (227 KB sm_90, 163 KB sm_80). `default` marks "
-        "the config a launch uses without autotuning. No GPU was used.",
+        "Written by `python -m benchmarks.kernels --python <venv with triton 3.6>/bin/python --write` (see its "
+        "docstring). One row per distinct specialization of a kernel launch that happens: the fused kernels' "
+        "launches are recorded from their launchers at the shapes of `benchmarks/launches.py` (`launches`), "
+        "one row per config the autotuner's pruning keeps; the row kernels at one example tile. `specialization` "
+        "lists the constexpr flags on and the integer arguments the JIT specializes (equal to 1: a constant; "
+        "not a multiple of 16). Registers per thread; spill bytes per thread (stack frame); shared memory per "
+        "block against the card's limit (227 KB sm_90, 163 KB sm_80); programs one SM holds and, in "
+        "parentheses, the number the launcher's vocabulary-split sizing assumed (none where the grid is within "
+        "one wave of SMs: each program has an SM to itself). No GPU was used.",
         "",
-        "| kernel | config | default | dtype | target | triton | registers | spill bytes | shared KB | fits |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| kernel | dtype | config | specialization | launches | target | triton | registers | spill bytes "
+        "| shared KB | programs/SM | fits |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in sorted(rows, key=lambda r: (r["kernel"], r["config"], r["dtype"], r["target"], r["triton"])):
+    key = lambda r: (r["kernel"], r["dtype"], r["config"], r["spec"], r["target"], r["triton"])  # noqa: E731
+    for r in sorted(rows, key=key):
+        head = (f"| {r['kernel']} | {r['dtype']} | {r['config']} | {r['spec']} | {', '.join(r['launches'])} | "
+                f"{r['target']} | {r['triton']} |")
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r['config']} | {'yes' if r['default'] else ''} | {r['dtype']} | "
-                         f"{r['target']} | {r['triton']} | error: {r['error']} | | | no |")
+            lines.append(f"{head} error: {r['error']} | | | | **no** |")
             continue
-        lines.append(f"| {r['kernel']} | {r['config']} | {'yes' if r['default'] else ''} | {r['dtype']} | "
-                     f"{r['target']} | {r['triton']} | {r['registers']} | {r['spill_bytes']} | "
-                     f"{r['shared'] / 1024:.0f} | {'yes' if r['fits'] else '**no**'} |")
+        assumed = f" ({r['assumed_programs']})" if r.get("assumed_programs") is not None else ""
+        lines.append(f"{head} {r['registers']} | {r['spill_bytes']} | {r['shared'] / 1024:.0f} | "
+                     f"{r['programs']}{assumed} | {'yes' if r['fits'] else '**no**'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -243,14 +301,19 @@ def main(argv=None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--all", action="store_true", help="every autotuning config, not only the defaults")
     parser.add_argument("--python", action="append", default=[], help="another interpreter to run (repeatable)")
+    parser.add_argument("--jobs", help="compile the jobs in this JSON file (written by this tool; no torch needed)")
+    parser.add_argument("--list", action="store_true", help="print the jobs as JSON, compile nothing")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--write", action="store_true", help=f"write {KERNELS_MD.name}")
     args = parser.parse_args(argv)
-    rows = run_all(args.all)
+    todo = json.loads(Path(args.jobs).read_text()) if args.jobs else jobs()
+    if args.list:
+        print(json.dumps(todo))
+        return 0
+    rows = run_jobs(todo)
     for python in args.python:
-        rows += _other_python(python, args.all)
+        rows += _other_python(python, todo)
     if args.json:
         print(json.dumps(rows))
     else:

@@ -38,6 +38,7 @@ import os
 
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 
 from . import stats_layout
 from .launch import launch
@@ -66,17 +67,25 @@ UPCAST_DOT_OPERANDS = tl.constexpr(INTERPRETED)
 # Configurations per operand element size (2: bf16/fp16, 4: fp32; float64 operands are loaded
 # as such and multiplied in float32: they get the float32 tiles). The token-major kernels
 # (forward, grad_hidden) get their token block from the launcher, which sizes the vocabulary
-# splits for it (``token_block``); their tuning varies the rest. Every entry compiles with no
-# register spills and within 163 KB of shared memory for sm_80 and sm_90 with Triton 3.6 and
-# 3.9 (tests/test_kernel_compile.py, benchmarks/KERNELS.md). Big tiles spill: 128 x 128 x 64
-# with 8 warps needs more than 255 registers per thread, and float32 "tf32x3" dots hold two
-# TF32 parts of each operand, so float32 tiles are smaller. The first entry of each list is
-# the default (the only one with DPO_FAST_FUSED_AUTOTUNE=0).
+# splits in waves of SMs x the programs one SM holds of their tile (``RESIDENT_PROGRAMS``):
+# so they have one config per element size, the one the grid is sized for (another tile or
+# warp count would run a grid sized for someone else's occupancy, and could not win).
+# grad_weight's grid does not depend on occupancy: its list is tuned. Every launch the
+# launchers make at real shapes (benchmarks/launches.py: flags on and off, n = 1, n not a
+# multiple of 16, one split, GPT-2, Gemma-2 with softcap) compiles with no register spills,
+# within the card's shared memory and at the occupancy the split sizing assumes, for sm_80
+# and sm_90 with Triton 3.6 and 3.9 (tests/test_kernel_compile.py, benchmarks/KERNELS.md).
+# Big tiles spill: 128 x 128 x 64 with 8 warps needs more than 255 registers per thread, and
+# float32 "tf32x3" dots hold two TF32 parts of each operand, so float32 tiles are smaller.
+# The first entry of each list is the default (the only one with DPO_FAST_FUSED_AUTOTUNE=0).
 TOKEN_BLOCK = {2: 64, 4: 64, 8: 64}
-_TOKEN_MAJOR = {  # (BLOCK_V, BLOCK_K, warps, stages): programs own token rows
-    2: [(128, 64, 8, 3), (64, 64, 4, 3)],
-    4: [(64, 16, 4, 3)],
-    8: [(64, 16, 4, 3)],
+_TOKEN_MAJOR = {  # kernel -> element size -> [(BLOCK_V, BLOCK_K, warps, stages)]: programs own token rows
+    # (64, 64, 4, 3) left the 16-bit lists: 4 warps of it fit 2-3 programs per SM, not the one the
+    # splits are sized for (and issue 18 saw its forward spill on sm_80 with Triton 3.6).
+    # The float32 forward runs 2 stages: with 3, GPT-2's launch (H = 768, V = 50257) needs 172
+    # registers on sm_90 (two programs per SM, not three) and, capped at 168, spills 8 bytes.
+    "forward": {2: [(128, 64, 8, 3)], 4: [(64, 16, 4, 2)], 8: [(64, 16, 4, 2)]},
+    "grad_hidden": {2: [(128, 64, 8, 3)], 4: [(64, 16, 4, 3)], 8: [(64, 16, 4, 3)]},
 }
 _VOCAB_MAJOR = {  # (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages): grad_weight, programs own vocabulary rows
     # (64, 128, 64, 8, 3) left the 16-bit list: with the float64 lse it spills 8 bytes on sm_90 (Triton 3.9).
@@ -84,32 +93,43 @@ _VOCAB_MAJOR = {  # (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages): grad_weight, pro
     4: [(64, 64, 16, 4, 3), (32, 64, 32, 4, 3)],
     8: [(64, 64, 16, 4, 3)],
 }
-# Programs of a default token-major tile one SM holds at once, limited by registers (65536 per
-# SM): 16-bit tiles (8 warps x 149-254 registers) one; float32 tiles (4 warps) three in the
-# forward (165-168 registers), two in grad_hidden (250-255). Vocabulary splits are sized for
-# waves of SMs x this (tests/test_kernel_compile.py checks it against the compiled kernels).
+# Programs of a token-major tile one SM holds at once, limited by registers (65536 per SM):
+# 16-bit tiles (8 warps; 146-255 registers in the launches of KERNELS.md that fill a wave) one;
+# float32 tiles (4 warps) three in the forward (152-168 registers, capped at 168), two in
+# grad_hidden (243-255). Vocabulary splits are sized for waves of SMs x this
+# (tests/test_kernel_compile.py checks it against every compiled launch).
 RESIDENT_PROGRAMS = {"forward": {2: 1, 4: 3, 8: 3}, "grad_hidden": {2: 1, 4: 2, 8: 2}}
+# Register caps (maxnreg) per kernel and element size, where ptxas's own choice is wrong:
+# - float32 forward: three programs of 4 warps per SM need <= 168 registers (a cap, so that no
+#   launch's specialization takes a few more and runs two programs where the splits assume three);
+# - float32 grad_weight: uncapped, ptxas held it at 168 registers on sm_80 and spilled 16 bytes
+#   (Triton 3.6 and 3.9); allowed 255 it spills nothing (occupancy is not assumed there: its
+#   grid is one program per vocabulary block).
+MAX_REGISTERS = {"forward": {4: 168, 8: 168}, "grad_weight": {4: 255, 8: 255}}
 INTERPRETER_TILE = (32, 64, 32, 1, 1)  # numpy runs one program at a time: one small tile, no tuning
 MERGE_BLOCK = 128
 
 
-def _token_major_config(block_v, block_k, warps, stages):
-    return triton.Config({"BLOCK_V": block_v, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+def _token_major_config(block_v, block_k, warps, stages, maxnreg=None):
+    return triton.Config({"BLOCK_V": block_v, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages,
+                         maxnreg=maxnreg)
 
 
-def _vocab_major_config(block_n, block_v, block_k, warps, stages):
+def _vocab_major_config(block_n, block_v, block_k, warps, stages, maxnreg=None):
     return triton.Config({"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_K": block_k}, num_warps=warps,
-                         num_stages=stages)
+                         num_stages=stages, maxnreg=maxnreg)
 
 
-def _tuned(lists, make):
-    """Autotuning list: every element size's entries (pruned per launch to the operands' size)."""
+def _tuned(lists, make, kernel):
+    """Autotuning list of ``kernel``: every element size's entries (pruned per launch to the operands' size)."""
     if INTERPRETED:
         return [make(*(INTERPRETER_TILE[1:] if make is _token_major_config else INTERPRETER_TILE))]
     pinned = os.environ.get("DPO_FAST_FUSED_AUTOTUNE", "1") == "0"
+    caps = MAX_REGISTERS.get(kernel, {})
     configs, seen = [], set()
-    for entries in lists.values():
+    for size, entries in lists.items():
         for entry in entries[:1] if pinned else entries:
+            entry = entry + (caps.get(size),)
             if entry not in seen:
                 seen.add(entry)
                 configs.append(make(*entry))
@@ -117,16 +137,20 @@ def _tuned(lists, make):
 
 
 def _config_key(config):
+    """The config's list entry: tile, warps, stages (its register cap follows from kernel and size)."""
     tile = tuple(config.kwargs[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_K") if k in config.kwargs)
     return tile + (config.num_warps, config.num_stages)
 
 
-def _prune_token_major(configs, named_args, **kwargs):
-    """Keep the entries of the operands' element size: the tuner only benchmarks tiles that fit."""
-    if INTERPRETED:
-        return configs
-    allowed = set(_TOKEN_MAJOR[named_args["h_ptr"].element_size()])
-    return [c for c in configs if _config_key(c) in allowed]
+def _prune_to_element_size(lists):
+    """Pruning that keeps the entries of ``lists`` for the operands' element size (one per size for the
+    token-major kernels: nothing left to time)."""
+    def prune(configs, named_args, **kwargs):
+        if INTERPRETED:
+            return configs
+        allowed = set(lists[named_args["h_ptr"].element_size()])
+        return [c for c in configs if _config_key(c) in allowed]
+    return prune
 
 
 def _prune_vocab_major(configs, named_args, **kwargs):
@@ -137,6 +161,35 @@ def _prune_vocab_major(configs, named_args, **kwargs):
     fits = [c for c in configs if _config_key(c) in allowed]
     narrow = [c for c in fits if c.kwargs["BLOCK_N"] <= max(32, named_args["n_bucket"])]
     return narrow or [min(fits, key=lambda c: c.kwargs["BLOCK_N"])]
+
+
+class PrunedAutotuner(Autotuner):
+    """Triton's autotuner, except that a key whose pruning leaves one config runs it untimed.
+
+    Triton 3.6 (the GPU image's) times every config that survives ``early_config_prune`` on the
+    first launch of each new key, a lone survivor too: issue 18 puts it at about 0.6 s of kernel
+    runs per key at Llama-3-8B's head, for a choice already made (Triton 3.9 skips it itself). The pruning runs
+    as before; when it leaves one config, the timing is skipped (the key is still cached).
+    """
+
+    def prune_configs(self, kwargs, *args, **more):
+        pruned = super().prune_configs(kwargs, *args, **more)
+        self._untimed = len(pruned) == 1
+        return pruned
+
+    def _bench(self, *args, config, **meta):
+        if getattr(self, "_untimed", False):
+            return [0.0, 0.0, 0.0]
+        return super()._bench(*args, config=config, **meta)
+
+
+def _autotune(configs, key, prune, reset_to_zero=None, restore_value=None):
+    """``triton.autotune`` with :class:`PrunedAutotuner`. Every output a kernel accumulates into must be in
+    ``reset_to_zero`` (or ``restore_value``): timing runs the kernel on the launch's own buffers."""
+    def decorator(fn):
+        return PrunedAutotuner(fn, fn.arg_names, configs=configs, key=key, reset_to_zero=reset_to_zero,
+                               restore_value=restore_value, prune_configs_by={"early_config_prune": prune})
+    return decorator
 
 
 def _token_bucket(n: int) -> int:
@@ -161,31 +214,7 @@ def default_blocks(dtype) -> tuple:
     rule of ``dpo_fast/fused.py`` counts those bytes.
     """
     size = dtype.itemsize
-    return _VOCAB_MAJOR[size][0][0], _TOKEN_MAJOR[size][0][0]
-
-
-_ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
-
-
-def compile_configs(dtype: str, every_config: bool = False):
-    """(kernel name, config, is default) for ahead-of-time compiles (``benchmarks/kernels.py``).
-
-    ``dtype``: the operands' Triton type name. A config: constexprs, num_warps, num_stages.
-    """
-    size = _ELEMENT_SIZE[dtype]
-    precision = "tf32" if size == 2 else FLOAT32_DOT_PRECISION
-    for name in ("_forward_kernel", "_grad_hidden_kernel"):
-        entries = _TOKEN_MAJOR[size] if every_config else _TOKEN_MAJOR[size][:1]
-        for i, (block_v, block_k, warps, stages) in enumerate(entries):
-            yield name, dict(constexprs=dict(BLOCK_N=TOKEN_BLOCK[size], BLOCK_V=block_v, BLOCK_K=block_k,
-                                             DOT_PRECISION=precision), num_warps=warps, num_stages=stages), i == 0
-    entries = _VOCAB_MAJOR[size] if every_config else _VOCAB_MAJOR[size][:1]
-    for i, (block_n, block_v, block_k, warps, stages) in enumerate(entries):
-        yield "_grad_weight_kernel", dict(constexprs=dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k,
-                                                          DOT_PRECISION=precision),
-                                          num_warps=warps, num_stages=stages), i == 0
-    if size == 4:  # float32 statistics whatever the inputs: listed once
-        yield "_merge_splits_kernel", dict(constexprs=dict(BLOCK=MERGE_BLOCK), num_warps=4, num_stages=3), True
+    return _VOCAB_MAJOR[size][0][0], _TOKEN_MAJOR["grad_hidden"][size][0][0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -315,8 +344,8 @@ def _store_stats(out, n, row_ok, m, sum_exp, z_exp, sq_exp, z_sum, arg, target):
     tl.store(out + STAT_TARGET * n, target, mask=row_ok)
 
 
-@triton.autotune(configs=_tuned(_TOKEN_MAJOR, _token_major_config), key=["H", "V", "n_bucket", "BLOCK_N"],
-                 prune_configs_by={"early_config_prune": _prune_token_major})
+@_autotune(configs=_tuned(_TOKEN_MAJOR["forward"], _token_major_config, "forward"),
+           key=["H", "V", "n_bucket", "BLOCK_N"], prune=_prune_to_element_size(_TOKEN_MAJOR["forward"]))
 @triton.jit
 def _forward_kernel(
     h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, labels_ptr, partial_ptr,
@@ -400,8 +429,9 @@ def _merge_splits_kernel(partial_ptr, stats_ptr, n, num_splits, BLOCK: tl.conste
 # backward
 # ----------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_tuned(_TOKEN_MAJOR, _token_major_config), key=["H", "V", "n_bucket", "BLOCK_N"],
-                 prune_configs_by={"early_config_prune": _prune_token_major}, reset_to_zero=["dh_ptr"])
+@_autotune(configs=_tuned(_TOKEN_MAJOR["grad_hidden"], _token_major_config, "grad_hidden"),
+           key=["H", "V", "n_bucket", "BLOCK_N"], prune=_prune_to_element_size(_TOKEN_MAJOR["grad_hidden"]),
+           reset_to_zero=["dh_ptr"])
 @triton.jit
 def _grad_hidden_kernel(
     h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr,
@@ -434,8 +464,8 @@ def _grad_hidden_kernel(
         tl.debug_barrier()
 
 
-@triton.autotune(configs=_tuned(_VOCAB_MAJOR, _vocab_major_config), key=["H", "V", "n_bucket"],
-                 prune_configs_by={"early_config_prune": _prune_vocab_major}, reset_to_zero=["dw_ptr", "db_ptr"])
+@_autotune(configs=_tuned(_VOCAB_MAJOR, _vocab_major_config, "grad_weight"), key=["H", "V", "n_bucket"],
+           prune=_prune_vocab_major, reset_to_zero=["dw_ptr", "db_ptr"])
 @triton.jit
 def _grad_weight_kernel(
     h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr,
@@ -521,7 +551,7 @@ def _vocab_splits(kernel: str, n: int, vocab: int, block_n: int, element_size: i
     """Splits sized for the token block and kernel that run; each split at least 512 columns."""
     if requested is not None:
         return max(1, min(int(requested), vocab))
-    block_v = _TOKEN_MAJOR[element_size][0][0]
+    block_v = _TOKEN_MAJOR[kernel][element_size][0][0]
     slots = _multiprocessors(device) * RESIDENT_PROGRAMS[kernel][element_size]
     return splits_for_waves(triton.cdiv(max(n, 1), block_n), triton.cdiv(vocab, block_v), slots,
                             max_splits=min(64, triton.cdiv(vocab, 512)))

@@ -1,11 +1,20 @@
-"""Every kernel's default configs, compiled ahead of time for an H100 (sm_90) and an A100 (sm_80).
+"""Every kernel launch that happens, compiled ahead of time for an H100 (sm_90) and an A100 (sm_80).
 
-No GPU needed: ``python -m benchmarks.kernels`` compiles each kernel x default config x dtype
-x target with ``triton.compile`` (ptxas from the Triton wheel), its arguments specialized as
-the JIT specializes a real launch, and reports registers, spill bytes and shared memory. A
-target that cannot be compiled here fails the test. Under the interpreter nothing compiles,
-so these are the only checks of what the GPU will run: spills cost local-memory traffic on
-every tile, and shared memory over the card's limit is an OutOfResources at launch.
+No GPU needed: ``python -m benchmarks.kernels`` records the launches the fused kernels'
+launchers make at real shapes (``benchmarks/launches.py``: every optional flag on, DPO's flags,
+n = 1, n not a multiple of 16, one vocabulary split, GPT-2, Gemma-2 with softcap; every
+config the autotuner's pruning keeps), compiles each distinct specialization with
+``triton.compile`` (ptxas from the Triton wheel) and reports registers, spill bytes, shared
+memory and the programs one SM holds. Under the interpreter nothing compiles, so these are
+the only checks of what the GPU will run: spills cost local-memory traffic on every tile,
+shared memory over the card's limit is an OutOfResources at launch, and a kernel that fits
+a different number of programs per SM than the vocabulary-split sizing assumed leaves waves
+part empty.
+
+The installed Triton compiles live; ``DPO_FAST_TRITON_PYTHONS`` (interpreters separated by
+``:``, e.g. a venv with the GPU image's Triton 3.6) adds others. ``benchmarks/KERNELS.md``
+must list every launch as fitting for Triton 3.6 and 3.9 (regenerate it with
+``python -m benchmarks.kernels --python <venv with triton 3.6>/bin/python --write``).
 """
 
 import json
@@ -22,91 +31,146 @@ from dpo_fast.kernels import fused_linear_logps as fused
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks import kernels as table  # noqa: E402
+from benchmarks import launches  # noqa: E402
 
-SMS = 132  # an H100 SXM / H200
+TABLE_VERSIONS = ("3.6", "3.9")  # the GPU image's Triton and the newest one KERNELS.md was written with
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+SIZES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @pytest.fixture(scope="module")
-def rows():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--json"], cwd=ROOT, env=env,
+def jobs():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--list"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=900)
     assert done.stdout, done.stderr[-4000:]
     return json.loads(done.stdout)
 
 
+@pytest.fixture(scope="module")
+def rows():
+    others = [p for p in os.environ.get("DPO_FAST_TRITON_PYTHONS", "").split(":") if p]
+    command = [sys.executable, "-m", "benchmarks.kernels", "--json"] + [a for p in others for a in ("--python", p)]
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=3600)
+    assert done.stdout, done.stderr[-4000:]
+    return json.loads(done.stdout)
+
+
 def _label(row):
-    return f"{row['kernel']} {row['config']} {row['dtype']} {row['target']} triton {row['triton']}"
+    return (f"{row['kernel']} {row['dtype']} {row['config']} [{row['spec']}] ({', '.join(row['launches'])}) "
+            f"{row['target']} triton {row['triton']}")
 
 
-def test_every_kernel_dtype_and_target_compiled(rows):
+def test_launches_cover_the_specializations_real_calls_make(jobs):
+    """The recorded launches include what the every-flag-on table missed: flags off, n = 1 and n = 1 split
+    as constants, n and V not multiples of 16, softcap alone, for every kernel, dtype and target."""
+    specs = {}
+    for job in jobs:
+        specs.setdefault((job["kernel"], job["dtype"], job["target"]), set()).add(job["spec"])
+    for target in table.TARGETS:
+        for dtype in table.DTYPES:
+            for kernel in ("_forward_kernel", "_grad_hidden_kernel", "_grad_weight_kernel"):
+                found = specs.get((kernel, dtype, target), set())
+                flags = [set(s.split(";")[0].split()) for s in found]
+                assert any(not f & {"bias", "softcap", "entropy_grad"} for f in flags), (kernel, dtype, target)
+                assert any("n%16!=0" in s for s in found), (kernel, dtype, target)
+        for kernel in ("_forward_kernel", "_grad_hidden_kernel"):
+            for dtype in ("bf16", "fp32"):
+                found = specs[(kernel, dtype, target)]
+                assert any("n=1" in s for s in found) and any("num_splits=1" in s for s in found)
+                assert any("V%16!=0" in s for s in found) and any(s.startswith("softcap;") for s in found)
+    assert {"_merge_splits_kernel", "_row_stats_kernel", "_row_grad_kernel"} <= {j["kernel"] for j in jobs}
+
+
+def test_every_autotune_config_is_compiled_somewhere(jobs):
+    """Each config of each element size's list survives pruning in at least one recorded launch."""
+    names = {(j["kernel"], j["dtype"], j["config"]) for j in jobs}
+    for dtype, size in SIZES.items():
+        precision = "tf32" if size == 2 else fused.FLOAT32_DOT_PRECISION
+        for kernel in ("forward", "grad_hidden"):
+            for block_v, block_k, warps, stages in fused._TOKEN_MAJOR[kernel][size]:
+                assert any(k == f"_{kernel}_kernel" and d == dtype and f"K={block_k}," in c and f"V={block_v}," in c
+                           and f"w{warps} s{stages}" in c for k, d, c in names), (kernel, dtype, block_v, block_k)
+        for block_n, block_v, block_k, warps, stages in fused._VOCAB_MAJOR[size]:
+            config = table._config_name(dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k,
+                                             DOT_PRECISION=precision), warps, stages,
+                                        fused.MAX_REGISTERS["grad_weight"].get(size))
+            assert ("_grad_weight_kernel", dtype, config) in names, config
+
+
+def test_every_launch_compiled_for_every_target(rows, jobs):
     errors = [f"{_label(r)}: {r['error']}" for r in rows if "error" in r]
     assert not errors, "\n".join(errors)
-    compiled = {(r["kernel"], r["dtype"], r["target"]) for r in rows}
-    kernels = {"_forward_kernel", "_grad_hidden_kernel", "_grad_weight_kernel", "_row_stats_kernel",
-               "_row_grad_kernel"}
-    want = {(k, d, t) for k in kernels for d in table.DTYPES for t in table.TARGETS}
-    want |= {("_merge_splits_kernel", "fp32", t) for t in table.TARGETS}
-    assert want <= compiled, sorted(want - compiled)
+    for version in {r["triton"] for r in rows}:
+        compiled = [r for r in rows if r["triton"] == version]
+        assert len(compiled) == len(jobs), version
 
 
 def test_no_spills_and_shared_memory_within_the_card(rows):
     for r in rows:
         print(f"{_label(r)}: {r['registers']} registers, {r['spill_bytes']} spill bytes, "
-              f"{r['shared'] / 1024:.0f} KB shared")
-    spills = [_label(r) for r in rows if r["spill_bytes"] > 0]
+              f"{r['shared'] / 1024:.0f} KB shared, {r['programs']} programs/SM")
+    spills = [f"{_label(r)}: {r['spill_bytes']} bytes" for r in rows if r["spill_bytes"] > 0]
     too_big = [f"{_label(r)}: {r['shared']} > {r['shared_limit']}" for r in rows if r["shared"] > r["shared_limit"]]
-    assert not spills, spills
-    assert not too_big, too_big
+    assert not spills, "\n".join(spills)
+    assert not too_big, "\n".join(too_big)
     assert all(0 < r["registers"] <= table.MAX_REGISTERS for r in rows)
 
 
-def _resident(row):
-    """Programs one SM holds by registers (65536, allocated per warp in units of 256) and shared memory."""
-    per_warp = -(-row["registers"] * 32 // 256) * 256
-    by_registers = 65536 // (per_warp * row["warps"])
-    by_shared = (row["shared_limit"] + 1024) // max(1, row["shared"] + 1024)
-    return min(by_registers, by_shared)
+def test_occupancy_is_what_the_split_sizing_assumed(rows):
+    """Token-major kernels: the SM holds exactly the programs per SM their grid was sized for (grids
+    within one wave of SMs, e.g. n = 1, give each program an SM of its own and assume nothing)."""
+    sized = [r for r in rows if r["kernel"] in launches.TOKEN_MAJOR and r["assumed_programs"] is not None]
+    # float16's launches here (Llama at 8191-8192 tokens: 128 token blocks, one split) fit one wave of 132 SMs
+    assert {(r["kernel"], r["dtype"], r["target"]) for r in sized} >= {
+        (k, d, t) for k in launches.TOKEN_MAJOR for d in ("bf16", "fp32") for t in table.TARGETS}
+    wrong = [f"{_label(r)}: {r['registers']} registers -> {r['programs']} programs/SM, sized for "
+             f"{r['assumed_programs']}" for r in sized if r["programs"] != r["assumed_programs"]]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_resident_programs_counts_registers_warps_and_shared_memory():
+    assert table.resident_programs(168, 4, 16 * 1024, "sm_90") == 3  # 168 x 32 = 21 x 256 per warp
+    assert table.resident_programs(172, 4, 16 * 1024, "sm_90") == 2  # 176 x 32 x 4 x 3 > 65536
+    assert table.resident_programs(128, 8, 72 * 1024, "sm_90") == 2
+    assert table.resident_programs(129, 8, 72 * 1024, "sm_90") == 1
+    assert table.resident_programs(32, 4, 100 * 1024, "sm_80") == 1  # by shared memory: 164 KB per SM
 
 
 @pytest.mark.parametrize("tokens", [1024, 1100, 1536, 2048, 3000, 4096, 6000, 8192, 16384, 65536])
 @pytest.mark.parametrize("vocab", [32000, 128256, 151936, 256000])
-def test_token_major_grids_fill_the_waves_of_an_h100(rows, tokens, vocab):
-    """The launcher's vocabulary splits, sized for the token block that runs, fill >= 90% of the waves
-    of 132 SMs, each holding as many programs as the compiled sm_90 kernel's resources allow."""
-    checked = 0
+def test_token_major_grids_fill_the_waves_of_an_h100(tokens, vocab):
+    """The launcher's vocabulary splits, sized for the token block that runs and the programs per SM
+    the compiled kernels hold (checked above), fill >= 90% of the waves of 132 SMs."""
+    sms = launches.SMS["sm_90"]
     for kernel in ("forward", "grad_hidden"):
-        for dtype, size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
-            block_n, block_v = fused.TOKEN_BLOCK[size], fused._TOKEN_MAJOR[size][0][0]
+        for size in (2, 4):
+            block_n, block_v = fused.TOKEN_BLOCK[size], fused._TOKEN_MAJOR[kernel][size][0][0]
             token_blocks, vocab_tiles = triton.cdiv(tokens, block_n), triton.cdiv(vocab, block_v)
-            splits = fused.splits_for_waves(token_blocks, vocab_tiles, SMS * fused.RESIDENT_PROGRAMS[kernel][size],
+            slots = sms * fused.RESIDENT_PROGRAMS[kernel][size]
+            splits = fused.splits_for_waves(token_blocks, vocab_tiles, slots,
                                             max_splits=min(64, triton.cdiv(vocab, 512)))
-            for r in rows:
-                if r["kernel"] == f"_{kernel}_kernel" and r["dtype"] == dtype and r["target"] == "sm_90" \
-                        and r["default"] and "flags off" not in r["config"]:
-                    assert _resident(r) == fused.RESIDENT_PROGRAMS[kernel][size], _label(r)
-                    fill = fused.wave_fill(token_blocks, splits, vocab_tiles, SMS * _resident(r))
-                    assert fill >= 0.9, (_label(r), splits, fill)
-                    checked += 1
-    assert checked == 6
+            fill = fused.wave_fill(token_blocks, splits, vocab_tiles, slots)
+            assert fill >= 0.9, (kernel, size, splits, fill)
 
 
-def test_kernels_md_lists_every_autotune_config_as_fitting_for_both_tritons():
-    """Autotuning lists hold only configs that fit: each entry must appear in benchmarks/KERNELS.md
-    (regenerate: ``python -m benchmarks.kernels --all --python <venv with triton 3.6>/bin/python --write``)
-    as compiled without spills and within shared memory by Triton 3.6 and 3.9, on sm_80 and sm_90."""
-    fits = {}
+def _kernels_md_rows():
+    out = {}
     for line in (ROOT / "benchmarks" / "KERNELS.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 10 and cells[0].startswith("_"):
-            kernel, config, _default, dtype, target, version = cells[:6]
-            fits[(kernel, config, dtype, target, version.rsplit(".", 1)[0])] = cells[9] == "yes"
-    checked = 0
-    for dtype in table.DTYPES:
-        for kernel, cfg, _default in fused.compile_configs(dtype, every_config=True):
-            for target in table.TARGETS:
-                for version in ("3.6", "3.9"):
-                    key = (kernel, table._config_name(cfg), dtype, target, version)
-                    assert fits.get(key), f"{key} missing from benchmarks/KERNELS.md or does not fit"
-                    checked += 1
-    assert checked >= 4 * len(table.DTYPES) * 3  # three kernels per dtype at least, two targets, two versions
+        if len(cells) == 12 and cells[0].startswith("_"):
+            kernel, dtype, config, spec, _launches, target, version = cells[:7]
+            out[(kernel, dtype, config, spec, target, version.rsplit(".", 1)[0])] = cells[11] == "yes"
+    return out
+
+
+def test_kernels_md_lists_every_launch_as_fitting_for_both_tritons(jobs):
+    """Every launch the launchers make today is in benchmarks/KERNELS.md, compiled by Triton 3.6 and 3.9
+    on sm_80 and sm_90 with no spills, within shared memory and at the assumed occupancy."""
+    listed = _kernels_md_rows()
+    missing = []
+    for job in jobs:
+        for version in TABLE_VERSIONS:
+            key = (job["kernel"], job["dtype"], job["config"], job["spec"], job["target"], version)
+            if not listed.get(key):
+                missing.append(key)
+    assert not missing, f"{len(missing)} launches missing from benchmarks/KERNELS.md or not fitting: {missing[:5]}"
