@@ -77,9 +77,9 @@ def _kernels_run_on_the_test_device(request):
     resolved = []
     real_resolve = api.resolve_impl
 
-    def resolve(impl, device):
+    def resolve(impl, device, *args, **kwargs):
         resolved.append((impl, torch.device(device)))
-        return real_resolve(impl, device)
+        return real_resolve(impl, device, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:  # its own: a test's monkeypatch.undo() leaves it in place
         patch.setattr(api, "resolve_impl", resolve)
