@@ -31,6 +31,13 @@ MIN_VOCAB_BLOCK = 128
 # on every card in cost_model.CARDS, so longer chunks only cost memory.
 MAX_CHUNK_TOKENS = 2048
 CPU_MEMORY_BUDGET = 512 * 2**20
+# batch_invariant=True: every forward logits GEMM is [INVARIANT_TOKEN_TILE x INVARIANT_VOCAB_BLOCK] (the
+# last token tile padded with zero rows; the last vocabulary block is as long as V leaves it, the same
+# on every call), whatever the number of tokens and the memory budget, so no row's reduction order
+# depends on what else is in the batch. 256 rows keep a bf16 GEMM near the FLOP-per-byte balance of the
+# cards in cost_model.CARDS (each token tile re-reads its weight block); the float32 tile is 8 MiB.
+INVARIANT_TOKEN_TILE = 256
+INVARIANT_VOCAB_BLOCK = 8192
 GPU_MEMORY_FRACTION = 10  # default budget: a tenth of the card (8 GB of an 80 GB card)
 
 
@@ -102,6 +109,11 @@ def plan_tiles(num_tokens: int, vocab: int, hidden_size: int, element_size: int,
     return TilePlan(token_chunk=token_chunk, vocab_block=vocab_block)
 
 
+def invariant_tiles(vocab: int) -> TilePlan:
+    """The batch-invariant forward's tiles: fixed, from the vocabulary size alone."""
+    return TilePlan(token_chunk=INVARIANT_TOKEN_TILE, vocab_block=min(vocab, INVARIANT_VOCAB_BLOCK))
+
+
 def engine_tiles(num_tokens: int, vocab: int, hidden_size: int, input_dtype: torch.dtype, device_type: str,
                  memory_budget: int, backward: bool, weight_grad: bool) -> TilePlan:
     """Tiles of the two-pass engine for these inputs on this device."""
@@ -170,11 +182,12 @@ def _whole_pair_cost(shape: cm.Shape, pair_tokens, chunks: List[Chunk], limit: i
 
 def plan_loss(pair_tokens: Sequence[int], vocab: int, hidden_size: int, input_dtype: torch.dtype,
               trainable_head: bool, memory_budget: int, device_type: str = "cuda", whole_pairs: bool = True,
-              card: cm.Card = cm.DEFAULT_CARD) -> Plan:
+              card: cm.Card = cm.DEFAULT_CARD, batch_invariant: bool = False) -> Plan:
     """The fastest route for a loss over pairs of ``pair_tokens`` kept tokens each (chosen + rejected).
 
     ``whole_pairs=False`` (not pair-local, no gradient, a vocabulary-parallel head...) leaves
-    the two-pass route only.
+    the two-pass route only. ``batch_invariant=True`` takes the two-pass route with the fixed-tile
+    forward (:func:`invariant_tiles`): the whole-pair route's GEMMs are shaped by the chunk.
     """
     e = input_dtype.itemsize
     staged = e < 4 and not float32_gemm_out(device_type)
@@ -183,6 +196,11 @@ def plan_loss(pair_tokens: Sequence[int], vocab: int, hidden_size: int, input_dt
     tiles = engine_tiles(n, vocab, hidden_size, input_dtype, device_type, memory_budget, True, trainable_head)
     two_pass = Plan("two-pass", cm.two_pass(shape, tiles.token_chunk, tiles.vocab_block, card,
                                             float32_gemm_out=not staged))
+    if batch_invariant:
+        fixed = invariant_tiles(vocab)
+        return Plan("two-pass", cm.batch_invariant_two_pass(shape, fixed.token_chunk, fixed.vocab_block,
+                                                            tiles.token_chunk, tiles.vocab_block, card,
+                                                            float32_gemm_out=not staged))
     if not whole_pairs or n == 0 or not pair_tokens:
         return two_pass
     candidates = [two_pass]

@@ -9,5 +9,5 @@ from .chunked import DEFAULT_MEMORY_BUDGET, ChunkedEngine
 from .rows import TorchRows
 
 
-def torch_engine(memory_budget: int = DEFAULT_MEMORY_BUDGET) -> ChunkedEngine:
-    return ChunkedEngine(TorchRows(), memory_budget)
+def torch_engine(memory_budget: int = DEFAULT_MEMORY_BUDGET, batch_invariant: bool = False) -> ChunkedEngine:
+    return ChunkedEngine(TorchRows(), memory_budget, batch_invariant=batch_invariant)
