@@ -42,7 +42,8 @@ def _routes_when_compiling(name: str):
             eager_only = (kwargs.get("process_group") is not None or kwargs.get("sequence_group") is not None
                           or kwargs.get("batch_invariant", False))
             if torch.compiler.is_compiling() and not eager_only and name in COMPILE_TWINS:
-                return COMPILE_TWINS[name](*args, **kwargs)
+                twin_kwargs = {k: v for k, v in kwargs.items() if k not in ("sequence_group", "batch_invariant")}
+                return COMPILE_TWINS[name](*args, **twin_kwargs)
             return eager(*args, **kwargs)
 
         return call
