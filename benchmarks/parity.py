@@ -175,17 +175,17 @@ def measure(hidden, weight, labels):
 def _stats(got, exact, head32, bound):
     to64, to32 = (got - exact).abs(), (got - head32).abs()
     return {
-        "max |d| vs fp32 head": float(to32.max()),
-        "mean |d| vs fp32 head": float(to32.mean()),
-        "max |d| vs fp64": float(to64.max()),
-        "mean |d| vs fp64": float(to64.mean()),
-        "p99 |d| vs fp64": float(to64.quantile(0.99)),
+        "max err vs fp32 head": float(to32.max()),
+        "mean err vs fp32 head": float(to32.mean()),
+        "max err vs fp64": float(to64.max()),
+        "mean err vs fp64": float(to64.mean()),
+        "p99 err vs fp64": float(to64.quantile(0.99)),
         "within fp32-head bound": float((to32 <= bound).double().mean()),
         "bitwise = fp32 head": float((got == head32).double().mean()),
     }
 
 
-COLUMNS = ("max |d| vs fp32 head", "mean |d| vs fp32 head", "max |d| vs fp64", "mean |d| vs fp64", "p99 |d| vs fp64",
+COLUMNS = ("max err vs fp32 head", "mean err vs fp32 head", "max err vs fp64", "mean err vs fp64", "p99 err vs fp64",
            "within fp32-head bound", "bitwise = fp32 head")
 
 
@@ -200,7 +200,7 @@ def markdown(rows, meta) -> str:
         if "skipped" in stats:
             lines.append(f"| {name} | skipped: {stats['skipped']} |" + " |" * (len(COLUMNS) - 1))
             continue
-        cells = [f"{stats[c]:.3g}" if "|d|" in c else f"{100 * stats[c]:.1f}%" for c in COLUMNS]
+        cells = [f"{stats[c]:.3g}" if "err" in c else f"{100 * stats[c]:.1f}%" for c in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
