@@ -1,6 +1,7 @@
 """``python -m benchmarks``: dpo-fast against naive PyTorch and the peers, one table per shape.
 
 ``python -m benchmarks plan [--card H100|H200|A100]`` prints the paper costs instead (no run).
+``python -m benchmarks parity`` measures per-token log-prob error against a float32 head and float64.
 
 On a CUDA machine it runs the GPU shapes (Llama-3-8B, Qwen2.5-7B and Gemma-2-2B heads at
 4 pairs x 1024 and 1 pair x 8192 completion tokens, bf16); elsewhere small float32 CPU
@@ -39,6 +40,10 @@ def main(argv=None) -> int:
         from .plan import main as plan_main
 
         return plan_main(argv[1:])
+    if argv[:1] == ["parity"]:  # per-token log-prob error against a float32 head and float64 (benchmarks/parity.py)
+        from .parity import main as parity_main
+
+        return parity_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

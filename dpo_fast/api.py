@@ -1,6 +1,7 @@
 """Public functions: validate, drop ignored tokens, dispatch to a path, apply the loss table."""
 
 import functools
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -8,6 +9,7 @@ import torch
 
 from . import validation as check
 from . import planner
+from . import context_parallel as cp
 from .chunked import ChunkedEngine, PairChunkLoss, rows_workspace
 from .distributed import gathers_head, two_pass_only, wrap_engine
 from .function import TokenLogpsFunction
@@ -26,7 +28,7 @@ from .transform import LogitTransform
 # (``_in_autocast_dtype`` wraps the routing), so a compiled call computes in eager's precision.
 COMPILE_TWINS = {}
 # Keyword switches of the public functions (all keyword-only): bool, never truthy strings.
-_FLAGS = ("average", "inplace", "check_finite", "metrics")
+_FLAGS = ("average", "inplace", "check_finite", "metrics", "batch_invariant")
 
 
 def _routes_when_compiling(name: str):
@@ -36,8 +38,13 @@ def _routes_when_compiling(name: str):
             # Before routing, so an eager call and its compile twin refuse the same settings.
             check.check_flags(**{key: kwargs[key] for key in _FLAGS if key in kwargs})
             check.check_process_group(kwargs.get("process_group"))
-            if torch.compiler.is_compiling() and kwargs.get("process_group") is None and name in COMPILE_TWINS:
-                return COMPILE_TWINS[name](*args, **kwargs)
+            check.check_process_group(kwargs.get("sequence_group"), name="sequence_group")
+            # Group calls and the batch-invariant forward stay eager (a graph break): the twins have neither.
+            eager_only = (kwargs.get("process_group") is not None or kwargs.get("sequence_group") is not None
+                          or kwargs.get("batch_invariant", False))
+            if torch.compiler.is_compiling() and not eager_only and name in COMPILE_TWINS:
+                twin_kwargs = {k: v for k, v in kwargs.items() if k not in ("sequence_group", "batch_invariant")}
+                return COMPILE_TWINS[name](*args, **twin_kwargs)
             return eager(*args, **kwargs)
 
         return call
@@ -97,7 +104,8 @@ def resolve_impl(impl: str, device: torch.device, dtype: Optional[torch.dtype] =
     return resolved
 
 
-def make_engine(impl: str, memory_budget: Optional[int], filter_eps: float = 0.0, device=None, metrics: bool = True):
+def make_engine(impl: str, memory_budget: Optional[int], filter_eps: float = 0.0, device=None, metrics: bool = True,
+                batch_invariant: bool = False):
     """``metrics=False``: the caller reads log-probs only (PyTorch rows then skip the metric statistics)."""
     # The engine tiles per-token (two-pass) work: its default is sized for GEMM efficiency, not by the card.
     budget = memory_budget or planner.default_memory_budget(torch.device(device or "cpu"), per_token=True)
@@ -106,8 +114,8 @@ def make_engine(impl: str, memory_budget: Optional[int], filter_eps: float = 0.0
 
         return FusedEngine(filter_eps=filter_eps, memory_budget=budget)
     if impl == "torch":
-        return torch_engine(budget, metrics=metrics)
-    return ChunkedEngine(TritonRows(), budget)
+        return torch_engine(budget, metrics=metrics, batch_invariant=batch_invariant)
+    return ChunkedEngine(TritonRows(), budget, batch_invariant=batch_invariant)
 
 
 @dataclass
@@ -120,6 +128,13 @@ class _Prepared:
     engine: object
     vocab_size: Optional[int]  # rows of the full head; None under a process_group (see full_vocab)
     two_pass_only: bool  # vocabulary-parallel, or a trainable ZeRO-3 head (distributed.py)
+    batch_invariant: bool = False  # fixed-tile forward, fixed-order sequence sums
+
+    def sequence_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-sequence sums; in a batch-independent order under ``batch_invariant``."""
+        if self.batch_invariant:
+            return self.layout.sequence_sum_fixed_order(values)
+        return self.layout.sequence_sum(values)
 
     @property
     def full_vocab(self) -> int:
@@ -129,7 +144,7 @@ class _Prepared:
 
 def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl, sequence_ids,
              cu_seqlens, memory_budget, check_finite, process_group=None, filter_eps=0.0, paired=False,
-             num_sequences=None, metrics: bool = True) -> _Prepared:
+             num_sequences=None, metrics: bool = True, batch_invariant=False) -> _Prepared:
     check.check_hidden_inputs(hidden, weight, labels, bias, sequence_ids, cu_seqlens)
     check.check_sequence_count(sequence_ids, num_sequences, paired)
     check.check_transform(temperature, logit_scale, softcap)
@@ -137,8 +152,11 @@ def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scal
     check.check_ignore_index(ignore_index, labels.dtype)
     impl = resolve_impl(impl, hidden.device, hidden.dtype)
     check.check_filter_eps(filter_eps, impl)
-    engine = wrap_engine(make_engine(impl, memory_budget, filter_eps, hidden.device, metrics), weight, bias,
-                         process_group)
+    if batch_invariant and impl == "fused":
+        raise ValueError("batch_invariant=True runs the fixed-tile forward of impl='chunked' (or 'torch', or 'auto'); "
+                         "impl='fused' sizes its vocabulary splits and tiles by the batch")
+    engine = wrap_engine(make_engine(impl, memory_budget, filter_eps, hidden.device, metrics, batch_invariant),
+                         weight, bias, process_group)
     # Under a process_group the full vocabulary (all shards together) is known once the ranks agree
     # (distributed.agree), which also checks the label range on every rank at once. Otherwise the
     # label check, like the packing checks, rides on the layout's one host read, and raises right
@@ -154,7 +172,7 @@ def _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scal
     kept_hidden = flat_hidden if layout.identity else flat_hidden[layout.kept_index]
     transform = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), float(temperature))
     return _Prepared(layout, kept_hidden, layout.kept_labels.contiguous(), transform, impl, engine, vocab_size,
-                     two_pass_only(weight, bias, process_group))
+                     two_pass_only(weight, bias, process_group), batch_invariant)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -181,40 +199,65 @@ def _kept_token_outputs(prep: _Prepared, weight, bias) -> TokenStats:
 @_routes_when_compiling("token_logps")
 def token_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
                 softcap=None, impl="auto", memory_budget=None, check_finite=False,
-                process_group=None, filter_eps=0.0) -> torch.Tensor:
+                process_group=None, filter_eps=0.0, batch_invariant=False) -> torch.Tensor:
     """Per-token log p(label) from hidden states and the lm_head weight, shaped like ``labels``.
 
     float32, 0 where ``labels == ignore_index``; differentiable to hidden, weight and bias.
     ``process_group``: the head is sharded by vocabulary rows across it (this rank passes its
     rows; labels stay global ids); see :mod:`dpo_fast.distributed`. ``filter_eps`` (impl="fused" only):
     approximate gradients that skip tiles whose every |d logp / d logit| is below it; 0 is exact.
+    ``batch_invariant``: a token's log-prob is bitwise the same whatever else is in the batch (its
+    padding, packing, position, the memory budget); see the README's RL section for its cost.
     """
     prep = _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl, None, None,
-                    memory_budget, check_finite, process_group, filter_eps=filter_eps, metrics=False)
+                    memory_budget, check_finite, process_group, filter_eps=filter_eps, metrics=False,
+                    batch_invariant=batch_invariant)
     return prep.layout.scatter(_kept_token_outputs(prep, weight, bias).logps)
 
 
 @gathers_head
+@cp.over_sequence_group
 @_in_autocast_dtype
 @_routes_when_compiling("sequence_logps")
 def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0,
                    softcap=None, impl="auto", average=False, sequence_ids=None, cu_seqlens=None,
                    memory_budget=None, check_finite=False, process_group=None, filter_eps=0.0,
-                   num_sequences=None) -> torch.Tensor:
+                   num_sequences=None, sequence_group=None, batch_invariant=False) -> torch.Tensor:
     """Sum (``average=True``: mean) of completion-token log-probs per sequence, shape ``[rows]``.
 
     Under ``torch.no_grad()`` this is the forward-only path for reference-model log-probs.
     ``num_sequences`` (with ``sequence_ids``): how many sequences were packed, so one whose every
     token was dropped after the last id still gets its row (0); without it, the largest id + 1.
+    ``sequence_group``: context parallelism, this rank holds slices of every sequence; the sums
+    (and the token counts of ``average``) are those of the whole sequences, on every rank
+    (:mod:`dpo_fast.context_parallel`). ``batch_invariant``: as for :func:`token_logps`, the sums too.
     """
     prep = _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl,
                     sequence_ids, cu_seqlens, memory_budget, check_finite, process_group, filter_eps=filter_eps,
-                    num_sequences=num_sequences, metrics=False)
-    sums = prep.layout.sequence_sum(_kept_token_outputs(prep, weight, bias).logps)
+                    num_sequences=num_sequences, metrics=False, batch_invariant=batch_invariant)
+    if sequence_group is not None:
+        count = _agree_sequences(sequence_group, prep, hidden, weight, labels, sequence_ids, cu_seqlens, 2)
+        local = cp.pad_sequences(prep.sequence_sum(_kept_token_outputs(prep, weight, bias).logps), count)
+        sums, extras = cp.reduce_sequences(sequence_group, local,
+                                           cp.pad_sequences(prep.layout.lengths, count)[None].double())
+        return sums / extras[0].clamp(min=1).to(sums.dtype) if average else sums
+    sums = prep.sequence_sum(_kept_token_outputs(prep, weight, bias).logps)
     return sums / prep.layout.lengths.clamp(min=1).to(sums.dtype) if average else sums
 
 
+def _agree_sequences(group, prep: _Prepared, hidden, weight, labels, sequence_ids, cu_seqlens, per_sequence,
+                     cfg=None) -> int:
+    """The sequence group's agreement (:func:`context_parallel.agree`): the whole batch's sequence count."""
+    mode = (cp.PADDED if labels.dim() == 2 else cp.CU_SEQLENS if cu_seqlens is not None
+            else cp.SEQUENCE_IDS if sequence_ids is not None else cp.SINGLE)
+    loss_key = 0.0 if cfg is None else float(zlib.crc32(repr(cfg).encode()))
+    return cp.agree(group, mode=mode, num_sequences=prep.layout.num_sequences, hidden_size=hidden.shape[-1],
+                    head_rows=weight.shape[0], transform=prep.transform, loss_key=loss_key,
+                    per_sequence=per_sequence, device=hidden.device)
+
+
 @gathers_head
+@cp.over_sequence_group
 @_in_autocast_dtype
 @_routes_when_compiling("dpo_loss")
 def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logps=None, beta=0.1,
@@ -222,7 +265,7 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
              cpo_alpha=1.0, bias=None, ignore_index=-100, temperature=1.0, logit_scale=1.0, softcap=None,
              impl="auto", sequence_ids=None, cu_seqlens=None, memory_budget=None,
              check_finite=False, process_group=None, filter_eps=0.0, num_sequences=None,
-             metrics=True) -> DPOOutput:
+             metrics=True, sequence_group=None, batch_invariant=False) -> DPOOutput:
     """The DPO-family loss straight from hidden states: no ``[N, V]`` logits.
 
     Sequences are ``[chosen_1..chosen_B, rejected_1..rejected_B]``; ``labels[i]`` is the
@@ -241,12 +284,23 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
 
     Packed sequences: ``cu_seqlens``, or ``sequence_ids`` with ``num_sequences`` (required: ids
     cannot show trailing sequences that no token carries, and each would shift the pairing).
+
+    ``sequence_group``: context parallelism (:mod:`dpo_fast.context_parallel`): this rank holds
+    slices of every sequence; every rank gets the loss and metrics of the whole batch, and its
+    local gradients (two-pass route). ``batch_invariant``: each sequence's log-probs and metric
+    sums (entropy, logits means, token accuracy) are bitwise the same whatever else is in the batch
+    (two-pass route with the fixed-tile forward); the loss, a mean over the batch, is not.
     """
     cfg = _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha,
                        ref_chosen_logps is not None or ref_rejected_logps is not None)
+    # Under a sequence_group a rank may hold no token of some sequence ids: gaps are judged over the group.
     prep = _prepare(hidden, weight, labels, bias, ignore_index, temperature, logit_scale, softcap, impl,
                     sequence_ids, cu_seqlens, memory_budget, check_finite, process_group, filter_eps=filter_eps,
-                    paired=True, num_sequences=num_sequences, metrics=metrics)
+                    paired=sequence_group is None, num_sequences=num_sequences, metrics=metrics,
+                    batch_invariant=batch_invariant)
+    if sequence_group is not None:
+        return _context_parallel_loss(prep, sequence_group, cfg, hidden, weight, bias, labels, sequence_ids,
+                                      cu_seqlens, ref_chosen_logps, ref_rejected_logps, check_finite)
     layout = prep.layout
     check.check_pairs(layout.num_sequences, ref_chosen_logps, ref_rejected_logps, hidden.device)
     if check_finite:
@@ -258,12 +312,44 @@ def dpo_loss(hidden, weight, labels, *, ref_chosen_logps=None, ref_rejected_logp
         out = finish_stats(stats, prep.labels, prep.full_vocab, KEPT_ONLY)
     else:
         out = _kept_token_outputs(prep, weight, bias)
-        loss = batch_loss(layout.sequence_sum(out.logps), layout.lengths, ref_chosen_logps, ref_rejected_logps, cfg)
-    seq = layout.sequence_sum
+        loss = batch_loss(prep.sequence_sum(out.logps), layout.lengths, ref_chosen_logps, ref_rejected_logps, cfg)
+    seq = prep.sequence_sum
     if not metrics:
         return dpo_output(loss, seq(out.logps.detach()), layout.lengths, ref_chosen_logps, ref_rejected_logps, cfg)
     return dpo_output(loss, seq(out.logps.detach()), layout.lengths, ref_chosen_logps, ref_rejected_logps, cfg,
                       seq(out.mean_logits), seq(out.is_top1.float()), seq(out.entropy.detach()))
+
+
+def _context_parallel_loss(prep: _Prepared, group, cfg: LossConfig, hidden, weight, bias, labels, sequence_ids,
+                           cu_seqlens, ref_chosen, ref_rejected, check_finite) -> DPOOutput:
+    """dpo_loss over a sequence group: local two-pass log-probs, one all-reduce of per-sequence sums."""
+    count = _agree_sequences(group, prep, hidden, weight, labels, sequence_ids, cu_seqlens, 6, cfg)
+    check.check_pairs(count, ref_chosen, ref_rejected, hidden.device)
+    if check_finite:
+        check.check_finite(ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+    out = _kept_token_outputs(prep, weight, bias)
+    layout = prep.layout
+
+    def seq(values):
+        return cp.pad_sequences(prep.sequence_sum(values), count).double()
+
+    if labels.dim() != 2 and cu_seqlens is None and sequence_ids is not None:
+        # Tokens (ignored ones too) carrying each id: an id no rank carries is a gap.
+        ids = sequence_ids.reshape(-1).to(torch.int64).clamp(0, max(count - 1, 0))
+        carried = torch.zeros(count, dtype=torch.float64, device=hidden.device).index_add_(
+            0, ids, torch.ones_like(ids, dtype=torch.float64))
+    else:
+        carried = torch.ones(count, dtype=torch.float64, device=hidden.device)
+    extras = torch.stack([cp.pad_sequences(layout.lengths, count).double(), seq(out.mean_logits),
+                          seq(out.is_top1.float()), seq(out.entropy.detach()), carried])
+    sums, (lengths, logit_means, top1, entropy, carried) = cp.reduce_sequences(
+        group, cp.pad_sequences(prep.sequence_sum(out.logps), count), extras)
+    gaps = (carried == 0).nonzero()
+    if gaps.numel():  # the same values on every rank: every rank raises alike
+        raise ValueError(f"sequence_ids must number the sequences of a paired loss 0..R-1 with no gap; over the "
+                         f"sequence_group no rank carries id {int(gaps[0])} (R = {count})")
+    loss = batch_loss(sums, lengths, ref_chosen, ref_rejected, cfg)
+    return dpo_output(loss, sums.detach(), lengths, ref_chosen, ref_rejected, cfg, logit_means, top1, entropy)
 
 
 def _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha, has_reference):
@@ -290,7 +376,7 @@ def _plan_loss(prep: _Prepared, weight, bias, cfg: LossConfig, memory_budget) ->
                              gathered_input=not prep.layout.identity,
                              input_tokens=prep.layout.labels_shape.numel(),
                              two_pass_budget=getattr(prep.engine, "memory_budget", budget),
-                             rows_workspace=workspace)
+                             rows_workspace=workspace, batch_invariant=prep.batch_invariant)
 
 
 def _pair_chunk_route(prep: _Prepared, weight, bias, cfg: LossConfig, chunks, ref_chosen, ref_rejected):
@@ -315,14 +401,14 @@ class DPOLoss(torch.nn.Module):
     def __init__(self, beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, gamma=0.5,
                  discopop_tau=0.05, cpo_alpha=1.0, ignore_index=-100, temperature=1.0, logit_scale=1.0,
                  softcap=None, impl="auto", memory_budget=None, check_finite=False, filter_eps=0.0,
-                 process_group=None, metrics=True):
+                 process_group=None, metrics=True, sequence_group=None, batch_invariant=False):
         super().__init__()
         self.settings = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
                              label_smoothing=label_smoothing, gamma=gamma, discopop_tau=discopop_tau,
                              cpo_alpha=cpo_alpha, ignore_index=ignore_index, temperature=temperature,
                              logit_scale=logit_scale, softcap=softcap, impl=impl, memory_budget=memory_budget,
                              check_finite=check_finite, filter_eps=filter_eps, process_group=process_group,
-                             metrics=metrics)
+                             metrics=metrics, sequence_group=sequence_group, batch_invariant=batch_invariant)
         # Fail at construction, not at the first batch.
         _loss_config(loss_type, loss_weights, beta, label_smoothing, gamma, discopop_tau, cpo_alpha, True)
         check.check_transform(temperature, logit_scale, softcap)
@@ -330,8 +416,9 @@ class DPOLoss(torch.nn.Module):
         check.check_ignore_index(ignore_index)
         check.check_memory_budget(memory_budget)
         check.check_filter_eps(filter_eps, impl)
-        check.check_flags(check_finite=check_finite, metrics=metrics)
+        check.check_flags(check_finite=check_finite, metrics=metrics, batch_invariant=batch_invariant)
         check.check_process_group(process_group)
+        check.check_process_group(sequence_group, name="sequence_group")
 
     def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, bias=None,
                 sequence_ids=None, cu_seqlens=None, num_sequences=None) -> DPOOutput:

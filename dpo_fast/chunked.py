@@ -28,7 +28,7 @@ from .function import refuse_second_order
 from .gemm import addmm_fp32, mm_float32, write_fp32  # noqa: F401  (re-exported)
 from .precision import ieee_float32_matmul
 from .planner import Chunk, plan_tiles  # noqa: F401  (tile sizes live in the planner; re-exported)
-from .rows import HAS_TRITON, KEPT_ONLY, finish_stats, init_stats
+from .rows import HAS_TRITON, KEPT_ONLY, TorchRows, finish_stats, init_stats
 from .transform import LogitTransform
 
 DEFAULT_MEMORY_BUDGET = planner.CPU_MEMORY_BUDGET  # see planner.default_memory_budget for CUDA devices
@@ -118,11 +118,16 @@ def _ranges(total: int, step: int):
 
 
 class ChunkedEngine:
-    """Per-token statistics and their backward over bounded GEMM tiles."""
+    """Per-token statistics and their backward over bounded GEMM tiles.
 
-    def __init__(self, rows, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+    ``batch_invariant=True``: the forward runs fixed-shape tiles (:meth:`_invariant_forward_stats`),
+    so a token's statistics are bitwise the same whatever else is in the batch; the backward is unchanged.
+    """
+
+    def __init__(self, rows, memory_budget: int = DEFAULT_MEMORY_BUDGET, batch_invariant: bool = False):
         self.rows = rows
         self.memory_budget = memory_budget
+        self.batch_invariant = batch_invariant
 
     def _plan(self, hidden, weight, backward: bool, weight_grad: bool = False):
         return planner.engine_tiles(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.dtype,
@@ -136,6 +141,8 @@ class ChunkedEngine:
             return self._forward_stats(hidden, weight, bias, labels, transform, ignore_index)
 
     def _forward_stats(self, hidden, weight, bias, labels, transform, ignore_index):
+        if self.batch_invariant:
+            return self._invariant_forward_stats(hidden, weight, bias, labels, transform, ignore_index)
         n, vocab = hidden.shape[0], weight.shape[0]
         plan = self._plan(hidden, weight, backward=False)
         stats = init_stats(n, hidden.device, self.rows.stats_dtype(hidden.dtype))
@@ -145,6 +152,39 @@ class ChunkedEngine:
                 tile = workspace.logits(hidden[t0:t1], weight[v0:v1], None if bias is None else bias[v0:v1])
                 self.rows.stats(tile, labels[t0:t1], stats[:, t0:t1], vocab_start=v0,
                                 ignore_index=ignore_index, transform=transform)
+        return stats
+
+    def _invariant_forward_stats(self, hidden, weight, bias, labels, transform, ignore_index):
+        """Every GEMM and row pass sees the same shapes and buffers whatever the batch.
+
+        Each token tile, the last one too, is copied into one fixed ``[INVARIANT_TOKEN_TILE, H]``
+        buffer (zero rows past the end, labelled ignored), multiplied by the same vocabulary blocks
+        (``planner.invariant_tiles``: fixed by V alone) and folded by the row kernels into a fixed
+        statistics buffer, block by block in vocabulary order. A BLAS or cuBLAS call then never sees
+        another shape (it picks kernels, blocking and split-K by shape), and a row's position in its
+        tile changes only which rows of the same kernels it occupies. PyTorch rows process the
+        whole tile at once (their slabs would otherwise put a lone last row in a shape of its own).
+        """
+        n, vocab = hidden.shape[0], weight.shape[0]
+        plan = planner.invariant_tiles(vocab)
+        tokens, block = plan.token_chunk, plan.vocab_block
+        rows = (TorchRows(slab_elements=tokens * block, metrics=self.rows.metrics) if isinstance(self.rows, TorchRows)
+                else self.rows)
+        stats = init_stats(n, hidden.device)
+        workspace = Workspace(tokens * block, hidden.dtype, hidden.device)
+        tile_hidden = hidden.new_zeros(tokens, hidden.shape[1])
+        tile_labels = labels.new_full((tokens,), ignore_index)
+        for t0, t1 in _ranges(n, tokens):
+            tile_hidden.zero_()
+            tile_hidden[:t1 - t0] = hidden[t0:t1]
+            tile_labels.fill_(ignore_index)
+            tile_labels[:t1 - t0] = labels[t0:t1]
+            tile_stats = init_stats(tokens, hidden.device)
+            for v0, v1 in _ranges(vocab, block):
+                tile = workspace.logits(tile_hidden, weight[v0:v1], None if bias is None else bias[v0:v1])
+                rows.stats(tile, tile_labels, tile_stats, vocab_start=v0, ignore_index=ignore_index,
+                           transform=transform)
+            stats[:, t0:t1] = tile_stats[:, :t1 - t0]
         return stats
 
     def backward(self, hidden, weight, bias, labels, transform: LogitTransform, lse, grad_logp,

@@ -424,6 +424,35 @@ def two_pass(shape: Shape, token_chunk: int, vocab_block: int, card: Card = DEFA
     return Cost("two-pass", flops, gemm_s, row_bytes, hbm + row_bytes, memory)
 
 
+def batch_invariant_two_pass(shape: Shape, tile_tokens: int, tile_vocab: int, token_chunk: int, vocab_block: int,
+                             card: Card = DEFAULT_CARD, float32_gemm_out: bool = True) -> Cost:
+    """Two-pass whose forward is batch-invariant: every logits GEMM is [tile_tokens x tile_vocab],
+    the last token tile padded with zero rows, whatever N and the budget (planner.invariant_tiles).
+
+    Against :func:`two_pass` at the budget's tiles: the padding (< tile_tokens rows of 2HV FLOPs),
+    the weight re-read once per token tile (V H e bytes per tile_tokens tokens), the padded token
+    tile copied once per tile; the backward is two-pass's (its gradients are not batch-invariant).
+    """
+    base = two_pass(shape, token_chunk, vocab_block, card, float32_gemm_out)
+    N, H, V, e = shape.tokens, shape.hidden, shape.vocab, shape.element_size
+    t, vb = min(token_chunk, N), min(vocab_block, V)
+    budget_tiles = math.ceil(N / max(t, 1)) * math.ceil(V / max(vb, 1))
+    forward_s = budget_tiles * gemm_time(t, vb, H, e, LOGIT_BYTES, False, card)
+    forward_bytes = budget_tiles * gemm_bytes(t, vb, H, e, LOGIT_BYTES, False)
+    token_tiles = math.ceil(N / tile_tokens)
+    padded = token_tiles * tile_tokens
+    vocab_tiles = math.ceil(V / tile_vocab)
+    fixed_s = token_tiles * vocab_tiles * gemm_time(tile_tokens, tile_vocab, H, e, LOGIT_BYTES, False, card)
+    fixed_bytes = token_tiles * vocab_tiles * gemm_bytes(tile_tokens, tile_vocab, H, e, LOGIT_BYTES, False)
+    copies = 2 * padded * H * e  # each token tile copied into the fixed-shape buffer
+    extra_rows = (padded - N) * V * LOGIT_BYTES * 2  # the padding's logits, written and read by the rows
+    memory = max(base.memory_bytes, base.memory_bytes - t * vb * (LOGIT_BYTES + gradient_tile_bytes(e))
+                 + tile_tokens * tile_vocab * LOGIT_BYTES + tile_tokens * (H * e + STATS_BYTES_PER_TOKEN))
+    return Cost("two-pass, batch-invariant forward", base.flops + 2.0 * (padded - N) * H * V,
+                base.gemm_s - forward_s + fixed_s, base.row_bytes + extra_rows + copies,
+                base.hbm_bytes - forward_bytes + fixed_bytes + extra_rows + copies, memory)
+
+
 def fused_forward_tiled_backward(shape: Shape, token_chunk: int, vocab_block: int,
                                  card: Card = DEFAULT_CARD) -> Cost:
     """impl='fused' rebuilt: a forward with no logits in memory (2NHV, operand bytes only), then the

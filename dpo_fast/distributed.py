@@ -149,7 +149,7 @@ def _exchange(process_group, device, rank_failed: int, rows: int = 0, values=Non
     return vec[:world], vec[world:2 * world], vec[2 * world:]
 
 
-def _raise_shared_failure(process_group, failed, own_error=None):
+def _raise_shared_failure(process_group, failed, own_error=None, group_name="process_group"):
     """Every rank learns every failing rank's message (an object all_gather, on this error path only)."""
     messages = [None] * dist.get_world_size(process_group)
     dist.all_gather_object(messages, None if own_error is None else f"{own_error}", group=process_group)
@@ -157,7 +157,7 @@ def _raise_shared_failure(process_group, failed, own_error=None):
         raise own_error
     first = next(r for r, code in enumerate(failed) if code > 0)
     cls = _ERROR_CODES.get(int(failed[first]), RuntimeError)
-    raise cls(f"rank {first} of the process_group rejected the call (every rank raises this): {messages[first]}")
+    raise cls(f"rank {first} of the {group_name} rejected the call (every rank raises this): {messages[first]}")
 
 
 def announce_failure(call: GroupCall, error: BaseException, device) -> None:

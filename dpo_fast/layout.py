@@ -46,6 +46,27 @@ class TokenLayout:
         padded = values[index.clamp(max=self.num_kept - 1)]
         return torch.where(inside, padded, torch.zeros_like(padded)).sum(dim=1)
 
+    def sequence_sum_fixed_order(self, values: torch.Tensor) -> torch.Tensor:
+        """[n] -> [R] like :meth:`sequence_sum`, in an order fixed by each token's position in its sequence.
+
+        A pairwise tree of elementwise adds: level by level, positions (2i, 2i + 1) are added.
+        Which values meet depends on nothing but their positions, and the zeros that pad a
+        sequence to the batch's longest add exactly, so a sequence's sum is bitwise the same
+        whatever else is in the batch (a reduction kernel picks its order by shape and thread count).
+        """
+        longest = max(self.lengths_host, default=0)
+        width = 1 << max(longest - 1, 0).bit_length() if longest else 1
+        starts = torch.cumsum(self.lengths, 0) - self.lengths
+        offsets = torch.arange(width, device=values.device)
+        index = starts[:, None] + offsets[None, :]
+        inside = offsets[None, :] < self.lengths[:, None]
+        padded = values[index.clamp(min=0, max=max(self.num_kept - 1, 0))] if self.num_kept else \
+            values.new_zeros(index.shape) + values.sum()
+        level = torch.where(inside, padded, torch.zeros_like(padded))
+        while level.shape[1] > 1:
+            level = level[:, 0::2] + level[:, 1::2]
+        return level[:, 0]
+
     def sequence_slices(self):
         """Host-side (start, end) of each sequence in the kept order."""
         start = 0

@@ -43,6 +43,14 @@ DPO_FREE_FRACTION = 4
 DPO_BUDGET_CAP = 8 * 2**30
 PER_TOKEN_BUDGET = 2**30
 
+# batch_invariant=True: every forward logits GEMM is [INVARIANT_TOKEN_TILE x INVARIANT_VOCAB_BLOCK] (the
+# last token tile padded with zero rows; the last vocabulary block is as long as V leaves it, the same
+# on every call), whatever the number of tokens and the memory budget, so no row's reduction order
+# depends on what else is in the batch. 256 rows keep a bf16 GEMM near the FLOP-per-byte balance of the
+# cards in cost_model.CARDS (each token tile re-reads its weight block); the float32 tile is 8 MiB.
+INVARIANT_TOKEN_TILE = 256
+INVARIANT_VOCAB_BLOCK = 8192
+
 
 def _free_cuda_memory(device: torch.device) -> int:
     free, _total = torch.cuda.mem_get_info(device)
@@ -120,6 +128,11 @@ def tile_memory(tiles: TilePlan, num_tokens: int, vocab: int, hidden_size: int, 
         gemms = [(t, vb, H, 1)] + ([(t, H, vb, 1), (vb, H, t, int(weight_grad))] if backward else [])
         memory += cm.staging(gemms, element_size)[0]
     return memory
+
+
+def invariant_tiles(vocab: int) -> TilePlan:
+    """The batch-invariant forward's tiles: fixed, from the vocabulary size alone."""
+    return TilePlan(token_chunk=INVARIANT_TOKEN_TILE, vocab_block=min(vocab, INVARIANT_VOCAB_BLOCK))
 
 
 def engine_tiles(num_tokens: int, vocab: int, hidden_size: int, input_dtype: torch.dtype, device_type: str,
@@ -207,7 +220,7 @@ def plan_loss(pair_tokens: Sequence[int], vocab: int, hidden_size: int, input_dt
               trainable_head: bool, memory_budget: int, device_type: str = "cuda", whole_pairs: bool = True,
               card: cm.Card = cm.DEFAULT_CARD, sides: Optional[Sequence[Tuple[int, int]]] = None,
               gathered_input: bool = False, input_tokens: int = 0, two_pass_budget: Optional[int] = None,
-              rows_workspace: int = 0) -> Plan:
+              rows_workspace: int = 0, batch_invariant: bool = False) -> Plan:
     """The fastest route for a loss over pairs of ``pair_tokens`` kept tokens each (chosen + rejected).
 
     ``whole_pairs=False`` (not pair-local, no gradient, a vocabulary-parallel head...) leaves
@@ -216,7 +229,8 @@ def plan_loss(pair_tokens: Sequence[int], vocab: int, hidden_size: int, input_dt
     from padded hidden states of ``input_tokens`` rows (priced on every route). ``two_pass_budget``: the
     budget the two-pass engine tiles by (default ``memory_budget``). ``rows_workspace``: bytes the row
     work allocates beside each tile (``TorchRows.workspace_bytes``; 0 for the Triton kernels), counted in
-    every route's memory.
+    every route's memory. ``batch_invariant=True`` takes the two-pass route with the fixed-tile
+    forward (:func:`invariant_tiles`): the whole-pair route's GEMMs are shaped by the chunk.
     """
     if sides is None:
         sides = [(t - t // 2, t // 2) for t in pair_tokens]
@@ -232,6 +246,11 @@ def plan_loss(pair_tokens: Sequence[int], vocab: int, hidden_size: int, input_dt
     cost = cm.two_pass(shape, tiles.token_chunk, tiles.vocab_block, card, float32_gemm_out=not staged,
                        gathered_input=gathered_input, forward_tiles=(forward.token_chunk, forward.vocab_block))
     two_pass = Plan("two-pass", dataclasses.replace(cost, memory_bytes=cost.memory_bytes + rows_workspace))
+    if batch_invariant:
+        fixed = invariant_tiles(vocab)
+        return Plan("two-pass", cm.batch_invariant_two_pass(shape, fixed.token_chunk, fixed.vocab_block,
+                                                            tiles.token_chunk, tiles.vocab_block, card,
+                                                            float32_gemm_out=not staged))
     if not whole_pairs or n == 0 or not pair_tokens:
         return two_pass
     candidates = [two_pass]

@@ -9,6 +9,8 @@ from .chunked import DEFAULT_MEMORY_BUDGET, ChunkedEngine
 from .rows import TorchRows
 
 
-def torch_engine(memory_budget: int = DEFAULT_MEMORY_BUDGET, metrics: bool = True) -> ChunkedEngine:
+def torch_engine(memory_budget: int = DEFAULT_MEMORY_BUDGET, metrics: bool = True,
+                 batch_invariant: bool = False) -> ChunkedEngine:
     """Row buffers sized from the budget (``TorchRows.slab_for_budget``), counted by the planner."""
-    return ChunkedEngine(TorchRows(TorchRows.slab_for_budget(memory_budget), metrics), memory_budget)
+    return ChunkedEngine(TorchRows(TorchRows.slab_for_budget(memory_budget), metrics), memory_budget,
+                         batch_invariant=batch_invariant)

@@ -71,13 +71,13 @@ def check_flags(**flags):
             raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
-def check_process_group(process_group):
+def check_process_group(process_group, name="process_group"):
     """None, or a torch.distributed ProcessGroup (e.g. ``dist.new_group(ranks)``, ``dist.group.WORLD``)."""
     if process_group is None:
         return
     group_type = getattr(torch.distributed, "ProcessGroup", None) if torch.distributed.is_available() else None
     if group_type is None or not isinstance(process_group, group_type):
-        raise TypeError(f"process_group must be None or a torch.distributed.ProcessGroup (e.g. "
+        raise TypeError(f"{name} must be None or a torch.distributed.ProcessGroup (e.g. "
                         f"torch.distributed.new_group(ranks)), got {type(process_group).__name__}")
 
 

@@ -24,10 +24,10 @@ def deepspeed_installed() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-def run_ranks(scenarios, folder, seed, timeout_s=120):
-    """Run ``scenarios`` ({name: (worker, args)}) on WORLD gloo ranks; ``worker(rank, *args)`` returns a report.
+def run_ranks(scenarios, folder, seed, timeout_s=120, world=WORLD):
+    """Run ``scenarios`` ({name: (worker, args)}) on ``world`` gloo ranks; ``worker(rank, *args)`` returns a report.
 
-    Returns {name: [report of rank 0, report of rank 1]} for the scenarios that finished
+    Returns {name: [report of rank 0, report of rank 1, ...]} for the scenarios that finished
     and the error that stopped the ranks (None when all finished). ``timeout_s`` bounds
     every collective, so a rank left waiting by its peer fails instead of hanging.
     """
@@ -35,7 +35,7 @@ def run_ranks(scenarios, folder, seed, timeout_s=120):
     os.environ["TRITON_INTERPRET"] = "1"  # inherited by the children, which run on CPU tensors
     error = None
     try:
-        mp.spawn(_entry, args=(scenarios, str(folder), seed, timeout_s), nprocs=WORLD, join=True)
+        mp.spawn(_entry, args=(scenarios, str(folder), seed, timeout_s, world), nprocs=world, join=True)
     except Exception as err:  # a rank raised: the others are stopped; keep what finished
         error = str(err)
     finally:
@@ -45,15 +45,15 @@ def run_ranks(scenarios, folder, seed, timeout_s=120):
             os.environ["TRITON_INTERPRET"] = old
     reports = {}
     for name in scenarios:
-        paths = [folder / f"{name}.rank{r}.json" for r in range(WORLD)]
+        paths = [folder / f"{name}.rank{r}.json" for r in range(world)]
         if all(p.exists() for p in paths):
             reports[name] = [json.loads(p.read_text()) for p in paths]
     return reports, error
 
 
-def _entry(rank, scenarios, folder, seed, timeout_s):
+def _entry(rank, scenarios, folder, seed, timeout_s, world=WORLD):
     torch.set_num_threads(1)  # two ranks on a two-core machine
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=WORLD,
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
         for name, (worker, args) in scenarios.items():

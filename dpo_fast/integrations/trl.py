@@ -88,8 +88,10 @@ class ChunkedLogProb:
     backward gathers it again (``dpo_fast.distributed``), as TRL's own function does.
     """
 
-    def __init__(self, impl: str = "auto", memory_budget: Optional[int] = None, fallback=None):
+    def __init__(self, impl: str = "auto", memory_budget: Optional[int] = None, fallback=None,
+                 batch_invariant: bool = False):
         self.impl, self.memory_budget, self.fallback = impl, memory_budget, fallback
+        self.batch_invariant = batch_invariant
 
     def apply(self, hidden, weight, bias, targets, temperature=1.0, chunk_size=None, final_logit_softcapping=None,
               logit_scale=1.0, outputs=TRL_OUTPUTS[1:], *more, **named):
@@ -103,7 +105,8 @@ class ChunkedLogProb:
         with _trl_compute_precision(hidden, weight, bias) as (hidden, weight, bias):
             prep = api._prepare(hidden, weight, targets, bias, -100, float(temperature),
                                 1.0 if logit_scale is None else float(logit_scale), final_logit_softcapping,
-                                self.impl, None, None, self.memory_budget, False)
+                                self.impl, None, None, self.memory_budget, False,
+                                batch_invariant=self.batch_invariant)
             if prep.layout.num_kept == 0:
                 # Nothing scored: zeros that stay connected to the graph, so backward() still runs.
                 zero = hidden.sum() * 0.0 + weight.sum() * 0.0
@@ -144,12 +147,13 @@ def _trl_compute_precision(hidden, weight, bias):
     yield hidden, weight, bias
 
 
-def _patch_fused_head(impl, memory_budget):
+def _patch_fused_head(impl, memory_budget, batch_invariant=False):
     import trl.trainer.utils as trl_utils
 
     if "fused_head" not in _state:
         _state["fused_head"] = (trl_utils, trl_utils._ChunkedLogProbFunction)
-    trl_utils._ChunkedLogProbFunction = ChunkedLogProb(impl, memory_budget, fallback=_state["fused_head"][1])
+    trl_utils._ChunkedLogProbFunction = ChunkedLogProb(impl, memory_budget, fallback=_state["fused_head"][1],
+                                                       batch_invariant=batch_invariant)
 
 
 # ----------------------------------------------------------------------------------------
@@ -620,18 +624,32 @@ def _patch_preference_trainers(impl, memory_budget):
 # public switch
 # ----------------------------------------------------------------------------------------
 
-def patch_trl(impl: str = "auto", memory_budget: Optional[int] = None) -> str:
+BATCH_INVARIANT_ENV = "DPO_FAST_BATCH_INVARIANT"
+
+
+def patch_trl(impl: str = "auto", memory_budget: Optional[int] = None, batch_invariant: Optional[bool] = None) -> str:
     """Make TRL's trainers run dpo-fast. Returns which patch was applied ('fused_head', 'compute_loss' or
     'concatenated_forward'); with 'fused_head', trl.experimental's CPO and ORPO trainers are patched too.
 
-    ``impl`` and ``memory_budget`` are :func:`dpo_fast.dpo_loss`'s. Call :func:`unpatch_trl` to undo.
+    ``impl`` and ``memory_budget`` are :func:`dpo_fast.dpo_loss`'s. ``batch_invariant=True`` (None: the
+    environment variable DPO_FAST_BATCH_INVARIANT=1) gives TRL's per-token log-probs and entropy (GRPO,
+    RLOO, DPO... on trl >= 1.15) the batch-invariant forward of :func:`dpo_fast.token_logps`. Call
+    :func:`unpatch_trl` to undo.
     """
+    import os
+
     from packaging.version import Version
 
     api.check.check_impl(impl)
+    if batch_invariant is None:
+        batch_invariant = os.environ.get(BATCH_INVARIANT_ENV, "0") == "1"
+    api.check.check_flags(batch_invariant=batch_invariant)
     version = trl_version()
+    if batch_invariant and version < Version(FUSED_HEAD_SINCE):
+        raise ValueError(f"batch_invariant=True patches TRL's fused LM head, which trl >= {FUSED_HEAD_SINCE} has; "
+                         f"installed trl {version}")
     if version >= Version(FUSED_HEAD_SINCE):
-        _patch_fused_head(impl, memory_budget)
+        _patch_fused_head(impl, memory_budget, batch_invariant)
         _patch_preference_trainers(impl, memory_budget)
         return "fused_head"
     if version >= Version(COMPUTE_LOSS_SINCE):
