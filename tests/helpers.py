@@ -11,6 +11,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 TEST_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_by_design(reason: str) -> list:
+    """``pytestmark`` of a test file that runs Triton kernels on CPU tensors on purpose (GPU arithmetic
+    emulated in the interpreter, a traced CPU run, CPU allocator peaks): the suite's device audit lets it,
+    and on a CUDA machine, where the interpreter is off, it is skipped with its reason."""
+    import pytest
+
+    return [pytest.mark.cpu_tensors(reason),
+            pytest.mark.skipif(TEST_DEVICE.type != "cpu", reason=f"runs on CPU tensors by design: {reason}")]
+
+
 def rel_err(actual, expected) -> float:
     """max |actual - expected| / max(max |expected|, tiny), in float64."""
     actual, expected = actual.detach().double(), expected.detach().double()

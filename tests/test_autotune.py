@@ -14,6 +14,9 @@ import torch
 import triton
 
 from dpo_fast.kernels import fused_linear_logps as fused
+from helpers import cpu_by_design
+
+pytestmark = cpu_by_design("the autotuner's logic run under the interpreter with a fake timer; on a GPU benchmarks/gpu_checks.py compares first and second calls")
 
 if not fused.INTERPRETED:  # pragma: no cover - a GPU run compiles every config; these shapes are for numpy
     pytest.skip("runs the autotuner under Triton's interpreter", allow_module_level=True)

@@ -15,6 +15,7 @@ from dpo_fast import planner
 from dpo_fast import cost_model as cm
 from dpo_fast.integrations.trl import ChunkedLogProb
 from dpo_fast.reference import sequence_logps as reference_sequence_logps
+from helpers import TEST_DEVICE
 
 H, V, L = 16, 300, 23
 IMPLS = ["torch", "chunked"]
@@ -32,7 +33,7 @@ def _target(dtype):
     weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype)
     labels = torch.randint(0, V, (L,), generator=g)
     labels[:3] = -100  # its prompt
-    return hidden, weight, labels
+    return hidden.to(TEST_DEVICE), weight.to(TEST_DEVICE), labels.to(TEST_DEVICE)
 
 
 def _others(count, length, seed, dtype):
@@ -40,7 +41,7 @@ def _others(count, length, seed, dtype):
     hidden = torch.randn(count, length, H, generator=g).to(dtype)
     labels = torch.randint(0, V, (count, length), generator=g)
     labels[:, :2] = -100
-    return hidden, labels
+    return hidden.to(TEST_DEVICE), labels.to(TEST_DEVICE)
 
 
 def _padded(hidden, labels, row, rows, width, seed, dtype):
@@ -66,7 +67,7 @@ def _variants(hidden, labels, dtype):
     packed_h = torch.cat([before_h[0], hidden, after_h[0]])
     packed_l = torch.cat([before_l[0], labels, after_l[0]])
     cu = torch.tensor([0, 37, 37 + L, 48 + L])
-    out.append(("packed cu_seqlens", packed_h, packed_l, dict(cu_seqlens=cu), 37 + torch.arange(L)))
+    out.append(("packed cu_seqlens", packed_h, packed_l, dict(cu_seqlens=cu.to(TEST_DEVICE)), 37 + torch.arange(L)))
     # sequence_ids, the three sequences' tokens interleaved at random (each keeps its own order): the
     # target is sequence 1.
     ids = torch.tensor([0] * 37 + [1] * L + [2] * 11)
@@ -75,7 +76,7 @@ def _variants(hidden, labels, dtype):
     for k in range(3):  # the k-th sequence's tokens, in order, go to the slots that carry id k
         order[slots == k] = (ids == k).nonzero().flatten()
     where = (slots == 1).nonzero().flatten()
-    out.append(("interleaved sequence_ids", packed_h[order], packed_l[order], dict(sequence_ids=slots), where))
+    out.append(("interleaved sequence_ids", packed_h[order], packed_l[order], dict(sequence_ids=slots.to(TEST_DEVICE)), where))
     return out
 
 
@@ -86,7 +87,7 @@ def _sequence_index(name, kwargs):
 @pytest.mark.usefixtures("small_tiles")
 @pytest.mark.parametrize("impl,dtype", [("torch", torch.float32), ("torch", torch.bfloat16),
                                         ("chunked", torch.float32)])
-def test_token_and_sequence_logps_are_bitwise_the_same_in_any_batch(impl, dtype):
+def test_token_and_sequence_logps_are_bitwise_the_same_in_any_batch(impl, dtype, device):
     hidden, weight, labels = _target(dtype)
     seen_tokens, seen_sums = [], []
     variants = _variants(hidden, labels, dtype)
@@ -113,7 +114,7 @@ def test_token_and_sequence_logps_are_bitwise_the_same_in_any_batch(impl, dtype)
 
 @pytest.mark.usefixtures("small_tiles")
 @pytest.mark.parametrize("impl", IMPLS)
-def test_entropy_and_metrics_through_the_trl_drop_in(impl):
+def test_entropy_and_metrics_through_the_trl_drop_in(impl, device):
     """TRL's per-token outputs (log-probs, entropy, ...) of the target, with every position handed over."""
     hidden, weight, labels = _target(torch.float32)
     fn = ChunkedLogProb(impl=impl, batch_invariant=True)
@@ -130,7 +131,7 @@ def test_entropy_and_metrics_through_the_trl_drop_in(impl):
 
 @pytest.mark.usefixtures("small_tiles")
 @pytest.mark.parametrize("impl", IMPLS)
-def test_dpo_loss_sequence_metrics_do_not_depend_on_the_batch(impl):
+def test_dpo_loss_sequence_metrics_do_not_depend_on_the_batch(impl, device):
     hidden, weight, labels = _target(torch.float32)
     h_a, l_a = _padded(hidden, labels, 0, 2, 30, 11, torch.float32)  # the target is pair 0's chosen
     h_b, l_b = _padded(hidden, labels, 1, 6, 26, 12, torch.float32)  # pair 1's chosen of three
@@ -141,7 +142,7 @@ def test_dpo_loss_sequence_metrics_do_not_depend_on_the_batch(impl):
     assert h_a.grad is not None and torch.isfinite(h_a.grad).all()
 
 
-def test_fused_and_bad_flags_are_refused():
+def test_fused_and_bad_flags_are_refused(device):
     hidden, weight, labels = _target(torch.float32)
     with pytest.raises(ValueError, match="batch_invariant"):
         dpo_fast.token_logps(hidden[None], weight, labels[None], impl="fused", batch_invariant=True)

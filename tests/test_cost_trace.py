@@ -14,6 +14,9 @@ from dpo_fast import api, cost_model as cm, planner
 from dpo_fast.integrations.trl import ChunkedLogProb
 
 from benchmarks.trace import trace_call
+from helpers import cpu_by_design
+
+pytestmark = cpu_by_design("the CUDA code path traced on small CPU tensors (a dispatch mode counting every op's bytes)")
 
 TOLERANCE = 0.03
 

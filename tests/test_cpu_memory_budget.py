@@ -13,6 +13,9 @@ import torch
 import dpo_fast
 from dpo_fast import api
 from helpers import make_batch, peak_allocated_bytes
+from helpers import cpu_by_design
+
+pytestmark = cpu_by_design('peak allocations of the CPU allocator against the budget')
 
 MiB = 2 ** 20
 

@@ -15,6 +15,9 @@ import triton.language as tl
 import gpu_arith
 from dpo_fast.kernels.tl_math import tanh_and_sech2
 from dpo_fast.rows import triton_runs_on
+from helpers import cpu_by_design
+
+pytestmark = cpu_by_design("it tests the emulation of the GPU's arithmetic inside Triton's CPU interpreter")
 
 
 @pytest.fixture(autouse=True)

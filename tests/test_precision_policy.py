@@ -25,6 +25,9 @@ from dpo_fast.transform import LogitTransform
 from helpers import make_batch, rel_err
 from test_confident_tokens import FACTOR, OFFSETS, _grads, _peaked_head, _rel
 from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import cpu_by_design
+
+pytestmark = cpu_by_design("cuBLAS TF32 and tl.dot emulated inside Triton's interpreter; on a GPU benchmarks/gpu_checks.py checks the real switch")
 
 TF32_SETTERS = ["set_float32_matmul_precision", "allow_tf32"] + (
     ["fp32_precision"] if hasattr(torch.backends.cuda.matmul, "fp32_precision") else [])

@@ -19,10 +19,10 @@ WEIGHT_LAYOUTS = ["column-major", "every-other-row", "every-other-column"]
 ROWS, T, H, V = 4, 7, 24, 97
 
 
-def _strided_inputs(weight_layout, gen):
+def _strided_inputs(weight_layout, gen, device):
     """Views of leaf tensors (gradients reach the bases, as a model's parameters would get them)."""
     def leaf(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).requires_grad_()
+        return (torch.randn(*shape, generator=gen) * scale).to(device).requires_grad_()
 
     hidden = leaf(ROWS, T, 2 * H)[..., ::2]  # hidden size stride 2
     if weight_layout == "column-major":
@@ -32,7 +32,7 @@ def _strided_inputs(weight_layout, gen):
     else:
         weight = leaf(V, 2 * H, scale=H ** -0.5)[:, ::2]
     bias = leaf(2 * V, scale=0.5)[::2]
-    labels = torch.randint(0, V, (ROWS, 2 * T), generator=gen)[:, ::2]
+    labels = torch.randint(0, V, (ROWS, 2 * T), generator=gen).to(device)[:, ::2]
     labels[:, :2] = -100
     labels[1, 5:] = -100
     for t in (hidden, weight, bias, labels):
@@ -42,15 +42,15 @@ def _strided_inputs(weight_layout, gen):
 
 @pytest.mark.parametrize("weight_layout", WEIGHT_LAYOUTS)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_hidden_state_functions_at_any_strides(impl, weight_layout):
+def test_hidden_state_functions_at_any_strides(impl, weight_layout, device):
     gen = torch.Generator().manual_seed(IMPLS.index(impl) * 10 + WEIGHT_LAYOUTS.index(weight_layout))
-    hidden, weight, bias, labels = _strided_inputs(weight_layout, gen)
+    hidden, weight, bias, labels = _strided_inputs(weight_layout, gen, device)
     h64, w64, b64 = (t.detach().double().contiguous().requires_grad_() for t in (hidden, weight, bias))
     want = reference.token_outputs(h64.reshape(-1, H), w64, labels.reshape(-1), bias=b64)[0].view(ROWS, T)
 
     logps = dpo_fast.token_logps(hidden, weight, labels, bias=bias, impl=impl)
     assert rel_err(logps, want) < 1e-5
-    upstream = torch.randn(ROWS, T, generator=gen)
+    upstream = torch.randn(ROWS, T, generator=gen).to(device)
     got = torch.autograd.grad((logps * upstream).sum(), (hidden, weight, bias))
     expected = torch.autograd.grad((want * upstream.double()).sum(), (h64, w64, b64))
     for name, g, e in zip(("hidden", "weight", "bias"), got, expected):
@@ -70,14 +70,14 @@ def test_hidden_state_functions_at_any_strides(impl, weight_layout):
 
 
 @pytest.mark.parametrize("impl", ["torch", "chunked", "auto"])
-def test_logits_functions_at_any_strides(impl):
+def test_logits_functions_at_any_strides(impl, device):
     gen = torch.Generator().manual_seed(7)
-    wide = (torch.randn(ROWS, T, 2 * V, generator=gen) * 2).requires_grad_()
+    wide = (torch.randn(ROWS, T, 2 * V, generator=gen) * 2).to(device).requires_grad_()
     logits = wide[..., ::2]  # a vocabulary stride of 2
-    labels = torch.randint(0, V, (ROWS, 2 * T), generator=gen)[:, ::2]
+    labels = torch.randint(0, V, (ROWS, 2 * T), generator=gen).to(device)[:, ::2]
     labels[:, :2] = -100
     flat_logits = wide.reshape(-1, 2 * V)[::2, ::2]  # 1-D labels, strided too
-    flat_labels = torch.randint(0, V, (ROWS * T,), generator=gen)[::2]
+    flat_labels = torch.randint(0, V, (ROWS * T,), generator=gen).to(device)[::2]
     for t in (logits, labels, flat_logits, flat_labels):
         assert not t.is_contiguous()
 
