@@ -286,8 +286,9 @@ def cuda_code_path(tracer: OpTracer):
     saved = (planner.float32_gemm_out, gemm.float32_gemm_out, api.torch_engine, chunked._merge_kernel,
              chunked.scale_by_grad_loss)
     planner.float32_gemm_out = gemm.float32_gemm_out = lambda device, dtype: dtype in (torch.float16, torch.bfloat16)
-    api.torch_engine = lambda budget, metrics=True: ChunkedEngine(
-        TracedRows(rows.TorchRows(rows.TorchRows.slab_for_budget(budget), metrics), tracer), budget)
+    api.torch_engine = lambda budget, metrics=True, batch_invariant=False: ChunkedEngine(
+        TracedRows(rows.TorchRows(rows.TorchRows.slab_for_budget(budget), metrics), tracer), budget,
+        batch_invariant=batch_invariant)
     chunked._merge_kernel, chunked.scale_by_grad_loss = merge_kernel, scale_by_grad_loss
     try:
         yield
