@@ -164,4 +164,5 @@ def test_planner_prices_the_fixed_tiles():
     assert plan.cost.flops == pytest.approx(2.0 * tokens * hidden_size * vocab * 4
                                             + 2.0 * (padded - tokens) * hidden_size * vocab)
     assert plan.cost.seconds() >= default.cost.seconds()  # never cheaper than the planner's free choice
-    assert plan.cost.bound(shape) < 1.5 * default.cost.bound(shape)
+    # At datasheet peaks: 1.89x vs 1.12x here (8NHV, the padding, a weight re-read per fixed tile).
+    assert plan.cost.bound(shape) < 2.0 * default.cost.bound(shape)
