@@ -237,8 +237,10 @@ def row_jobs(targets=tuple(TARGETS), dtypes=DTYPES):
                 block = rows._block_for(values["n_cols"])
                 fn = _jit_fn(getattr(rows, kernel))
                 constexprs = {k: v for k, v in dict(ROW_CONSTEXPRS, BLOCK=block).items() if k in fn.arg_names}
-                job = dict(family="rows", kernel=kernel, config=f"BLOCK={block} w4 s3", dtype=dtype, target=target,
-                           default=True, values=values, constexprs=constexprs, num_warps=None, num_stages=None,
+                warps = rows.ROW_WARPS[kernel][constexprs["HAS_SOFTCAP"]]  # as the launcher passes them
+                job = dict(family="rows", kernel=kernel, config=f"BLOCK={block} w{warps} s3", dtype=dtype,
+                           target=target, default=True, values=values, constexprs=constexprs, num_warps=warps,
+                           num_stages=None,
                            launches=["one tile"], assumed_programs=None)
                 job["spec"] = specialization(job)
                 out.append(job)

@@ -76,36 +76,45 @@ UPCAST_DOT_OPERANDS = tl.constexpr(INTERPRETED)
 # within the card's shared memory and at the occupancy the split sizing assumes, for sm_80
 # and sm_90 with Triton 3.6 and 3.9 (tests/test_kernel_compile.py, benchmarks/KERNELS.md).
 # Big tiles spill: 128 x 128 x 64 with 8 warps needs more than 255 registers per thread, and
-# float32 "tf32x3" dots hold two TF32 parts of each operand, so float32 tiles are smaller.
+# float32 operands multiply in IEEE float32 (FLOAT32_DOT_PRECISION "ieee": FMA units, operands held
+# in registers), so float32 tiles are smaller: 64 tokens x 32 vocabulary columns x 16 of H in the
+# token-major kernels, 8 warps in grad_weight (64 x 64 x 16 with 4 warps spilled 8-272 bytes).
 # The first entry of each list is the default (the only one with DPO_FAST_FUSED_AUTOTUNE=0).
 TOKEN_BLOCK = {2: 64, 4: 64, 8: 64}
 _TOKEN_MAJOR = {  # kernel -> element size -> [(BLOCK_V, BLOCK_K, warps, stages)]: programs own token rows
     # (64, 64, 4, 3) left the 16-bit lists: 4 warps of it fit 2-3 programs per SM, not the one the
     # splits are sized for (and issue 18 saw its forward spill on sm_80 with Triton 3.6).
-    # The float32 forward runs 2 stages: with 3, GPT-2's launch (H = 768, V = 50257) needs 172
-    # registers on sm_90 (two programs per SM, not three) and, capped at 168, spills 8 bytes.
-    "forward": {2: [(128, 64, 8, 3)], 4: [(64, 16, 4, 2)], 8: [(64, 16, 4, 2)]},
-    "grad_hidden": {2: [(128, 64, 8, 3)], 4: [(64, 16, 4, 3)], 8: [(64, 16, 4, 3)]},
+    # 16-bit grad_hidden: BLOCK_K 64 hit 255 registers and spilled 72-152 bytes on Triton 3.9 with
+    # the label's 1 - p (tl_math.one_minus_exp) and softcap; BLOCK_K 32 keeps the 128-column tile
+    # (the backward rule's traffic, default_blocks) at one program per SM, as sized. The float32
+    # (ieee) forward with 64-column tiles spilled 8-272 bytes at its 168-register cap; 32 fit.
+    "forward": {2: [(128, 64, 8, 3)], 4: [(32, 16, 4, 3)], 8: [(32, 16, 4, 3)]},
+    "grad_hidden": {2: [(128, 32, 8, 3)], 4: [(32, 16, 4, 3)], 8: [(32, 16, 4, 3)]},
 }
 _VOCAB_MAJOR = {  # (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages): grad_weight, programs own vocabulary rows
-    # (64, 128, 64, 8, 3) left the 16-bit list: with the float64 lse it spills 8 bytes on sm_90 (Triton 3.9).
-    2: [(128, 64, 64, 8, 3)],
-    4: [(64, 64, 16, 4, 3), (32, 64, 32, 4, 3)],
-    8: [(64, 64, 16, 4, 3)],
+    # (64, 128, 64, 8, 3) left the 16-bit list: with the float64 lse it spills 8 bytes on sm_90 (Triton 3.9);
+    # (128, 64, 64, 8, 3) spilled 120-240 bytes on Triton 3.9 once the label's 1 - p came in (and
+    # (128, 64, 32, 8, 3) 128); 32 vocabulary rows keep the 128-token block (default_blocks).
+    2: [(128, 32, 64, 8, 3)],
+    4: [(64, 64, 16, 8, 3), (32, 64, 16, 8, 3)],
+    8: [(64, 64, 16, 8, 3)],
 }
 # Programs of a token-major tile one SM holds at once, limited by registers (65536 per SM):
 # 16-bit tiles (8 warps; 146-255 registers in the launches of KERNELS.md that fill a wave) one;
-# float32 tiles (4 warps) three in the forward (152-168 registers, capped at 168), two in
-# grad_hidden (243-255). Vocabulary splits are sized for waves of SMs x this
-# (tests/test_kernel_compile.py checks it against every compiled launch).
+# float32 tiles (4 warps) three in the forward (capped at 168 registers), two in grad_hidden
+# (allowed 255: on sm_80 ptxas otherwise picks 128 or 168 itself and spills). Vocabulary splits
+# are sized for waves of SMs x this (tests/test_kernel_compile.py checks it against every
+# compiled launch).
 RESIDENT_PROGRAMS = {"forward": {2: 1, 4: 3, 8: 3}, "grad_hidden": {2: 1, 4: 2, 8: 2}}
 # Register caps (maxnreg) per kernel and element size, where ptxas's own choice is wrong:
 # - float32 forward: three programs of 4 warps per SM need <= 168 registers (a cap, so that no
 #   launch's specialization takes a few more and runs two programs where the splits assume three);
+# - float32 grad_hidden: as grad_weight below, on sm_80 ptxas held it at 128-168 registers and
+#   spilled up to 16 bytes (and ran 3-4 programs where the splits assume two);
 # - float32 grad_weight: uncapped, ptxas held it at 168 registers on sm_80 and spilled 16 bytes
 #   (Triton 3.6 and 3.9); allowed 255 it spills nothing (occupancy is not assumed there: its
 #   grid is one program per vocabulary block).
-MAX_REGISTERS = {"forward": {4: 168, 8: 168}, "grad_weight": {4: 255, 8: 255}}
+MAX_REGISTERS = {"forward": {4: 168, 8: 168}, "grad_hidden": {4: 255, 8: 255}, "grad_weight": {4: 255, 8: 255}}
 INTERPRETER_TILE = (32, 64, 32, 1, 1)  # numpy runs one program at a time: one small tile, no tuning
 MERGE_BLOCK = 128
 
@@ -284,8 +293,14 @@ def _logits_grad(s, cols, col_ok, row_ok, label, lse_hi, lse_lo, g, entropy, g_e
     z = tl.where(col_ok[None, :], z, float("-inf"))  # columns past the vocabulary: p = 0
     log_p = (z - lse_hi[:, None]) - lse_lo[:, None]
     p = tl.exp(log_p)
-    # onehot - p, the label's 1 - p from log p (tl_math.one_minus_exp: exact as p -> 1 with the GPU's exp)
-    grad_z = g[:, None] * tl.where(cols[None, :] == label[:, None], one_minus_exp(log_p, p), -p)
+    # onehot - p, the label's 1 - p from log p (tl_math.one_minus_exp: exact as p -> 1 with the GPU's exp).
+    # Computed per row, on the label's own log p (a max over the tile picks it out exactly; -inf where the
+    # label is not in the tile, which is then not selected): the same value as evaluating it per element,
+    # with the polynomial on a row vector instead of the whole tile (which spilled the 16-bit backward).
+    is_label = cols[None, :] == label[:, None]
+    log_p_label = tl.max(tl.where(is_label, log_p, float("-inf")), axis=1)
+    one_minus_p = one_minus_exp(log_p_label, tl.exp(log_p_label))
+    grad_z = g[:, None] * tl.where(is_label, one_minus_p[:, None], -p)
     if HAS_ENTROPY_GRAD:
         # Where p is 0 (masked columns, dead rows) z - lse may be -inf: use 0 to keep 0 * inf out.
         log_p = tl.where(p > 0, log_p, 0.0)

@@ -182,6 +182,13 @@ def _row_grad_kernel(
         tl.store(out_row_ptr + cols, grad.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
+# Warps per row kernel and softcap specialization. The softcap's tanh (tl_math.tanh_and_sech2: a
+# polynomial, an exp and an IEEE division per element) holds more values per column: 4096 columns
+# over 4 warps spilled 16-24 bytes in _row_stats_kernel (Triton 3.9, sm_80 and sm_90); over 8 warps,
+# 16 columns per thread, nothing spills (benchmarks/KERNELS.md). One row per program either way.
+ROW_WARPS = {"_row_stats_kernel": {False: 4, True: 8}, "_row_grad_kernel": {False: 4, True: 4}}
+
+
 def _block_for(n_cols: int) -> int:
     # Wide blocks keep a row's loop short; 4096 float32 values stay in registers on a GPU
     # and make the interpreter (vectorised per block) fast.
@@ -202,6 +209,7 @@ def row_stats(tile, labels, stats, *, vocab_start, ignore_index, scale, softcap,
         tile, tile.stride(0), labels, stats, stats.stride(0), vocab_start, cols, ignore_index,
         float(scale), float(softcap or 1.0), float(inv_temperature),
         HAS_SOFTCAP=softcap is not None, BLOCK=_block_for(cols),
+        num_warps=ROW_WARPS["_row_stats_kernel"][softcap is not None],
     )
 
 
@@ -225,4 +233,5 @@ def row_grad(tile, labels, lse, grad_logp, out, *, vocab_start, ignore_index, sc
         vocab_start, cols, ignore_index,
         float(scale), float(softcap or 1.0), float(inv_temperature),
         HAS_SOFTCAP=softcap is not None, HAS_ENTROPY_GRAD=has_entropy_grad, BLOCK=_block_for(cols),
+        num_warps=ROW_WARPS["_row_grad_kernel"][softcap is not None],
     )
