@@ -276,16 +276,30 @@ class PairChunkLoss(torch.autograd.Function):
             run = _PairRun(hidden, weight, bias, labels, (ref_chosen, ref_rejected), rows, transform, spans,
                            lengths, chunks, chunk_loss, ctx.needs_input_grad)
             grads = run.run()
-        ctx.save_for_backward(*grads)
+        # Kept on ctx, not saved for backward: the first backward scales them in place, which the
+        # saved-tensor version check would refuse to a later backward through a retained graph.
+        ctx.grads, ctx.applied = grads, None
         ctx.mark_non_differentiable(run.stats)
         return run.loss, run.stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         refuse_second_order("dpo_loss (whole-pair route)")  # the saved gradients carry no graph
-        # In place (no second copy); free when grad_loss is 1, the common loss.backward().
-        grad_hidden, grad_weight, grad_bias, grad_ref_c, grad_ref_r = saved = ctx.saved_tensors
-        scale_by_grad_loss(saved, grad_loss)
+        grads = ctx.grads
+        if ctx.applied is None:
+            # In place (no second copy); free when grad_loss is 1, the common loss.backward().
+            scale_by_grad_loss(grads, grad_loss)
+            ctx.applied = grad_loss.detach().clone()
+        else:
+            # A later backward through a retained graph (retain_graph=True, gradcheck): the gradients
+            # were scaled by the first grad_loss; this one gets new tensors (the first call's results
+            # stay as they were returned). One host read, on this rare path only.
+            if bool((ctx.applied == 0).any()):
+                raise RuntimeError("dpo_loss (whole-pair route): a second backward through a retained graph after a "
+                                   "first backward with grad_loss 0 cannot be recovered; call dpo_loss again")
+            ratio = grad_loss.detach() / ctx.applied
+            grads = [None if g is None else g * ratio.to(g.dtype) for g in grads]
+        grad_hidden, grad_weight, grad_bias, grad_ref_c, grad_ref_r = grads
         return grad_hidden, grad_weight, grad_bias, None, grad_ref_c, grad_ref_r, None, None, None, None, None, None
 
 

@@ -45,7 +45,8 @@ def tanh_and_sech2(x):
       (relative error ~1 ulp; no cancellation);
     - ``|x| >= 0.625``: ``1 - q`` with ``q = 2 / (exp(2|x|) + 1)``, ``exp`` from
       :func:`_exp_reduced` and an IEEE division; ``q <= 0.45`` there, so its relative error
-      adds at most ~1 ulp of tanh. ``2|x|`` is capped at 20 (tanh(10) rounds to 1).
+      adds at most ~1 ulp of tanh. ``2|x|`` is capped at 20 (tanh(10) rounds to 1); past it the
+      derivative is ``4 exp(-2|x|)`` (relative error 2^-28 from the dropped factor).
 
     ``1 - tanh^2`` is ``q (2 - q)`` on the large branch: no cancellation as tanh -> 1, so
     the softcap's derivative stays relatively accurate in the saturated tail.
@@ -62,7 +63,9 @@ def tanh_and_sech2(x):
     q = tl.math.div_rn(e * 0.0 + 2.0, e + 1.0)
     is_small = a < 0.625
     t = tl.where(is_small, small, 1.0 - q)
-    sech2 = tl.where(is_small, 1.0 - small * small, q * (2.0 - q))
+    # Past the cap q stops shrinking, but 1 - tanh^2 = 4 e^{-2|x|} (1 + e^{-2|x|})^-2 keeps falling (to 0 past
+    # |x| ~ 52): its tail from exp itself, whose 2 ulp are relative there (a capped 1e30 logit gets 0, not 8e-9).
+    sech2 = tl.where(is_small, 1.0 - small * small, tl.where(a > 10.0, 4.0 * tl.exp(-2.0 * a), q * (2.0 - q)))
     t = tl.where(x < 0, -t, t)
     t = tl.where(x != x, x, t)  # NaN in, NaN out
     return t, sech2

@@ -233,11 +233,11 @@ def test_float64_logits_on_torch_rows_are_float64_exact(rows, vocab, scale, devi
     assert rel_err(ours, oracle) < 1e-12 and rel_err(grad, grad64) < 1e-12
 
 
-def test_float64_logits_take_the_float64_rows():
+def test_float64_logits_take_the_float64_rows(device):
     """The Triton row kernels compute in float32: 'auto' gives float64 logits to the PyTorch rows (float64
     in, float64 out), and impl='chunked' refuses them rather than hand float32 back (issue 22 item 7)."""
-    logits = torch.randn(4, 50, dtype=torch.float64) * 3
-    labels = torch.randint(0, 50, (4,))
+    logits = torch.randn(4, 50, dtype=torch.float64, device=device) * 3
+    labels = torch.randint(0, 50, (4,), device=device)
     ours = dpo_fast.token_logps_from_logits(logits, labels, impl="auto")
     oracle, _ = reference.token_outputs_from_logits(logits, labels)
     assert ours.dtype == torch.float64 and rel_err(ours, oracle) < 1e-12

@@ -62,7 +62,8 @@ def test_marked(impl):
 
 def _scratch_suite(pytester):
     pytester.makeconftest((HERE / "conftest.py").read_text())
-    pytester.makepyfile(helpers=(HERE / "helpers.py").read_text(), test_scratch=SCRATCH_TESTS)
+    pytester.makepyfile(helpers=(HERE / "helpers.py").read_text(), gpu_arith=(HERE / "gpu_arith.py").read_text(),
+                        test_scratch=SCRATCH_TESTS)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine those tests fail by themselves")
