@@ -85,11 +85,11 @@ _TOKEN_MAJOR = {  # kernel -> element size -> [(BLOCK_V, BLOCK_K, warps, stages)
     # (64, 64, 4, 3) left the 16-bit lists: 4 warps of it fit 2-3 programs per SM, not the one the
     # splits are sized for (and issue 18 saw its forward spill on sm_80 with Triton 3.6).
     # 16-bit grad_hidden: BLOCK_K 64 hit 255 registers and spilled 72-152 bytes on Triton 3.9 with
-    # the label's 1 - p (tl_math.one_minus_exp) and softcap; BLOCK_K 32 keeps the 128-column tile
+    # the label's 1 - p (tl_math.one_minus_exp) and softcap; BLOCK_K 16 keeps the 128-column tile
     # (the backward rule's traffic, default_blocks) at one program per SM, as sized. The float32
     # (ieee) forward with 64-column tiles spilled 8-272 bytes at its 168-register cap; 32 fit.
     "forward": {2: [(128, 64, 8, 3)], 4: [(32, 16, 4, 3)], 8: [(32, 16, 4, 3)]},
-    "grad_hidden": {2: [(128, 32, 8, 3)], 4: [(32, 16, 4, 3)], 8: [(32, 16, 4, 3)]},
+    "grad_hidden": {2: [(128, 16, 8, 3)], 4: [(32, 16, 4, 3)], 8: [(32, 16, 4, 3)]},
 }
 _VOCAB_MAJOR = {  # (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages): grad_weight, programs own vocabulary rows
     # (64, 128, 64, 8, 3) left the 16-bit list: with the float64 lse it spills 8 bytes on sm_90 (Triton 3.9);
