@@ -127,6 +127,10 @@ def test_every_kernel_is_seen_entering_its_device(device, monkeypatch):
     h, w, _, labels = make_batch(1, 6, 16, 40, device=device)
     fused_linear_logps.forward_stats(h.detach().reshape(-1, 16), w.detach(), None,
                                      labels.reshape(-1).clamp(min=0), num_splits=2)
+    # kernels/scale.py runs where these small calls do not reach it (a CUDA grad_loss, a split pair's merge).
+    x, two = torch.ones(64, device=device), torch.full((1,), 2.0, device=device)
+    scale.scale_unless_one(x, two)
+    scale.merge_scaled(x, x, two)
     _check_launches(launches, device)
     assert {seen.kernel for seen in launches} == set(_kernel_names())
 
