@@ -38,11 +38,11 @@ def scale_by_grad_loss(tensors, grad_loss: torch.Tensor) -> None:
     """Each tensor ``*= grad_loss`` in place (no second copy), with no host read of ``grad_loss``.
 
     On CUDA a Triton kernel reads the device scalar itself and moves no bytes when it is 1
-    (``loss.backward()``): one launch per tensor. Elsewhere an in-place multiply. The version
-    counters are bumped either way, so a second backward through a retained graph raises
-    PyTorch's in-place error instead of scaling twice.
+    (``loss.backward()``): one launch per tensor. Elsewhere an in-place multiply. The saved
+    tensors' version counters are left alone (``.data``): the caller records the scale it
+    applied, so a later backward through a retained graph rescales instead of failing.
     """
-    tensors = [t for t in tensors if t is not None and t.numel()]
+    tensors = [t.data for t in tensors if t is not None and t.numel()]
     if tensors and tensors[0].device.type == "cuda" and HAS_TRITON:
         from dpo_fast.kernels.scale import scale_unless_one
 
@@ -50,7 +50,6 @@ def scale_by_grad_loss(tensors, grad_loss: torch.Tensor) -> None:
         for t in tensors:
             if t.is_contiguous():  # the kernel walks the elements flat
                 scale_unless_one(t, scale)
-                torch.autograd.graph.increment_version(t)
             else:
                 t.mul_(scale)
         return
@@ -276,16 +275,15 @@ class PairChunkLoss(torch.autograd.Function):
             run = _PairRun(hidden, weight, bias, labels, (ref_chosen, ref_rejected), rows, transform, spans,
                            lengths, chunks, chunk_loss, ctx.needs_input_grad)
             grads = run.run()
-        # Kept on ctx, not saved for backward: the first backward scales them in place, which the
-        # saved-tensor version check would refuse to a later backward through a retained graph.
-        ctx.grads, ctx.applied = grads, None
+        ctx.save_for_backward(*grads)
+        ctx.applied = None  # the grad_loss the first backward scaled them by, in place
         ctx.mark_non_differentiable(run.stats)
         return run.loss, run.stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         refuse_second_order("dpo_loss (whole-pair route)")  # the saved gradients carry no graph
-        grads = ctx.grads
+        grads = ctx.saved_tensors
         if ctx.applied is None:
             # In place (no second copy); free when grad_loss is 1, the common loss.backward().
             scale_by_grad_loss(grads, grad_loss)
