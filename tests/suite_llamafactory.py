@@ -106,7 +106,7 @@ def test_concatenated_forward_matches_stock(loss_type):
 
 def test_ld_alpha_runs_stock_method_with_one_warning():
     dpo_lf.patch_llamafactory(impl="torch")
-    dpo_lf._state.pop("warned", None)
+    dpo_lf._patches.rearm_warnings()
     trainer, model = _trainer("sigmoid"), _model()
     trainer.ld_alpha = 0.5
     with warnings.catch_warnings(record=True) as caught:

@@ -80,7 +80,7 @@ def test_unpatch_restores_verl_kernel():
 def test_unsupported_reduction_runs_verl_kernel_with_one_warning():
     h, w, labels, _, _ = _inputs()
     dpo_verl.patch_verl(impl="torch")
-    dpo_verl._state.pop("warned", None)
+    dpo_verl._patches.rearm_warnings()
     for _ in range(2):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -135,7 +135,7 @@ def test_call_for_logits_runs_openrlhf_forward_with_one_warning():
     actor = _actor(0.7)
     stock = actor(sequences, attention_mask=attention_mask, return_output=True)
     dpo_openrlhf.patch_openrlhf(impl="torch")
-    dpo_openrlhf._state.pop("warned", None)
+    dpo_openrlhf._patches.rearm_warnings()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):

@@ -323,7 +323,7 @@ def test_an_argument_dpo_fast_lacks_runs_trls_function_with_one_warning():
     hidden, weight, targets = _head_inputs()
     chunked = dpo_trl.ChunkedLogProb(impl="torch", fallback=TRLFunction)
     mask = torch.ones(hidden.shape[0], 4, dtype=torch.bool)
-    dpo_trl._state.pop("warned", None)
+    dpo_trl._patches.rearm_warnings()
     with pytest.warns(UserWarning, match="sampling_mask") as caught:
         out = chunked.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, ("entropy",), sampling_mask=mask)
         chunked.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, ("entropy",), sampling_mask=mask)

@@ -16,10 +16,10 @@ KTO (``CustomKTOTrainer``) has its own ``forward`` / ``concatenated_forward`` (a
 target batch) and is not patched: it runs LLaMA-Factory's full-logits code.
 """
 
-import warnings
 from typing import Optional
 
 from ..hf import fused_forward, resolve_head
+from .patching import Patches
 from .trl import PositionOutputsComputation
 
 VERIFIED_VERSIONS = ("0.9.5",)
@@ -27,7 +27,7 @@ _LENGTH_AVERAGED = ("ipo", "orpo", "simpo")  # LLaMA-Factory divides these by th
 _VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "token_type_ids",
                 "input_features", "mm_token_type_ids")
 
-_state = {}  # what patch_llamafactory replaced, so unpatch_llamafactory can put it back
+_patches = Patches()  # what patch_llamafactory replaced, so unpatch_llamafactory can put it back
 
 
 def _unsupported(trainer, model, batch, is_ref_model) -> Optional[str]:
@@ -42,23 +42,15 @@ def _unsupported(trainer, model, batch, is_ref_model) -> Optional[str]:
     return None
 
 
-def _warn_fallback(reason):
-    seen = _state.setdefault("warned", set())
-    if reason not in seen:
-        seen.add(reason)
-        warnings.warn(f"dpo-fast: {reason} is not supported; this call runs LLaMA-Factory's own "
-                      "CustomDPOTrainer.concatenated_forward (full logits)", stacklevel=3)
-
-
 def _fused_concatenated_forward(self, model, batch, is_ref_model=False):
     """``CustomDPOTrainer.concatenated_forward`` without [N, V] logits (see the module docstring)."""
     reason = _unsupported(self, model, batch, is_ref_model)
     if reason is not None:
-        _warn_fallback(reason)
-        return _state["forward"][1](self, model, batch, is_ref_model)
+        _patches.warn_fallback(reason, "LLaMA-Factory's own CustomDPOTrainer.concatenated_forward (full logits)")
+        return _patches.original("concatenated_forward")(self, model, batch, is_ref_model)
     batch = dict(batch)  # LLaMA-Factory pops "labels" from its (cloned) batch; the caller's stays whole
     labels = batch.pop("labels")
-    settings = _state["settings"]
+    settings = _patches.settings
     computation = PositionOutputsComputation(settings["impl"], settings["memory_budget"])
     with self.accelerator.autocast(), fused_forward(model, computation) as call:
         log_probs, mean_logits, targets = call(**batch, labels=labels)
@@ -82,22 +74,17 @@ def patch_llamafactory(impl: str = "auto", memory_budget: Optional[int] = None) 
     from .. import api
 
     api.check.check_impl(impl)
-    _state["settings"] = dict(impl=impl, memory_budget=memory_budget)
-    if "forward" not in _state:
-        _state["forward"] = (CustomDPOTrainer, vars(CustomDPOTrainer)["concatenated_forward"])
-    CustomDPOTrainer.concatenated_forward = _fused_concatenated_forward
+    _patches.settings = dict(impl=impl, memory_budget=memory_budget)
+    _patches.swap(CustomDPOTrainer, "concatenated_forward", _fused_concatenated_forward)
 
 
 def unpatch_llamafactory() -> None:
     """Undo :func:`patch_llamafactory` (no-op when nothing is patched)."""
-    if "forward" in _state:
-        cls, original = _state.pop("forward")
-        cls.concatenated_forward = original
-    _state.pop("settings", None)
+    _patches.restore()
 
 
 def is_patched() -> bool:
-    return "forward" in _state
+    return _patches.holds()
 
 
 __all__ = ["patch_llamafactory", "unpatch_llamafactory", "is_patched", "VERIFIED_VERSIONS"]

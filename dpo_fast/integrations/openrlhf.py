@@ -22,17 +22,17 @@ by a plain-torch stand-in of the helpers it uses.
 """
 
 import sys
-import warnings
 from typing import Optional
 
 import torch
 
 from .. import api
 from ..hf import HeadComputation, fused_forward, head_precision, resolve_head
+from .patching import Patches
 
 VERIFIED_VERSIONS = ("0.11.2",)
 
-_state = {}  # what patch_openrlhf replaced, so unpatch_openrlhf can put it back
+_patches = Patches()  # what patch_openrlhf replaced, so unpatch_openrlhf can put it back
 
 
 def _no_ignore(labels: torch.Tensor) -> int:
@@ -84,22 +84,14 @@ def _unsupported(actor, action_mask, return_logprobs, mm_inputs) -> Optional[str
     return None
 
 
-def _warn_fallback(reason):
-    seen = _state.setdefault("warned", set())
-    if reason not in seen:
-        seen.add(reason)
-        warnings.warn(f"dpo-fast: {reason} is not supported; this call runs OpenRLHF's own Actor.forward "
-                      "(full logits)", stacklevel=3)
-
-
 def _fused_actor_forward(self, sequences, action_mask=None, attention_mask=None, return_output=False,
                          allgather_logits=False, return_logprobs=False, ring_attn_group=None, packed_seq_lens=None,
                          return_entropy=False, **mm_inputs):
     """``Actor.forward`` with the log-probs and entropy from dpo-fast (see the module docstring)."""
-    original = _state["forward"][1]
+    original = _patches.original("forward")
     reason = _unsupported(self, action_mask, return_logprobs, mm_inputs)
     if reason is not None:
-        _warn_fallback(reason)
+        _patches.warn_fallback(reason, "OpenRLHF's own Actor.forward (full logits)")
         return original(self, sequences, action_mask=action_mask, attention_mask=attention_mask,
                         return_output=return_output, allgather_logits=allgather_logits,
                         return_logprobs=return_logprobs, ring_attn_group=ring_attn_group,
@@ -116,7 +108,7 @@ def _fused_actor_forward(self, sequences, action_mask=None, attention_mask=None,
         position_ids = attention_mask.long().cumsum(-1) - 1
         position_ids.masked_fill_(attention_mask == 0, 1)
 
-    settings = _state["settings"]
+    settings = _patches.settings
     computation = ActorComputation(self.temperature, return_entropy, settings["impl"], settings["memory_budget"])
     with fused_forward(self.model, computation, fallback="naive") as call:
         log_probs, entropy = call(sequences, attention_mask=forward_attention_mask, position_ids=position_ids,
@@ -150,22 +142,17 @@ def patch_openrlhf(impl: str = "auto", memory_budget: Optional[int] = None) -> N
     from openrlhf.models.actor import Actor
 
     api.check.check_impl(impl)
-    _state["settings"] = dict(impl=impl, memory_budget=memory_budget)
-    if "forward" not in _state:
-        _state["forward"] = (Actor, vars(Actor)["forward"])
-    Actor.forward = _fused_actor_forward
+    _patches.settings = dict(impl=impl, memory_budget=memory_budget)
+    _patches.swap(Actor, "forward", _fused_actor_forward)
 
 
 def unpatch_openrlhf() -> None:
     """Undo :func:`patch_openrlhf` (no-op when nothing is patched)."""
-    if "forward" in _state:
-        cls, original = _state.pop("forward")
-        cls.forward = original
-    _state.pop("settings", None)
+    _patches.restore()
 
 
 def is_patched() -> bool:
-    return "forward" in _state
+    return _patches.holds()
 
 
 __all__ = ["ActorComputation", "patch_openrlhf", "unpatch_openrlhf", "is_patched", "VERIFIED_VERSIONS"]

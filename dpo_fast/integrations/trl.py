@@ -35,7 +35,6 @@ RLOO, CPO and ORPO on trl 1.16.0 (tests/test_trl_trainers.py).
 
 import contextlib
 import sys
-import warnings
 from typing import Optional
 
 import torch
@@ -46,6 +45,7 @@ from ..objective import dpo_output, pair_terms
 from ..distributed import gathered
 from ..hf import (DPOComputation, HeadComputation, SequenceLogpsComputation, fused_forward, head_precision,
                   resolve_head, shift_targets)
+from .patching import Patches
 
 FUSED_HEAD_SINCE = "1.15.0"  # first TRL whose DPOTrainer routes through _ChunkedLogProbFunction
 COMPUTE_LOSS_SINCE = "0.29.0"  # first TRL whose DPOTrainer has _compute_loss (full logits)
@@ -54,7 +54,7 @@ VERIFIED_VERSIONS = ("0.28.0", "0.29.1", "1.14.2", "1.15.0", "1.16.0")
 # The per-token outputs TRL's ChunkedLogProbFunction returns, in order.
 TRL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
-_state = {}  # what patch_trl replaced, so unpatch_trl can put it back
+_patches = Patches()  # what patch_trl replaced, so unpatch_trl can put it back
 
 
 def trl_version():
@@ -150,10 +150,11 @@ def _trl_compute_precision(hidden, weight, bias):
 def _patch_fused_head(impl, memory_budget, batch_invariant=False):
     import trl.trainer.utils as trl_utils
 
-    if "fused_head" not in _state:
-        _state["fused_head"] = (trl_utils, trl_utils._ChunkedLogProbFunction)
-    trl_utils._ChunkedLogProbFunction = ChunkedLogProb(impl, memory_budget, fallback=_state["fused_head"][1],
-                                                       batch_invariant=batch_invariant)
+    original = (_patches.original("fused_head") if _patches.holds("fused_head")
+                else vars(trl_utils)["_ChunkedLogProbFunction"])
+    _patches.swap(trl_utils, "_ChunkedLogProbFunction",
+                  ChunkedLogProb(impl, memory_budget, fallback=original, batch_invariant=batch_invariant),
+                  key="fused_head")
 
 
 # ----------------------------------------------------------------------------------------
@@ -184,16 +185,12 @@ def _unsupported_setting(trainer, return_outputs) -> Optional[str]:
 
 
 def _warn_fallback(reason, method="_compute_loss (full logits)"):
-    seen = _state.setdefault("warned", set())
-    if (reason, method) not in seen:
-        seen.add((reason, method))
-        warnings.warn(f"dpo-fast: {reason} is not supported; this call runs TRL's own {method}",
-                      stacklevel=3)
+    _patches.warn_fallback(reason, f"TRL's own {method}")
 
 
 def _trainer_module():
     """trl.trainer.dpo_trainer, whose namespace holds the helpers its _compute_loss uses in this version."""
-    return sys.modules[_state["compute_loss"][1].__module__]
+    return sys.modules[_patches.original("compute_loss").__module__]
 
 
 def _model_inputs(trainer, inputs):
@@ -213,7 +210,7 @@ def _model_inputs(trainer, inputs):
 def _reference_logps(trainer, input_ids, attention_mask, labels, extra, model=None):
     """[2B] reference sums, with the reference TRL picks: ``model`` when given (precompute), the
     separate reference model, or the policy with its PEFT adapter disabled."""
-    module, settings = _trainer_module(), _state["settings"]
+    module, settings = _trainer_module(), _patches.settings
     computation = SequenceLogpsComputation(1.0, settings["impl"], settings["memory_budget"], False)
     no_checkpointing = module.disable_gradient_checkpointing(trainer.model,
                                                              trainer.args.gradient_checkpointing_kwargs)
@@ -232,7 +229,7 @@ def _fused_compute_ref_log_probs(self, *args):
     """``compute_ref_log_probs([model,] inputs)`` (precomputed reference log-probs) through dpo-fast."""
     if getattr(self, "ld_alpha", None) is not None:
         _warn_fallback("ld_alpha")
-        return _state["compute_ref_log_probs"][1](self, *args)
+        return _patches.original("compute_ref_log_probs")(self, *args)
     model, inputs = (args[0] if len(args) > 1 else None), args[-1]
     input_ids, attention_mask, completion_mask, extra = _model_inputs(self, inputs)
     labels = input_ids.masked_fill(completion_mask == 0, -100)
@@ -244,8 +241,8 @@ def _fused_compute_loss(self, model, inputs, return_outputs=False):
     reason = _unsupported_setting(self, return_outputs)
     if reason is not None:
         _warn_fallback(reason)
-        return _state["compute_loss"][1](self, model, inputs, return_outputs)
-    settings = _state["settings"]
+        return _patches.original("compute_loss")(self, model, inputs, return_outputs)
+    settings = _patches.settings
     mode = "train" if self.model.training else "eval"
     input_ids, attention_mask, completion_mask, extra = _model_inputs(self, inputs)
     labels = input_ids.masked_fill(completion_mask == 0, -100)
@@ -339,12 +336,10 @@ def _patch_compute_loss(impl, memory_budget):
 
     if not hasattr(DPOTrainer, "_compute_loss"):
         raise RuntimeError(f"trl {trl_version()}: DPOTrainer has no _compute_loss; dpo-fast cannot patch it")
-    _state["settings"] = dict(impl=impl, memory_budget=memory_budget)
+    _patches.settings = dict(impl=impl, memory_budget=memory_budget)
     for name, attr, replacement in (("compute_loss", "_compute_loss", _fused_compute_loss),
                                     ("compute_ref_log_probs", "compute_ref_log_probs", _fused_compute_ref_log_probs)):
-        if name not in _state:
-            _state[name] = (DPOTrainer, DPOTrainer.__dict__[attr], attr)
-        setattr(DPOTrainer, attr, replacement)
+        _patches.swap(DPOTrainer, attr, replacement, key=name)
 
 
 # ----------------------------------------------------------------------------------------
@@ -408,7 +403,7 @@ def _unsupported_forward(trainer, batch, is_ref_model) -> Optional[str]:
 def _concatenated_model_inputs(trainer, batch):
     """(input_ids, attention_mask, completion_mask) [2B, T] as TRL 0.28 builds them: prompt + completion,
     flushed left and truncated to ``max_length`` with TRL's own helpers."""
-    module = sys.modules[_state["concatenated_forward"][1].__module__]
+    module = sys.modules[_patches.original("concatenated_forward").__module__]
     joined = trainer.concatenated_inputs(batch, padding_value=trainer.pad_token_id)
     prompt_mask = joined["prompt_attention_mask"]
     input_ids = torch.cat((joined["prompt_input_ids"], joined["completion_input_ids"]), dim=1)
@@ -439,8 +434,8 @@ def _fused_concatenated_forward(self, model, batch, is_ref_model=False):
     reason = _unsupported_forward(self, batch, is_ref_model)
     if reason is not None:
         _warn_fallback(reason, "concatenated_forward (full logits)")
-        return _state["concatenated_forward"][1](self, model, batch, is_ref_model)
-    settings = _state["settings"]
+        return _patches.original("concatenated_forward")(self, model, batch, is_ref_model)
+    settings = _patches.settings
     input_ids, attention_mask, loss_mask = _concatenated_model_inputs(self, batch)
     labels = input_ids.masked_fill(loss_mask == 0, -100)
     computation = TokenOutputsComputation(settings["impl"], settings["memory_budget"])
@@ -469,11 +464,8 @@ def _patch_concatenated_forward(impl, memory_budget):
 
     if not hasattr(DPOTrainer, "concatenated_forward"):
         raise RuntimeError(f"trl {trl_version()}: DPOTrainer has no concatenated_forward; dpo-fast cannot patch it")
-    _state["settings"] = dict(impl=impl, memory_budget=memory_budget)
-    if "concatenated_forward" not in _state:
-        _state["concatenated_forward"] = (DPOTrainer, DPOTrainer.__dict__["concatenated_forward"],
-                                          "concatenated_forward")
-    DPOTrainer.concatenated_forward = _fused_concatenated_forward
+    _patches.settings = dict(impl=impl, memory_budget=memory_budget)
+    _patches.swap(DPOTrainer, "concatenated_forward", _fused_concatenated_forward)
 
 
 # ----------------------------------------------------------------------------------------
@@ -536,7 +528,7 @@ def _preference_forward(trainer, model, batch, padding_value, targets_of):
                                                device=trainer.accelerator.device)
     pairs = batch["chosen_labels"].shape[0]
     labels = targets_of(concatenated, pairs)
-    settings = _state["settings"]
+    settings = _patches.settings
     computation = PositionOutputsComputation(settings["impl"], settings["memory_budget"])
     with trainer.accelerator.autocast(), fused_forward(model, computation) as call:
         log_probs, mean_logits, targets = call(input_ids=concatenated["concatenated_input_ids"],
@@ -557,7 +549,7 @@ def _fused_cpo_forward(self, model, batch):
     reason = _unsupported_preference_forward(self, model)
     if reason is not None:
         _warn_fallback(reason, "CPOTrainer.concatenated_forward (full logits)")
-        return _state["cpo"][1](self, model, batch)
+        return _patches.original("cpo")(self, model, batch)
     log_probs, mean_logits, _, completion, pairs = _preference_forward(
         self, model, batch, self.pad_token_id, lambda concatenated, pairs: concatenated["concatenated_labels"])
     sums, counts = (log_probs * completion).sum(-1), completion.sum(-1)
@@ -588,7 +580,7 @@ def _fused_orpo_forward(self, model, batch):
     reason = _unsupported_preference_forward(self, model)
     if reason is not None:
         _warn_fallback(reason, "ORPOTrainer.concatenated_forward (full logits)")
-        return _state["orpo"][1](self, model, batch)
+        return _patches.original("orpo")(self, model, batch)
     log_probs, mean_logits, targets, completion, pairs = _preference_forward(self, model, batch, self.padding_value,
                                                                             _orpo_targets)
     nll_tokens = targets[:pairs] != -100
@@ -612,10 +604,8 @@ def _patch_preference_trainers(impl, memory_budget):
             continue
         if "concatenated_forward" not in vars(cls):
             continue
-        _state["settings"] = dict(impl=impl, memory_budget=memory_budget)
-        if name not in _state:
-            _state[name] = (cls, vars(cls)["concatenated_forward"], "concatenated_forward")
-        cls.concatenated_forward = replacement
+        _patches.settings = dict(impl=impl, memory_budget=memory_budget)
+        _patches.swap(cls, "concatenated_forward", replacement, key=name)
         patched.append(name)
     return patched
 
@@ -666,18 +656,11 @@ def patch_trl(impl: str = "auto", memory_budget: Optional[int] = None, batch_inv
 
 def unpatch_trl() -> None:
     """Undo :func:`patch_trl` (no-op when nothing is patched)."""
-    if "fused_head" in _state:
-        module, original = _state.pop("fused_head")
-        module._ChunkedLogProbFunction = original
-    for name in ("compute_loss", "compute_ref_log_probs", "concatenated_forward", "cpo", "orpo"):
-        if name in _state:
-            cls, original, attr = _state.pop(name)
-            setattr(cls, attr, original)
-    _state.pop("settings", None)
+    _patches.restore()
 
 
 def is_patched() -> bool:
-    return any(name in _state for name in ("fused_head", "compute_loss", "concatenated_forward"))
+    return _patches.holds("fused_head", "compute_loss", "concatenated_forward")
 
 
 __all__ = ["ChunkedLogProb", "patch_trl", "unpatch_trl", "is_patched", "VERIFIED_VERSIONS"]

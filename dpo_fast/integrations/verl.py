@@ -31,18 +31,18 @@ only when the environment has ``DPO_FAST_VERL=1``, so installing dpo-fast never 
 numbers by itself.
 
 Verified against ``verl.utils.experimental.torch_functional.FusedLinearForPPO(impl_backend="torch")``
-on verl 0.9.1 (tests/frameworks/verl_suite.py).
+on verl 0.9.1 (tests/suite_verl.py).
 """
 
 import importlib
 import sys
-import warnings
 from typing import Optional
 
 import torch
 
 from .. import api
 from ..distributed import gathers_head, leave_grad_hidden_partial
+from .patching import Patches
 
 VERIFIED_VERSIONS = ("0.9.1",)
 KERNEL_MODULE = "verl.utils.kernel.linear_cross_entropy"
@@ -50,7 +50,7 @@ KERNEL_MODULE = "verl.utils.kernel.linear_cross_entropy"
 BOUND_AT_IMPORT = ("verl.models.mcore.model_forward_fused", "verl.models.mcore.model_forward_1f1b_overlap")
 NAME = "linear_cross_entropy"
 
-_state = {}  # what patch_verl replaced, so unpatch_verl can put it back
+_patches = Patches()  # what patch_verl replaced, so unpatch_verl can put it back
 
 
 @gathers_head
@@ -94,7 +94,7 @@ class LinearCrossEntropy:
                                      memory_budget=self.memory_budget, process_group=dist_process_group)
 
     def _verl_function(self, reason):
-        _warn_fallback(reason)
+        _patches.warn_fallback(reason, "verl's own linear_cross_entropy")
         if self.fallback is not None:
             return self.fallback
         from verl.utils.kernel.linear_cross_entropy import LinearCrossEntropy as VerlFunction
@@ -112,14 +112,6 @@ def _unsupported(temperature, reduction) -> Optional[str]:
     return None
 
 
-def _warn_fallback(reason):
-    seen = _state.setdefault("warned", set())
-    if reason not in seen:
-        seen.add(reason)
-        warnings.warn(f"dpo-fast: {reason} is not supported; this call runs verl's own linear_cross_entropy",
-                      stacklevel=3)
-
-
 def patch_verl(impl: str = "auto", memory_budget: Optional[int] = None) -> list:
     """Make verl's fused log-prob/entropy kernel run dpo-fast. Returns the modules whose name was replaced.
 
@@ -128,34 +120,32 @@ def patch_verl(impl: str = "auto", memory_budget: Optional[int] = None) -> list:
     """
     api.check.check_impl(impl)
     kernel = importlib.import_module(KERNEL_MODULE)
-    if "original" not in _state:
-        _state["original"] = getattr(kernel, NAME)
-    replacement = LinearCrossEntropy(impl, memory_budget, fallback=_state["original"])
-    _state["replacement"] = replacement
+    original = _patches.original(KERNEL_MODULE) if _patches.holds(KERNEL_MODULE) else vars(kernel)[NAME]
+    replacement = LinearCrossEntropy(impl, memory_budget, fallback=original)
+    _patches.swap(kernel, NAME, replacement, key=KERNEL_MODULE)
     patched = [KERNEL_MODULE]
-    setattr(kernel, NAME, replacement)
     for name in BOUND_AT_IMPORT:  # imported later, they bind the patched attribute themselves
         module = sys.modules.get(name)
         if module is not None and hasattr(module, NAME):
-            setattr(module, NAME, replacement)
+            _patches.swap(module, NAME, replacement, key=name)
             patched.append(name)
     return patched
 
 
 def unpatch_verl() -> None:
     """Undo :func:`patch_verl` (no-op when nothing is patched), in modules imported since the patch too."""
-    if "original" not in _state:
+    if not _patches.holds(KERNEL_MODULE):
         return
-    original = _state.pop("original")
-    _state.pop("replacement", None)
-    for name in (KERNEL_MODULE,) + BOUND_AT_IMPORT:
+    original = _patches.original(KERNEL_MODULE)
+    _patches.restore()
+    for name in BOUND_AT_IMPORT:  # imported after the patch: they bound the replacement
         module = sys.modules.get(name)
         if module is not None and isinstance(getattr(module, NAME, None), LinearCrossEntropy):
             setattr(module, NAME, original)
 
 
 def is_patched() -> bool:
-    return "original" in _state
+    return _patches.holds(KERNEL_MODULE)
 
 
 __all__ = ["LinearCrossEntropy", "patch_verl", "unpatch_verl", "is_patched", "VERIFIED_VERSIONS"]
