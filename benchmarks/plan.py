@@ -18,6 +18,7 @@ import torch
 
 from dpo_fast import cost_model as cm
 from dpo_fast import planner
+from dpo_fast.losses import rejected_gradient_ratio
 
 from .cases import GPU_CASES
 
@@ -26,11 +27,14 @@ def _shape(case) -> cm.Shape:
     return cm.Shape(case.num_tokens, case.hidden_size, case.vocab_size, case.torch_dtype.itemsize, True)
 
 
-def dpo_fast_plan(case, card: cm.Card, budget: int) -> planner.Plan:
-    """dpo-fast's route for this case within ``budget`` (the whole batch kept: no gather)."""
+def dpo_fast_plan(case, card: cm.Card, budget: int, loss_type: str = "sigmoid") -> planner.Plan:
+    """dpo-fast's route for this case within ``budget`` (the whole batch kept: no gather), for
+    ``loss_type`` (the sigmoid DPO default: a split pair sums both sides in one float32 [V, H])."""
+    scale = rejected_gradient_ratio([loss_type], [1.0], case.tokens, case.tokens)
     return planner.plan_loss([2 * case.tokens] * case.pairs, case.vocab_size, case.hidden_size, case.torch_dtype,
                              True, budget, "cuda", card=card,
-                             two_pass_budget=min(budget, planner.PER_TOKEN_BUDGET))
+                             two_pass_budget=min(budget, planner.PER_TOKEN_BUDGET),
+                             rejected_scales=[scale] * case.pairs)
 
 
 def per_token_cost(case, card: cm.Card, budget: int = planner.PER_TOKEN_BUDGET) -> cm.Cost:

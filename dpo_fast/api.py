@@ -15,7 +15,7 @@ from .distributed import gathers_head, two_pass_only, wrap_engine
 from .function import TokenLogpsFunction
 from .layout import TokenLayout, build_layout
 from .logits_path import LogitsLogpsFunction
-from .losses import all_pair_local, pair_losses
+from .losses import all_pair_local, pair_losses, rejected_gradient_ratio
 from .objective import DPOOutput, LossConfig, batch_loss, dpo_output, pair_terms
 from .rows import KEPT_ONLY, TokenStats, TorchRows, TritonRows, finish_stats, triton_cpu_problem, triton_runs_on
 from .torch_path import torch_engine
@@ -369,6 +369,9 @@ def _plan_loss(prep: _Prepared, weight, bias, cfg: LossConfig, memory_budget) ->
     budget = memory_budget or planner.default_memory_budget(prep.hidden.device)
     rows = getattr(prep.engine, "rows", None)
     workspace = rows_workspace(rows, prep.hidden.shape[0], weight.shape[0], prep.hidden.dtype) if rows else 0
+    # A split pair of a single-margin loss sums both sides in one float32 [V, H] buffer (losses.py).
+    scales = ([rejected_gradient_ratio(cfg.loss_types, cfg.loss_weights, lengths[p], lengths[p + pairs])
+               for p in range(pairs)] if whole_pairs else None)
     return planner.plan_loss([lengths[p] + lengths[p + pairs] for p in range(pairs)], weight.shape[0],
                              weight.shape[1], prep.hidden.dtype, torch.is_grad_enabled() and weight.requires_grad,
                              budget, prep.hidden.device.type, whole_pairs=whole_pairs,
@@ -376,7 +379,8 @@ def _plan_loss(prep: _Prepared, weight, bias, cfg: LossConfig, memory_budget) ->
                              gathered_input=not prep.layout.identity,
                              input_tokens=prep.layout.labels_shape.numel(),
                              two_pass_budget=getattr(prep.engine, "memory_budget", budget),
-                             rows_workspace=workspace, batch_invariant=prep.batch_invariant)
+                             rows_workspace=workspace, batch_invariant=prep.batch_invariant,
+                             rejected_scales=scales)
 
 
 def _pair_chunk_route(prep: _Prepared, weight, bias, cfg: LossConfig, chunks, ref_chosen, ref_rejected):

@@ -255,7 +255,11 @@ class PairChunkLoss(torch.autograd.Function):
     one GEMM. A pair larger than a chunk (``Chunk.split``) runs in pieces with ``g = 1``:
     its chosen and rejected unit gradients wait in two float32 ``[V, H]`` buffers (and
     float32 grad_hidden rows) until the pair's loss gives ``g_c``, ``g_r``; the sum is
-    linear in ``g``, so this is exact. Memory: what ``planner.plan_loss`` priced.
+    linear in ``g``, so this is exact. Where the chunk carries ``rejected_scale = k``
+    (``g_r = k g_c`` whatever the sums: a single-margin loss, ``losses.rejected_gradient_ratio``)
+    the rejected pieces are summed into the chosen side's buffer with ``alpha = k`` and the merge
+    scales that one buffer by ``g_c`` (exact for ``g_c = 0`` too). Memory: what
+    ``planner.plan_loss`` priced.
 
     ``chunk_loss(first, last, chosen, rejected, ref_chosen, ref_rejected)`` returns pairs
     ``[first, last)``'s share of the batch loss, differentiable in its four ``[pairs]``
@@ -425,13 +429,20 @@ class _PairRun:
 
     def split_pair(self, chunk: Chunk, last: bool = False):
         """One pair in pieces (unit gradients), merged with the pair's scales. ``last``: no chunk after it
-        adds to grad_weight, so the merge writes the head's dtype directly (no separate cast)."""
+        adds to grad_weight, so the merge writes the head's dtype directly (no separate cast).
+
+        ``chunk.rejected_scale = k`` (``g_r = k g_c``): one weight buffer. Its owner is the first side
+        with tokens; when that is the chosen side the rejected pieces add ``k`` times their product
+        (GEMM alpha) and the buffer is scaled by ``g_c``, otherwise it holds the rejected side alone,
+        scaled by ``g_r``."""
         p, spans, vocab = chunk.first, self.spans, self.weight.shape[0]
         sides = (spans[p], spans[self.pairs + p])
         device, H = self.hidden.device, self.hidden.shape[1]
         tokens = sum(e - s for s, e in sides)
         unit_hidden = torch.empty(tokens, H, dtype=self.sum_dtype, device=device) if self.need_hidden else None
         unit_weight = [None, None]  # written by each side's first piece (beta=0)
+        merged = chunk.rejected_scale is not None
+        owner = 0 if sides[0][1] > sides[0][0] else 1  # the side whose first piece writes the merged buffer
         unit_bias = [torch.zeros(vocab, dtype=self.sum_dtype, device=device) if self.need_bias else None
                      for _ in sides]
         sums, offset = [], 0
@@ -449,10 +460,12 @@ class _PairRun:
                     else:
                         mm_float32(tile, self.weight, rows_out)
                 if self.need_weight:
-                    if unit_weight[side] is None:
-                        unit_weight[side] = write_fp32(self._new_weight_sum(), tile.t(), h)
+                    slot = owner if merged else side
+                    alpha = chunk.rejected_scale if merged and side != owner else 1.0
+                    if unit_weight[slot] is None:
+                        unit_weight[slot] = write_fp32(self._new_weight_sum(), tile.t(), h)
                     else:
-                        addmm_fp32(unit_weight[side], tile.t(), h)
+                        addmm_fp32(unit_weight[slot], tile.t(), h, alpha)
                 if self.need_bias:
                     unit_bias[side] += tile.sum(dim=0, dtype=self.sum_dtype)
                 offset += t1 - t0

@@ -108,20 +108,22 @@ def gradient_tile_bytes(element_size: int) -> int:
 
 
 def weight_accumulators(element_size: int, trainable_head: bool, chunks: int, split_pairs: int,
-                        accumulator_before_split: bool) -> int:
+                        accumulator_before_split: bool, merged: bool = False) -> int:
     """float32 [V, H] buffers alive at once on the whole-pair route.
 
     One chunk writes grad_weight with a single GEMM (float32 inside cuBLAS): none. Several
     chunks of a 16-bit head add into one float32 accumulator (a float32 head adds into
     grad_weight itself). A pair split into pieces keeps its chosen and rejected unit
-    gradients apart until the pair's loss gives their scales: two more.
+    gradients apart until the pair's loss gives their scales: two more; one more when
+    ``merged`` (a single-margin loss: the rejected side summed into the chosen side's buffer
+    times the known ratio of their gradients).
     """
     if not trainable_head:
         return 0
     main = 1 if (chunks > 1 or split_pairs) and element_size < 4 else 0
     if not split_pairs:
         return main
-    return 2 + (main if accumulator_before_split else 0)
+    return (1 if merged else 2) + (main if accumulator_before_split else 0)
 
 
 # Bytes per kept token of the small per-token work every route does besides the tiles: the
@@ -135,16 +137,25 @@ class PairChunkRun:
     """What the whole-pair route runs for one chunk: ``tokens`` rows of whole pairs (``gathered``:
     copied together, their grad_hidden rows copied back; not when one chunk holds every pair), or
     one split pair whose chosen and rejected sides (``sides``) run in pieces of equal size of at
-    most ``piece_limit`` rows."""
+    most ``piece_limit`` rows; ``merged``: both sides' weight gradients summed in one float32
+    ``[V, H]`` buffer (the rejected side times its known gradient ratio, ``planner.Chunk``)."""
 
     tokens: int
     gathered: bool = False
     sides: Tuple[int, int] = (0, 0)
     piece_limit: int = 0
+    merged: bool = False
 
     @property
     def split(self) -> bool:
         return self.piece_limit > 0
+
+    def weight_units(self) -> int:
+        """float32 [V, H] unit sums a split pair keeps until its loss is known."""
+        if not self.split:
+            return 0
+        sides = sum(1 for side in self.sides if side)
+        return min(sides, 1) if self.merged else sides
 
     def rounds(self) -> List[int]:
         """Rows of each GEMM round (a whole chunk is one; a split pair one per piece)."""
@@ -171,7 +182,9 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
     (one GEMM: the weight is read once; a gathered chunk's rows are copied in and back out).
     A split pair then writes its grad_hidden scaled and cast in one pass, and merges
     g_c A + g_r B (+ the running sum) in one pass of a Triton kernel (reading each float32
-    [V, H] once), written in the head's dtype when no chunk follows. Otherwise the float32
+    [V, H] once), written in the head's dtype when no chunk follows; a ``merged`` split pair
+    summed its rejected pieces into A (``alpha`` of their GEMMs, which then accumulate) and
+    merges g_c A (+ the running sum): one float32 [V, H] fewer to hold and to read. Otherwise the float32
     sum is cast to the head's dtype once at the end (none for a float32 head). ``grad_loss``
     of 1 (``loss.backward()``) costs nothing; ``gathered_input``: the kept tokens are gathered
     from padded hidden states (N H copied; backward zero-fills the padded gradient and scatters).
@@ -199,7 +212,8 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
             gemm(r, V, H, e, LOGIT_BYTES, False)  # logits (both operands in the input dtype)
             row_bytes += r * V * (LOGIT_BYTES + LOGIT_BYTES + g)  # stats pass; gradient pass
             if shape.trainable_head:
-                first = i == 0 or (chunk.split and i == len(even_pieces(chunk.sides[0], chunk.piece_limit)))
+                first = i == 0 or (chunk.split and not chunk.merged
+                                   and i == len(even_pieces(chunk.sides[0], chunk.piece_limit)))
                 accumulate = (chunk.split and not first) or (not chunk.split and have_sum)
                 gemm(V, H, r, g, sum_bytes if not single else e, accumulate)
             gemm(r, H, V, g, 4 if chunk.split else e, False)  # grad_hidden: the weight read once
@@ -209,7 +223,7 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
             row_bytes += sum(chunk.sides) * H * (4 + e)  # unit grad_hidden scaled and cast in one pass
             if shape.trainable_head:  # one pass: read A (and B, and the running sum), write the result
                 last = chunk is ordered[-1]
-                row_bytes += (4 * (1 + all(chunk.sides) + have_sum) + (e if last else 4)) * shape.vh
+                row_bytes += (4 * (max(chunk.weight_units(), 1) + have_sum) + (e if last else 4)) * shape.vh
         have_sum = have_sum or shape.trainable_head
     accumulators = 0 if single or not shape.trainable_head else 1
     if shape.trainable_head and not single and e < 4 and not ordered[-1].split:
@@ -220,7 +234,7 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
     row_bytes += SMALL_BYTES_PER_TOKEN * N
 
     # Memory: the workspace for the largest round, then the larger of the split phase (two
-    # unit sums, float32 grad_hidden rows of the pair, the running sum if one exists) and the
+    # unit sums, one when merged; float32 grad_hidden rows of the pair; the running sum if one exists) and the
     # whole-chunk phase (the running sum, the gathered rows of the largest gathered chunk).
     largest = max((r for c in chunks for r in c.rounds()), default=0)
     memory = largest * V * (LOGIT_BYTES + gradient_tile_bytes(e)) + STATS_BYTES_PER_TOKEN * N
@@ -229,7 +243,7 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
     phases, have_running = [0.0], False
     for chunk in ordered:
         if chunk.split:
-            units = (2 if all(chunk.sides) else 1) if shape.trainable_head else 0
+            units = max(chunk.weight_units(), 1) if shape.trainable_head else 0
             if units and e == 4 and not have_running:
                 units -= 1  # a float32 head's first merged buffer is grad_weight itself (returned)
             phases.append(units * 4 * shape.vh + (running if have_running else 0) + 4 * sum(chunk.sides) * H)
@@ -250,7 +264,8 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
         rounds_total = sum(len(c.rounds()) for c in chunks)
         route = f"whole pairs, {rounds_total} GEMM rounds" + (f" ({split_count} pair split)" if split_count else "")
         fp32 = max(1 if accumulators and e < 4 else 0,
-                   max((2 + (1 if i > 0 else 0) for i, c in enumerate(ordered) if c.split), default=0))
+                   max((max(c.weight_units(), 1) + (1 if i > 0 else 0) for i, c in enumerate(ordered) if c.split),
+                       default=0))
         route += f", {fp32} fp32 [V,H]" if fp32 and shape.trainable_head else ""
     return Cost(route, shape.floor_flops(), gemm_s, row_bytes, hbm + row_bytes, memory)
 
@@ -268,14 +283,15 @@ def _gemm_traffic(m, n, k, a_bytes, b_bytes, out_bytes, accumulate):
 
 def whole_pairs(shape: Shape, chunk_tokens: int, chunks: int, split_pairs: int = 0, split_tokens: int = 0,
                 accumulator_before_split: bool = False, card: Card = DEFAULT_CARD,
-                float32_gemm_out: bool = True) -> Cost:
+                float32_gemm_out: bool = True, merged: bool = False) -> Cost:
     """Uniform chunks of ``chunk_tokens`` (and ``split_pairs`` pairs of ``split_tokens`` run in pieces of
-    that size): :func:`whole_pair_route` for a batch described by counts only (the peers' pricing)."""
+    that size, ``merged`` as :class:`PairChunkRun`): :func:`whole_pair_route` for a batch described by
+    counts only (the peers' pricing)."""
     t = max(1, min(chunk_tokens, shape.tokens))
     runs = [PairChunkRun(t, gathered=chunks > 1) for _ in range(max(1, round((shape.tokens - split_pairs * split_tokens)
                                                                            / t)) if shape.tokens > split_pairs * split_tokens else 0)]
-    runs += [PairChunkRun(split_tokens, sides=(split_tokens - split_tokens // 2, split_tokens // 2), piece_limit=t)
-             for _ in range(split_pairs)]
+    runs += [PairChunkRun(split_tokens, sides=(split_tokens - split_tokens // 2, split_tokens // 2), piece_limit=t,
+                          merged=merged) for _ in range(split_pairs)]
     return whole_pair_route(shape, runs or [PairChunkRun(t)], card=card, float32_gemm_out=float32_gemm_out)
 
 

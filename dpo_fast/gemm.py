@@ -56,8 +56,9 @@ def _probe(device: str, dtype: torch.dtype) -> bool:
         out = torch.empty(16, 16, dtype=torch.float32, device=device)
         torch.mm(a, b, out_dtype=torch.float32, out=out)
         acc = torch.ones(8, 8, dtype=torch.float32, device=device)
-        torch.addmm(acc, a.t(), b.t(), out_dtype=torch.float32, out=acc)
-        works = bool(torch.equal(out, expected)) and bool(torch.equal(acc, 1 + a.t().float() @ b.t().float()))
+        # alpha as addmm_fp32 passes it (a split pair's rejected side, scaled by its gradient ratio)
+        torch.addmm(acc, a.t(), b.t(), alpha=-2.0, out_dtype=torch.float32, out=acc)
+        works = bool(torch.equal(out, expected)) and bool(torch.equal(acc, 1 - 2 * (a.t().float() @ b.t().float())))
     except _REFUSALS as exc:
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         works = False
@@ -85,18 +86,21 @@ def write_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return mm_float32(a, b, out)
 
 
-def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` for a float32 ``acc``, without rounding ``a @ b`` to a 16-bit dtype first."""
+def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """``acc += alpha * (a @ b)`` for a float32 ``acc``, without rounding ``a @ b`` to a 16-bit dtype first
+    (``alpha``: a host number, applied by the GEMM to its float32 product)."""
     if a.dtype == acc.dtype and b.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, alpha=alpha)
     elif float32_gemm_out(acc.device, a.dtype):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, alpha=alpha, out_dtype=torch.float32, out=acc)
     else:
-        _staged(a, b, acc, accumulate=True)
+        _staged(a, b, acc, accumulate=True, alpha=alpha)
 
 
-def _staged(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-    """``out (+)= a @ b`` through float32 copies of blocks, blocked as ``cost_model.staging_blocks`` says."""
+def _staged(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool, alpha: float = 1.0) -> None:
+    """``out (+)= alpha * (a @ b)`` through float32 copies of blocks, blocked as ``cost_model.staging_blocks``
+    says (``alpha`` other than 1 only when accumulating)."""
+    assert accumulate or alpha == 1
     m, k = a.shape
     n = b.shape[1]
     blocks = cm.staging_blocks(m, n, k)
@@ -104,7 +108,7 @@ def _staged(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
         for k0 in range(0, k, blocks.step):
             a32, b32 = a[:, k0:k0 + blocks.step].float(), b[k0:k0 + blocks.step].float()
             if accumulate or k0 > 0:
-                out.addmm_(a32, b32)
+                out.addmm_(a32, b32, alpha=alpha)
             else:
                 torch.mm(a32, b32, out=out)
             del a32, b32
@@ -113,13 +117,13 @@ def _staged(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
         a32 = a.float()
         if blocks.step >= n:  # one block: straight into ``out``
             b32 = b.float()
-            out.addmm_(a32, b32) if accumulate else torch.mm(a32, b32, out=out)
+            out.addmm_(a32, b32, alpha=alpha) if accumulate else torch.mm(a32, b32, out=out)
             return
         for c0 in range(0, n, blocks.step):
             b32 = b[:, c0:c0 + blocks.step].float()
             target = out[:, c0:c0 + blocks.step]  # a strided view: the product lands in a [m, step] temporary
             if accumulate:
-                target.addmm_(a32, b32)
+                target.addmm_(a32, b32, alpha=alpha)
             else:
                 target.copy_(a32 @ b32)
             del b32
@@ -128,7 +132,7 @@ def _staged(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
     for r0 in range(0, m, blocks.step):
         a32 = a[r0:r0 + blocks.step].float()
         if accumulate:
-            out[r0:r0 + blocks.step].addmm_(a32, b32)
+            out[r0:r0 + blocks.step].addmm_(a32, b32, alpha=alpha)
         else:
             torch.mm(a32, b32, out=out[r0:r0 + blocks.step])
         del a32

@@ -12,11 +12,20 @@ The batch loss is ``sum_k weight_k * mean_pairs(loss_k)``. ``pair_local`` formul
 pair ``p`` a loss that depends on pair ``p`` alone (batch-wide constants such as the
 chosen token count are passed in), which lets the chunked path finish whole pairs
 inside one chunk and compute logits once.
+
+``margin`` declares, where it holds, that a formula depends on the pair's policy sums
+``S_c``, ``S_r`` only through one weighted margin ``a_c S_c - a_r S_r`` with
+``(a_c, a_r) = margin(chosen tokens, rejected tokens)`` (host numbers, ``a_c > 0``; the
+reference log-probs and constants may enter anywhere). Then ``dL/dS_r = -(a_r / a_c) dL/dS_c``
+whatever the sums are (:func:`rejected_gradient_ratio`), which lets a pair run in pieces sum its
+rejected side's unit gradients into its chosen side's buffer with that ratio, before the loss
+is known. ``None``: no such margin (a separate term in ``S_c`` or ``S_r``, as ORPO's and CPO's
+chosen NLL, sft, or each side through its own nonlinearity).
 """
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -170,33 +179,46 @@ def _orpo(t):
     return t.chosen_nll_share() - t.beta * F.logsigmoid(log_odds)
 
 
+def _unit_margin(chosen_tokens: int, rejected_tokens: int) -> Tuple[float, float]:
+    """Margin weights of a formula of ``S_c - S_r`` (delta, or the policy log-ratio)."""
+    return 1.0, 1.0
+
+
+def _per_token_margin(chosen_tokens: int, rejected_tokens: int) -> Tuple[float, float]:
+    """Margin weights of a formula of ``S_c / L_c - S_r / L_r`` (the lengths clamped at 1, as the formulas do)."""
+    return 1.0 / max(chosen_tokens, 1), 1.0 / max(rejected_tokens, 1)
+
+
 @dataclass(frozen=True)
 class LossSpec:
     formula: Callable[[PairTerms], torch.Tensor]
     needs_reference: bool = False  # meaningless without the reference model's log-probs
     pair_local: bool = True  # pair p's loss depends on pair p only
     reference_free: bool = False  # ignores reference log-probs entirely
+    # (chosen tokens, rejected tokens) -> (a_c, a_r): the loss depends on the policy sums only
+    # through a_c S_c - a_r S_r (module docstring); None where it does not.
+    margin: Optional[Callable[[int, int], Tuple[float, float]]] = None
 
 
 LOSSES: Dict[str, LossSpec] = {
-    "sigmoid": LossSpec(_sigmoid),
-    "hinge": LossSpec(_hinge),
-    "ipo": LossSpec(_ipo),
-    "exo_pair": LossSpec(_exo_pair),
-    "nca_pair": LossSpec(_nca_pair, needs_reference=True),
-    "robust": LossSpec(_robust),
+    "sigmoid": LossSpec(_sigmoid, margin=_unit_margin),  # f(beta * delta), label smoothing too
+    "hinge": LossSpec(_hinge, margin=_unit_margin),
+    "ipo": LossSpec(_ipo, margin=_per_token_margin),  # logratios over each side's length
+    "exo_pair": LossSpec(_exo_pair, margin=_unit_margin),
+    "nca_pair": LossSpec(_nca_pair, needs_reference=True),  # each side through its own logsigmoid
+    "robust": LossSpec(_robust, margin=_unit_margin),
     "bco_pair": LossSpec(_bco_pair, needs_reference=True),
     "sppo_hard": LossSpec(_sppo_hard, needs_reference=True),
     "aot": LossSpec(_aot, needs_reference=True, pair_local=False),
     "aot_unpaired": LossSpec(_aot_unpaired, pair_local=False),
     "apo_zero": LossSpec(_apo_zero, needs_reference=True),
     "apo_down": LossSpec(_apo_down, needs_reference=True),
-    "discopop": LossSpec(_discopop),
+    "discopop": LossSpec(_discopop, margin=_unit_margin),
     "sft": LossSpec(_sft),
-    "sigmoid_norm": LossSpec(_sigmoid_norm),
-    "simpo": LossSpec(_simpo, reference_free=True),
-    "cpo": LossSpec(_cpo, reference_free=True),
-    "orpo": LossSpec(_orpo, reference_free=True),
+    "sigmoid_norm": LossSpec(_sigmoid_norm, margin=_per_token_margin),
+    "simpo": LossSpec(_simpo, reference_free=True, margin=_per_token_margin),  # gamma is a constant
+    "cpo": LossSpec(_cpo, reference_free=True),  # plus the chosen NLL
+    "orpo": LossSpec(_orpo, reference_free=True),  # chosen NLL; log1mexp of each side
 }
 
 
@@ -213,3 +235,25 @@ def pair_losses(terms: PairTerms, loss_types, loss_weights) -> torch.Tensor:
 
 def all_pair_local(loss_types) -> bool:
     return all(LOSSES[name].pair_local for name in loss_types)
+
+
+def rejected_gradient_ratio(loss_types: Sequence[str], loss_weights: Sequence[float], chosen_tokens: int,
+                            rejected_tokens: int) -> Optional[float]:
+    """``k`` with ``dL/dS_r = k * dL/dS_c`` for a pair of these kept token counts, whatever its sums, or None.
+
+    Every loss type of the mix (weight 0 aside) must declare a ``margin`` and all must give the
+    same ratio ``-a_r / a_c`` (a mix of ``sigmoid`` and ``ipo`` does only for equal lengths).
+    """
+    ratio = None
+    for name, weight in zip(loss_types, loss_weights):
+        if weight == 0:
+            continue
+        margin = LOSSES[name].margin
+        if margin is None:
+            return None
+        a_c, a_r = margin(chosen_tokens, rejected_tokens)
+        k = -a_r / a_c
+        if ratio is not None and not math.isclose(k, ratio, rel_tol=1e-12, abs_tol=0.0):
+            return None
+        ratio = k if ratio is None else ratio
+    return ratio

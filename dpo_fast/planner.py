@@ -7,7 +7,9 @@ every buffer it allocates) and the fastest one whose memory fits the budget wins
 - **whole pairs, several chunks** (6NHV): chunks of whole pairs; grad_weight of a 16-bit
   head summed across chunks in one float32 ``[V, H]`` accumulator, cast once; a pair larger
   than a chunk runs in pieces whose unit gradients wait in two more float32 ``[V, H]``
-  buffers until the pair's loss gives their scale;
+  buffers until the pair's loss gives their scale, or in one where the loss depends on the
+  pair only through one weighted margin (``losses.rejected_gradient_ratio``: the rejected
+  side is summed into the chosen side's buffer times the known ratio of their gradients);
 - **two-pass** (8NHV): per-token statistics forward, recomputed tiles backward; always fits.
 
 Budget floor: no tile is smaller than ``MIN_TILE_TOKENS`` tokens by ``MIN_VOCAB_BLOCK``
@@ -163,11 +165,15 @@ def engine_tiles(num_tokens: int, vocab: int, hidden_size: int, input_dtype: tor
 @dataclass(frozen=True)
 class Chunk:
     """Pairs ``[first, last)`` whose logits are computed together; ``piece_tokens`` > 0: one pair too
-    large for a chunk, run in pieces of at most that many tokens."""
+    large for a chunk, run in pieces of at most that many tokens. ``rejected_scale`` (split pairs):
+    ``dL/dS_r / dL/dS_c`` of the pair, known before it runs (``losses.rejected_gradient_ratio``):
+    its rejected unit gradients are summed into the chosen side's float32 ``[V, H]`` buffer times
+    this, so one buffer waits for the pair's loss instead of two. None: two buffers."""
 
     first: int
     last: int
     piece_tokens: int = 0
+    rejected_scale: Optional[float] = None
 
     @property
     def split(self) -> bool:
@@ -182,14 +188,17 @@ class Plan:
     accumulate: bool = False  # grad_weight of a 16-bit head summed in a float32 [V, H] buffer
 
 
-def _group_pairs(pair_tokens: Sequence[int], limit: int) -> List[Chunk]:
-    """Consecutive pairs into chunks of at most ``limit`` tokens; a larger pair becomes a split chunk."""
+def _group_pairs(pair_tokens: Sequence[int], limit: int,
+                 rejected_scales: Optional[Sequence[Optional[float]]] = None) -> List[Chunk]:
+    """Consecutive pairs into chunks of at most ``limit`` tokens; a larger pair becomes a split chunk
+    (carrying its ``rejected_scales`` entry)."""
     chunks, first, used = [], 0, 0
     for p, tokens in enumerate(pair_tokens):
         if tokens > limit:
             if p > first:
                 chunks.append(Chunk(first, p))
-            chunks.append(Chunk(p, p + 1, piece_tokens=limit))
+            chunks.append(Chunk(p, p + 1, piece_tokens=limit,
+                                rejected_scale=None if rejected_scales is None else rejected_scales[p]))
             first, used = p + 1, 0
             continue
         if used + tokens > limit and p > first:
@@ -209,7 +218,8 @@ def _whole_pair_cost(shape: cm.Shape, sides, chunks: List[Chunk], staged: bool, 
     runs = []
     for c in chunks:
         if c.split:
-            runs.append(cm.PairChunkRun(sum(sides[c.first]), sides=tuple(sides[c.first]), piece_limit=c.piece_tokens))
+            runs.append(cm.PairChunkRun(sum(sides[c.first]), sides=tuple(sides[c.first]), piece_limit=c.piece_tokens,
+                                        merged=c.rejected_scale is not None))
         else:
             runs.append(cm.PairChunkRun(sum(a + b for a, b in sides[c.first:c.last]), gathered=not every_pair))
     cost = cm.whole_pair_route(shape, runs, gathered_input=gathered_input, card=card, float32_gemm_out=not staged)
@@ -220,7 +230,8 @@ def plan_loss(pair_tokens: Sequence[int], vocab: int, hidden_size: int, input_dt
               trainable_head: bool, memory_budget: int, device_type: str = "cuda", whole_pairs: bool = True,
               card: cm.Card = cm.DEFAULT_CARD, sides: Optional[Sequence[Tuple[int, int]]] = None,
               gathered_input: bool = False, input_tokens: int = 0, two_pass_budget: Optional[int] = None,
-              rows_workspace: int = 0, batch_invariant: bool = False) -> Plan:
+              rows_workspace: int = 0, batch_invariant: bool = False,
+              rejected_scales: Optional[Sequence[Optional[float]]] = None) -> Plan:
     """The fastest route for a loss over pairs of ``pair_tokens`` kept tokens each (chosen + rejected).
 
     ``whole_pairs=False`` (not pair-local, no gradient, a vocabulary-parallel head...) leaves
@@ -231,6 +242,8 @@ def plan_loss(pair_tokens: Sequence[int], vocab: int, hidden_size: int, input_dt
     work allocates beside each tile (``TorchRows.workspace_bytes``; 0 for the Triton kernels), counted in
     every route's memory. ``batch_invariant=True`` takes the two-pass route with the fixed-tile
     forward (:func:`invariant_tiles`): the whole-pair route's GEMMs are shaped by the chunk.
+    ``rejected_scales``: per pair, ``losses.rejected_gradient_ratio`` of the loss (None where it has
+    none; default: none), which a split pair runs and is priced with (:class:`Chunk`).
     """
     if sides is None:
         sides = [(t - t // 2, t // 2) for t in pair_tokens]
@@ -260,8 +273,8 @@ def plan_loss(pair_tokens: Sequence[int], vocab: int, hidden_size: int, input_dt
         candidates.append(Plan("whole-pairs", cost, tuple(one), accumulate=False))
     else:
         for limit in _chunk_limits(shape, pair_tokens, sides, memory_budget, staged, card, gathered_input,
-                                   rows_workspace):
-            chunks = _group_pairs(pair_tokens, limit)
+                                   rows_workspace, rejected_scales):
+            chunks = _group_pairs(pair_tokens, limit, rejected_scales)
             cost = _whole_pair_cost(shape, sides, chunks, staged, card, gathered_input, rows_workspace)
             candidates.append(Plan("whole-pairs", cost, tuple(chunks), accumulate=trainable_head and e < 4))
     fitting = [p for p in candidates if p.cost.memory_bytes <= memory_budget] or [two_pass]
@@ -279,14 +292,14 @@ def _largest_fitting(fits, low: int, high: int) -> int:
 
 
 def _chunk_limits(shape: cm.Shape, pair_tokens, sides, memory_budget: int, staged: bool, card,
-                  gathered_input: bool, rows_workspace: int = 0) -> List[int]:
+                  gathered_input: bool, rows_workspace: int = 0, rejected_scales=None) -> List[int]:
     """Chunk sizes worth pricing: the largest that splits no pair, and the largest that splits some.
 
     Within each regime memory grows with the chunk (the tile), so each is found by bisection;
     across them it does not (splitting adds float32 [V, H] buffers), hence two searches.
     """
     def fits(limit):
-        chunks = _group_pairs(pair_tokens, limit)
+        chunks = _group_pairs(pair_tokens, limit, rejected_scales)
         cost = _whole_pair_cost(shape, sides, chunks, staged, card, gathered_input, rows_workspace)
         return cost.memory_bytes <= memory_budget
 

@@ -56,22 +56,36 @@ def _assert_priced(cost, trace, memory):
     assert cost.memory_bytes == pytest.approx(memory, rel=TOLERANCE)
 
 
-# (pairs, tokens per sequence, prompt tokens, dtype, budget, what the plan must be)
+def _one_buffer(p):
+    """A split pair of a single-margin loss: both sides in one float32 [V, H] sum."""
+    return p.chunks[0].split and p.chunks[0].rejected_scale is not None
+
+
+def _two_buffers(p):
+    return p.chunks[0].split and p.chunks[0].rejected_scale is None
+
+
+# (pairs, tokens per sequence, prompt tokens, dtype, budget, what the plan must be[, loss_type])
 ROUTES = {
     "one chunk": (2, 64, 0, torch.bfloat16, 1 << 40, lambda p: len(p.chunks) == 1 and not p.chunks[0].split),
     "several chunks": (4, 64, 0, torch.bfloat16, 6 << 20, lambda p: len(p.chunks) > 1 and p.accumulate),
     "several chunks, prompts gathered": (4, 64, 16, torch.bfloat16, 6 << 20, lambda p: len(p.chunks) > 1),
-    "split pair": (1, 250, 0, torch.bfloat16, 5 << 20, lambda p: p.chunks[0].split),
-    "split pair, float32": (1, 250, 0, torch.float32, 6 << 20, lambda p: p.chunks[0].split),
+    "split pair, one buffer": (1, 250, 0, torch.bfloat16, 4 << 20, _one_buffer),
+    "split pair, one buffer, float32": (1, 250, 0, torch.float32, 5 << 20, _one_buffer),
+    "split pair, one buffer, ipo": (1, 250, 40, torch.bfloat16, 4 << 20, _one_buffer, "ipo"),
+    "split pair, two buffers (orpo)": (1, 250, 0, torch.bfloat16, 5 << 20, _two_buffers, "orpo"),
+    "split pair, two buffers, float32 (orpo)": (1, 250, 0, torch.float32, 6 << 20, _two_buffers, "orpo"),
     "two-pass": (2, 61, 3, torch.bfloat16, 2 << 20, lambda p: p.route == "two-pass"),
 }
 
 
 @pytest.mark.parametrize("name", list(ROUTES))
 def test_dpo_routes_are_priced_as_traced(name):
-    pairs, seq, prompt, dtype, budget, expected = ROUTES[name]
+    pairs, seq, prompt, dtype, budget, expected, *loss = ROUTES[name]
     h, w, labels = _batch(pairs, seq, 64, 4096 if name != "two-pass" else 4000, dtype, prompt)
-    plan, trace, memory = _traced_dpo(h, w, labels, budget)
+    if loss:  # a different length per side: ipo's ratio -L_c / L_r is not -1
+        labels[1, -30:] = -100
+    plan, trace, memory = _traced_dpo(h, w, labels, budget, **(dict(loss_type=loss[0]) if loss else {}))
     assert expected(plan), plan
     assert plan.route == "two-pass" or plan.route == "whole-pairs"
     _assert_priced(plan.cost, trace, memory)
@@ -80,13 +94,16 @@ def test_dpo_routes_are_priced_as_traced(name):
     assert ops.get("zeros", 0) + ops.get("zero_", 0) + ops.get("new_zeros", 0) < 0.005 * trace.bytes
 
 
-def test_split_pair_then_whole_chunks_is_priced_as_traced():
-    """A long pair split in pieces (its merge becomes the running sum), then short pairs in one chunk."""
+@pytest.mark.parametrize("loss_type", ["sigmoid", "orpo"])
+def test_split_pair_then_whole_chunks_is_priced_as_traced(loss_type):
+    """A long pair split in pieces (its merge becomes the running sum), then short pairs in one chunk; the split
+    pair in one float32 [V, H] sum (sigmoid) or two (orpo)."""
     h, w, labels = _batch(3, 200, 64, 4096, torch.bfloat16)
     for row in (1, 2, 4, 5):
         labels[row, :180] = -100
-    plan, trace, memory = _traced_dpo(h, w, labels, 5 << 20)
+    plan, trace, memory = _traced_dpo(h, w, labels, 5 << 20, loss_type=loss_type)
     assert [c.split for c in plan.chunks] == [True, False]
+    assert (plan.chunks[0].rejected_scale is None) == (loss_type == "orpo")
     _assert_priced(plan.cost, trace, memory)
 
 

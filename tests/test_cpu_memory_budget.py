@@ -12,7 +12,7 @@ import torch
 
 import dpo_fast
 from dpo_fast import api
-from helpers import make_batch, peak_allocated_bytes
+from helpers import AllocationRecorder, make_batch, peak_allocated_bytes
 from helpers import cpu_by_design
 
 pytestmark = cpu_by_design('peak allocations of the CPU allocator against the budget')
@@ -70,6 +70,37 @@ def test_cases_cover_every_route(monkeypatch):
         else:
             seen.add("split" if any(c.split for c in plan.chunks) else "one" if len(plan.chunks) == 1 else "several")
     assert seen == {"two-pass", "one", "several", "split"}, seen
+
+
+@pytest.mark.parametrize("dtype,budget_mib", [(torch.float32, 2), (torch.bfloat16, 3)])
+def test_single_margin_split_pair_holds_one_float32_weight_sum(dtype, budget_mib, monkeypatch):
+    """A split pair of sigmoid DPO (one margin S_c - S_r: g_r = -g_c before the pair is computed) sums its
+    rejected pieces into the chosen side's float32 [V, H] buffer; orpo (a chosen NLL term) keeps two. Counted
+    as allocations, and as the measured peak beyond the returned gradients (the same pieces for float32)."""
+    V, H, budget = 2048, 64, budget_mib * MiB
+    held, priced = {}, {}
+    for loss_type, buffers in (("sigmoid", 1), ("orpo", 2)):
+        torch.manual_seed(0)
+        h, w, _, labels = make_batch(1, 256, H, V, dtype=dtype)
+        plans = _planned(monkeypatch)
+        recorder = AllocationRecorder()
+
+        def call():
+            with recorder:
+                dpo_fast.dpo_loss(h, w, labels, impl="torch", memory_budget=budget, loss_type=loss_type).loss.backward()
+
+        peak, _ = peak_allocated_bytes(call)
+        (plan,) = plans
+        assert plan.route == "whole-pairs" and plan.chunks[0].split, plan
+        assert (plan.chunks[0].rejected_scale is not None) == (buffers == 1)
+        sums = [op for n, e, op in recorder.sizes if n == V * H and e == 4 and "empty" in op]
+        assert len(sums) == buffers, (loss_type, sums)
+        held[loss_type] = peak - _grad_bytes(h, w)
+        priced[loss_type] = plan.cost.memory_bytes
+        assert held[loss_type] <= priced[loss_type] <= budget, (loss_type, held[loss_type] / MiB)
+    if dtype == torch.float32:  # the same pieces: one float32 [V, H] apart on paper, most of it measured
+        assert priced["orpo"] - priced["sigmoid"] == 4 * V * H
+        assert held["orpo"] - held["sigmoid"] >= 0.5 * 4 * V * H, held
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

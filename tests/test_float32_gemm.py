@@ -54,7 +54,7 @@ def _accepting(calls):
         if out_dtype is None:
             return _addmm(acc, a, b, out=out, **kwargs) if out is not None else _addmm(acc, a, b, **kwargs)
         calls.append("addmm")
-        result = _addmm(acc, a.float(), b.float())
+        result = _addmm(acc, a.float(), b.float(), **kwargs)  # beta, alpha
         return out.copy_(result) if out is not None else result
 
     return mm, addmm

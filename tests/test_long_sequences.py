@@ -17,6 +17,7 @@ import torch
 
 import dpo_fast
 from dpo_fast import planner, reference
+from dpo_fast.losses import rejected_gradient_ratio
 from dpo_fast.objective import LossConfig
 from helpers import float32_sum_tol, rel_err
 
@@ -46,7 +47,8 @@ def test_long_pair_is_exact_on_every_route(tokens, loss_type):
     hidden, weight, labels = _pair(tokens)
     kept = (labels != -100).sum(1).tolist()
     plan = planner.plan_loss([sum(kept)], V, H, torch.float32, True, budget(tokens), "cpu",
-                             whole_pairs=loss_type == "sigmoid")
+                             whole_pairs=loss_type == "sigmoid",
+                             rejected_scales=[rejected_gradient_ratio([loss_type], [1.0], *kept)])
     assert plan.cost.memory_bytes < 2 * tokens * V * 4 / 3, "far below the logits"
     assert plan.route == ROUTES[loss_type]
     if plan.route == "whole-pairs":
@@ -80,6 +82,7 @@ MEASURE = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import dpo_fast
     from dpo_fast import planner
+    from dpo_fast.losses import rejected_gradient_ratio
     from test_long_sequences import _pair, H, V, budget
 
     def rss(field):
@@ -93,7 +96,8 @@ MEASURE = textwrap.dedent("""
     h, w = hidden.requires_grad_(), weight.requires_grad_()
     kept = (labels != -100).sum(1).tolist()
     plan = planner.plan_loss([sum(kept)], V, H, torch.float32, True, budget(tokens), "cpu",
-                             whole_pairs=loss_type == "sigmoid")
+                             whole_pairs=loss_type == "sigmoid",
+                             rejected_scales=[rejected_gradient_ratio([loss_type], [1.0], *kept)])
     # A warm-up call at a small size loads every code path (its memory is freed, not counted).
     small = _pair(64)
     dpo_fast.dpo_loss(small[0].requires_grad_(), small[1].requires_grad_(), small[2], impl="torch",

@@ -1,6 +1,9 @@
 """The planner and cost model: route choices at given budgets, FLOPs counted on real calls, the
 whole-pair route's split pairs and reference gradients, autocast, host syncs, budget floor."""
 
+import dataclasses
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -8,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dpo_fast
 from dpo_fast import chunked, cost_model as cm, planner, reference
+from dpo_fast.losses import LOSSES, PairTerms, rejected_gradient_ratio
 from helpers import AllocationRecorder, make_batch, rel_err
 
 GB = 10**9
@@ -65,6 +69,32 @@ def test_accumulators_by_head_dtype():
     assert cm.weight_accumulators(2, True, chunks=1, split_pairs=0, accumulator_before_split=False) == 0
     assert cm.weight_accumulators(2, True, chunks=8, split_pairs=1, accumulator_before_split=False) == 2
     assert cm.weight_accumulators(2, True, chunks=8, split_pairs=2, accumulator_before_split=True) == 3
+    # a single-margin loss sums both sides of a split pair in one buffer
+    assert cm.weight_accumulators(2, True, chunks=8, split_pairs=1, accumulator_before_split=False, merged=True) == 1
+    assert cm.weight_accumulators(2, True, chunks=8, split_pairs=2, accumulator_before_split=True, merged=True) == 2
+
+
+def test_single_margin_split_pair_priced_with_one_buffer():
+    """Llama-3-8B 1 x 8192, bf16: the split pair of sigmoid DPO holds one float32 [V, H] sum, not two (2.1 GB
+    less), merges by reading one, and so fits TRL 1.16's memory at 6NHV, faster than TRL there."""
+    shape = cm.Shape(16384, 4096, 128256, 2)
+    sigmoid = [rejected_gradient_ratio(["sigmoid"], [1.0], 8192, 8192)]
+    assert sigmoid == [-1.0]
+    two = _plan([16384], 8 * GB)
+    one = _plan([16384], 8 * GB, rejected_scales=sigmoid)
+    assert one.chunks[0].split and one.chunks[0].rejected_scale == -1.0 and two.chunks[0].rejected_scale is None
+    assert two.cost.memory_bytes - one.cost.memory_bytes == pytest.approx(4 * shape.vh, rel=1e-6)
+    # The merge reads one float32 [V, H] fewer; the rejected side's first GEMM accumulates instead (reads it
+    # inside a compute-bound GEMM): the same bytes, one memory-bound pass less.
+    assert two.cost.hbm_bytes == pytest.approx(one.cost.hbm_bytes, rel=1e-9)
+    assert two.cost.gemm_s == pytest.approx(one.cost.gemm_s, rel=1e-9)
+    assert two.cost.seconds() - one.cost.seconds() == pytest.approx(4 * shape.vh / 3.35e12, rel=1e-6)
+    assert "1 fp32 [V,H]" in one.cost.route and "2 fp32 [V,H]" in two.cost.route
+    trl = cm.trl_chunked(shape)
+    at_trl = _plan([16384], int(trl.memory_bytes), rejected_scales=sigmoid)
+    assert at_trl.route == "whole-pairs" and at_trl.cost.memory_bytes <= trl.memory_bytes
+    assert at_trl.cost.bound(shape) < trl.bound(shape)
+    assert _plan([16384], int(trl.memory_bytes)).route == "two-pass"  # two buffers do not fit there
 
 
 def test_not_pair_local_takes_two_pass():
@@ -149,14 +179,21 @@ def test_bf16_head_with_logits_twice_the_budget_costs_6nhv(device):
 
 
 def _force_chunks(monkeypatch, chunks):
-    """Make the planner answer with these whole-pair chunks (the executor is what is under test)."""
+    """Make the planner answer with these whole-pair chunks (the executor is what is under test); split ones
+    carry the loss's ``rejected_scales`` as the planner's would. Returns the plans handed out."""
     original = planner.plan_loss
+    plans = []
 
     def plan_loss(*args, **kwargs):
         plan = original(*args, **kwargs)
-        return planner.Plan("whole-pairs", plan.cost, tuple(chunks), accumulate=True)
+        scales = kwargs.get("rejected_scales")
+        forced = tuple(dataclasses.replace(c, rejected_scale=scales[c.first]) if c.split and scales else c
+                       for c in chunks)
+        plans.append(planner.Plan("whole-pairs", plan.cost, forced, accumulate=True))
+        return plans[-1]
 
     monkeypatch.setattr(planner, "plan_loss", plan_loss)
+    return plans
 
 
 @pytest.mark.parametrize("impl", ["torch", "chunked"])
@@ -188,6 +225,114 @@ def test_split_pairs_match_the_oracle(impl, dtype, chunks, device, monkeypatch):
         # which doubles the rounding error of the gradient tile there.
         slack = 2.0 if impl == "chunked" and device.type == "cpu" else 1.0
         assert all(rel_err(g, x) <= slack * rel_err(n, x) + 2e-3 for g, n, x in zip(ours, base, want))
+
+
+def _random_terms(pairs, seed):
+    g = torch.Generator().manual_seed(seed)
+    sums = [(-60 - 20 * torch.rand(pairs, generator=g, dtype=torch.float64)).requires_grad_() for _ in range(2)]
+    refs = [s.detach() + torch.randn(pairs, generator=g, dtype=torch.float64) for s in sums]
+    lengths = [torch.randint(1, 40, (pairs,), generator=g).double() for _ in range(2)]
+    return PairTerms(sums[0], sums[1], refs[0], refs[1], lengths[0], lengths[1], beta=0.3, label_smoothing=0.1,
+                     gamma=0.5, discopop_tau=0.05, cpo_alpha=1.0, total_chosen_tokens=float(lengths[0].sum()),
+                     num_pairs=pairs), sums, lengths
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_declared_margins_give_the_gradient_ratio(seed):
+    """Every loss type that declares a margin has dL/dS_r = k dL/dS_c with k from host lengths alone (what a
+    split pair sums its rejected side with); those without one do not (each would be a wrong declaration)."""
+    for name, spec in LOSSES.items():
+        if not spec.pair_local:
+            continue
+        terms, (chosen, rejected), (lc, lr) = _random_terms(64, seed)
+        g_c, g_r = torch.autograd.grad(spec.formula(terms).sum(), (chosen, rejected), allow_unused=True)
+        g_r = torch.zeros_like(g_c) if g_r is None else g_r
+        ratios = [rejected_gradient_ratio([name], [1.0], int(a), int(b)) for a, b in zip(lc.tolist(), lr.tolist())]
+        if spec.margin is None:
+            assert all(k is None for k in ratios), name
+            assert not torch.allclose(g_r, g_c * (-lc / lr)) and not torch.allclose(g_r, -g_c), name
+        else:
+            torch.testing.assert_close(g_r, g_c * torch.tensor(ratios, dtype=torch.float64), rtol=1e-12, atol=1e-300,
+                                       msg=name)
+    # Mixes: one ratio when every component has it, else none.
+    assert rejected_gradient_ratio(["sigmoid", "hinge"], [1.0, 0.5], 10, 30) == -1.0
+    assert rejected_gradient_ratio(["ipo", "simpo"], [1.0, 0.5], 10, 30) == pytest.approx(-1 / 3)
+    assert rejected_gradient_ratio(["sigmoid", "ipo"], [1.0, 1.0], 10, 30) is None
+    assert rejected_gradient_ratio(["sigmoid", "ipo"], [1.0, 1.0], 20, 20) == -1.0
+    assert rejected_gradient_ratio(["sigmoid", "orpo"], [1.0, 1.0], 20, 20) is None
+    assert rejected_gradient_ratio(["sigmoid", "orpo"], [1.0, 0.0], 20, 20) == -1.0  # a weight of 0 adds nothing
+    assert rejected_gradient_ratio(["ipo"], [1.0], 0, 5) == -1 / 5  # lengths clamped at 1, as the formula does
+
+
+SPLIT_LOSSES = [n for n, spec in LOSSES.items() if spec.pair_local] + [("sigmoid", "hinge"), ("sigmoid", "ipo")]
+
+
+@pytest.mark.parametrize("impl,seed", [("torch", 0), ("torch", 1), ("torch", 2), ("chunked", 3)])
+@pytest.mark.parametrize("loss_type", SPLIT_LOSSES, ids=lambda t: t if isinstance(t, str) else "+".join(t))
+def test_split_pairs_of_every_loss_type_match_the_oracle(loss_type, impl, seed, device, monkeypatch):
+    """Both pairs split: a single-margin loss (the loss table's ``margin``) sums each pair's rejected side into
+    the chosen side's float32 buffer with the ratio of their gradients, every other loss keeps two buffers;
+    loss, log-probs and the gradients of hidden, weight, bias and reference log-probs against float64."""
+    torch.manual_seed(seed)
+    h, w, b, labels = make_batch(2, 24, 16, 96, device=device, bias=True)
+    labels[3, 20:] = -100  # a rejected side shorter than its chosen side: ipo's ratio is not -1
+    labels[1, :] = torch.randint(0, 96, (24,), device=device)
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(names)
+    plans = _force_chunks(monkeypatch, (planner.Chunk(0, 1, 7), planner.Chunk(1, 2, 5)))
+    h64, w64, b64 = _as64(h, w, b)
+    with torch.no_grad():  # references near the policy's sums: the losses away from saturation
+        sums = reference.sequence_logps(h64, w64, labels, bias=b64)
+    ref_c = (sums[:2] + torch.randn(2, dtype=torch.float64, device=device)).float().requires_grad_()
+    ref_r = (sums[2:] + torch.randn(2, dtype=torch.float64, device=device)).float().requires_grad_()
+    rc64, rr64 = _as64(ref_c, ref_r)
+    settings = dict(beta=0.3, label_smoothing=0.1)
+    out = dpo_fast.dpo_loss(h, w, labels, bias=b, impl=impl, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
+                            loss_type=names, loss_weights=weights, **settings)
+    oracle = reference.dpo_loss(h64, w64, labels, bias=b64, ref_chosen_logps=rc64, ref_rejected_logps=rr64,
+                                cfg=dpo_fast.objective.LossConfig(names, weights, **settings))
+    lengths = (labels != -100).sum(1).tolist()
+    (plan,) = plans
+    for chunk in plan.chunks:  # what the executor ran: one buffer where a ratio is set, else two
+        assert chunk.rejected_scale == rejected_gradient_ratio(names, weights, lengths[chunk.first],
+                                                               lengths[2 + chunk.first])
+    merged = [c.rejected_scale is not None for c in plan.chunks]
+    if any(LOSSES[n].margin is None for n in names):
+        assert not any(merged)
+    elif len(names) == 1:
+        assert all(merged)
+    if names == ["ipo"]:
+        assert plan.chunks[1].rejected_scale == pytest.approx(-lengths[1] / lengths[3]) and lengths[1] != lengths[3]
+    assert rel_err(out.loss, oracle.loss) < 1e-5
+    assert rel_err(out.chosen_logps, oracle.chosen_logps) < 1e-5
+    assert rel_err(out.rejected_logps, oracle.rejected_logps) < 1e-5
+    ours = _grads_or_zeros(out.loss, (h, w, b, ref_c, ref_r))
+    want = _grads_or_zeros(oracle.loss, (h64, w64, b64, rc64, rr64))
+    # d loss / d ref is a second derivative of the loss times float32 rounding of the sums (~1e-6 of them
+    # here): looser than the hidden and weight gradients, whose size the first derivative sets. discopop's
+    # exp(x / tau) (tau 0.05) amplifies that rounding ten times more (5e-5 seen on the one-chunk route too).
+    slack = 10 if "discopop" in names else 1
+    for name, got, x, tol in zip(("hidden", "weight", "bias", "ref_chosen", "ref_rejected"), ours, want,
+                                 (1e-5, 1e-5, 1e-5, 1e-4, 1e-4)):
+        assert rel_err(got, x) < slack * tol, (name, rel_err(got, x))
+
+
+def _grads_or_zeros(loss, inputs):
+    """Gradients, zeros for inputs the loss does not read (reference log-probs of a reference-free loss)."""
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+def test_split_pair_with_a_zero_gradient_is_exact(device, monkeypatch):
+    """hinge past its margin: g_c = g_r = 0 scales the one merged buffer to exact zeros."""
+    h, w, _, labels = make_batch(1, 24, 16, 96, device=device)
+    plans = _force_chunks(monkeypatch, (planner.Chunk(0, 1, 7),))
+    ref_c, ref_r = torch.tensor([-1e4], device=device), torch.tensor([0.0], device=device)
+    out = dpo_fast.dpo_loss(h, w, labels, impl="torch", loss_type="hinge", ref_chosen_logps=ref_c,
+                            ref_rejected_logps=ref_r)
+    assert plans[0].chunks[0].rejected_scale == -1.0
+    gh, gw = _grads(out.loss, (h, w))
+    assert float(out.loss) == 0.0 and not gh.any() and not gw.any()
 
 
 @pytest.mark.parametrize("budget", [None, 6000])
