@@ -586,10 +586,11 @@ def _resident_programs(kernel, name: str, element_size: int, device, args, kwarg
     device's limits by ``occupancy.resident_programs`` (what benchmarks/KERNELS.md reports for every
     launch). ``args`` holds placeholders for the split buffer (a dtype: an aligned pointer, as every
     fresh allocation is) and the split count (not specialized on: ``SPLIT_COUNT_ARGS``), so the
-    kernel looked up is the one launched. Elsewhere (the interpreter), or where this Triton's
-    compiled kernel does not say, ``RESIDENT_PROGRAMS`` (the latter with a warning).
+    kernel looked up is the one launched. Elsewhere (CPU tensors, or the interpreter whatever the
+    device: nothing is compiled), or where this Triton's compiled kernel does not say,
+    ``RESIDENT_PROGRAMS`` (the latter with a warning).
     """
-    if device.type == "cuda":
+    if device.type == "cuda" and not INTERPRETED:
         limits = _sm_limits(device)
         counts = [occupancy.of_compiled(compiled, limits) for compiled in compiled_kernels(kernel, *args, **kwargs)]
         if counts and None not in counts:

@@ -112,6 +112,7 @@ def _on_a_fake_h100(monkeypatch, compiled):
         return compiled
 
     monkeypatch.setattr(fused, "compiled_kernels", compiled_kernels)
+    monkeypatch.setattr(fused, "INTERPRETED", False)  # a CUDA machine's Triton compiles
     monkeypatch.setattr(fused, "_sm_limits", lambda device: occupancy.SM_90)
     monkeypatch.setattr(fused, "_multiprocessors", lambda device: 132)
     return lookups
@@ -145,9 +146,11 @@ def test_cuda_without_a_register_count_falls_back_with_a_warning(monkeypatch):
         assert fused._resident_programs("k", "grad_hidden", 2, cuda, (), {}) == 1
 
 
-def test_no_lookup_off_cuda(monkeypatch):
+def test_no_lookup_off_cuda_or_under_the_interpreter(monkeypatch):
     lookups = _on_a_fake_h100(monkeypatch, [_compiled(128, 4, 0)])
     assert fused._resident_programs("k", "forward", 4, torch.device("cpu"), (), {}) == 3
+    monkeypatch.setattr(fused, "INTERPRETED", True)  # TRITON_INTERPRET=1 on a CUDA machine: nothing compiles
+    assert fused._resident_programs("k", "forward", 4, torch.device("cuda", 0), (), {}) == 3
     assert not lookups
 
 
