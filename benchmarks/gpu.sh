@@ -15,7 +15,8 @@
 #   2. the GPU checks (benchmarks/gpu_checks.py), one line each, PASS/FAIL/SKIP with
 #      its figure: the float32-output GEMM on this torch, the row kernels past
 #      element 2^31, float32 heads with TF32 off and on, autotuned results
-#      bit-identical on the first and second call, a head on a non-current device    CHECKS_S=120
+#      bit-identical on the first and second call, the fused split sizing's programs
+#      per SM against the driver's occupancy, a head on a non-current device         CHECKS_S=120
 #   3. environment report (nvidia-smi, versions, each peer imported, the wheels'
 #      requirements checked against what is installed: benchmarks/wheel_check.py)  ENV_S=45
 #   4. cost-model plan, when `python -m benchmarks plan` exists                     PLAN_S=20

@@ -17,6 +17,10 @@ past it print SKIP.
   multiple of naive IEEE float32's error (float32 accuracy: at most ``FLOAT32_FACTOR`` times it).
 - ``autotune_bit_identical``: the fused kernels (forward, grad_hidden, grad_weight; bf16) at a
   new shape: the first call autotunes, the second reuses the choice; every output bit-identical.
+- ``split_sizing_occupancy``: the programs per SM the fused forward and grad_hidden launchers size their
+  vocabulary splits from (``kernels/occupancy.py`` on the compiled kernel they launch; bf16 and float32)
+  against the driver's own count (``cuOccupancyMaxActiveBlocksPerMultiprocessor`` on the same kernels).
+  FAIL on a difference, or where the launcher fell back to its fixed counts.
 - ``non_current_device``: with two GPUs, a head on cuda:1 while cuda:0 is current (impl chunked and
   fused, forward and backward) against the same call on cuda:0; cuda:0 stays current.
 
@@ -36,7 +40,7 @@ import time
 # accuracy is the precision policy's call (README, "GPU notes"); this check holds it to float32 accuracy.
 FLOAT32_FACTOR = 4.0
 PER_CHECK_S = {"float32_gemm_out": 30, "row_offsets_2_31": 50, "float32_tf32": 60, "autotune_bit_identical": 60,
-               "non_current_device": 45}
+               "split_sizing_occupancy": 45, "non_current_device": 45}
 
 
 def _rel(actual, expected) -> float:
@@ -213,6 +217,63 @@ def autotune_bit_identical(dry_run):
         + ", ".join(f"{name} {'identical' if s else f'differ by {d:.1e}'}" for name, s, d in zip(names, same, diffs)))
 
 
+def _driver_occupancy(compiled) -> int:
+    """The CUDA driver's resident blocks per SM of a loaded Triton kernel (its own occupancy calculator)."""
+    import ctypes
+
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    blocks = ctypes.c_int()
+    rc = libcuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        ctypes.byref(blocks), ctypes.c_void_p(compiled.function), ctypes.c_int(compiled.metadata.num_warps * 32),
+        ctypes.c_size_t(compiled.metadata.shared))
+    if rc != 0:
+        raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor returned CUresult {rc}")
+    return blocks.value
+
+
+def split_sizing_occupancy(dry_run):
+    import warnings
+
+    import torch
+    from dpo_fast.kernels import fused_linear_logps as fused
+    from dpo_fast.kernels.launch import compiled_kernels
+    from dpo_fast.rows import KEPT_ONLY, finish_stats
+
+    device = _device(dry_run)
+    # autotune_bit_identical's bf16 shapes: their kernels come from Triton's cache
+    n, hidden_size, vocab = (20, 32, 300) if dry_run else (1000, 4096, 32768)
+    sized, real = [], fused._resident_programs
+
+    def recording(kernel, name, element_size, dev, args, kwargs):
+        programs = real(kernel, name, element_size, dev, args, kwargs)
+        found = compiled_kernels(kernel, *args, **kwargs) if dev.type == "cuda" else []
+        sized.append((name, element_size, programs, found))
+        return programs
+
+    fused._resident_programs = recording
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the launcher's fallback to fixed counts warns: a FAIL here
+            for dtype in (torch.bfloat16, torch.float32):
+                h = torch.randn(n, hidden_size, device=device).to(dtype)
+                w = (torch.randn(vocab, hidden_size, device=device) / hidden_size ** 0.5).to(dtype)
+                labels = torch.randint(0, vocab, (n,), device=device)
+                lse = finish_stats(fused.forward_stats(h, w, None, labels), labels, vocab, KEPT_ONLY).lse
+                fused.backward(h, w, None, labels, lse, torch.randn(n, device=device), need_weight=False,
+                               need_bias=False)
+    finally:
+        fused._resident_programs = real
+    if dry_run:
+        return "SKIP", "dry run: no compiled kernels; sized " + ", ".join(f"{a} {b}B: {c}/SM" for a, b, c, _ in sized)
+    parts, ok = [], bool(sized)
+    for name, size, programs, found in sized:
+        driver = [_driver_occupancy(k) for k in found]
+        ok &= bool(found) and all(d == programs for d in driver)
+        parts.append(f"{name} {size}B: {'/'.join(str(k.n_regs) for k in found)} registers, sized for {programs} "
+                     f"programs/SM, driver {'/'.join(map(str, driver))}")
+    return ("PASS" if ok else "FAIL"), f"{torch.cuda.get_device_name()}: " + "; ".join(parts)
+
+
 def non_current_device(dry_run):
     import torch
     import dpo_fast
@@ -249,7 +310,7 @@ def non_current_device(dry_run):
 
 
 CHECKS = {f.__name__: f for f in (float32_gemm_out, row_offsets_2_31, float32_tf32, autotune_bit_identical,
-                                  non_current_device)}
+                                  split_sizing_occupancy, non_current_device)}
 
 
 # ----------------------------------------------------------------------------------------

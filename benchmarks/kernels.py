@@ -7,10 +7,13 @@ constexprs, the integer arguments equal to 1 that the JIT turns into constants, 
 divisible by 16, the pointers' alignment, the config) is compiled with ``triton.compile``
 for a ``GPUTarget`` (sm_90: H100/H200, sm_80: A100), and its registers, spill bytes (the
 cubin's stack frame: ptxas puts spills there; these kernels make no calls and hold no local
-arrays), shared memory and resident programs per SM are read. A row fits when it spills
-nothing, its shared memory is within the card's limit and, for the token-major kernels
-whose vocabulary splits are sized in waves of SMs x resident programs, the SM holds exactly
-the number of programs the launcher's split sizing assumed.
+arrays), shared memory and resident programs per SM are read (``kernels/occupancy.py``: the
+function the launcher itself sizes with). A row fits when it spills nothing, its shared memory
+is within the card's limit, an SM holds at least one program and, for the token-major kernels
+whose vocabulary splits are sized in waves of SMs x resident programs, the launcher sized the
+splits from this very specialization (it compiles the launch's kernel before the launch and
+reads its registers, warps and shared memory: the recorded lookup and the launch specialize
+alike).
 
 ``--python`` also compiles the same jobs with another interpreter (e.g. a venv with the GPU
 image's Triton 3.6: ``python3 -m venv /tmp/venv36 && /tmp/venv36/bin/pip install
@@ -28,15 +31,15 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from .launches import TOKEN_MAJOR  # kernels whose vocabulary splits are sized from the compiled kernel
+
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS_MD = Path(__file__).resolve().parent / "KERNELS.md"
 
-# target -> (compute capability, shared memory one block may use, shared memory per SM), bytes
-TARGETS = {"sm_90": (90, 227 * 1024, 228 * 1024), "sm_80": (80, 163 * 1024, 164 * 1024)}
+# target -> (compute capability, shared memory one block may use (bytes), the SM's limits' name in occupancy)
+TARGETS = {"sm_90": (90, 227 * 1024, "SM_90"), "sm_80": (80, 163 * 1024, "SM_80")}
 DTYPES = ("bf16", "fp16", "fp32")
 MAX_REGISTERS = 255  # per thread; more is impossible, so 255 with no spills is the real limit
-REGISTERS_PER_SM = 65536
-MAX_WARPS_PER_SM = 64  # sm_80 and sm_90
 
 
 def _ptr(dtype):
@@ -66,6 +69,12 @@ def _row_kernel_args(dtype):
 ROW_CONSTEXPRS = dict(HAS_SOFTCAP=True, HAS_ENTROPY_GRAD=True)
 
 
+def _occupancy():
+    """``kernels/occupancy.py`` (pure: a bare Triton venv imports it too), as the launchers import it."""
+    sys.path.insert(0, str(ROOT))
+    return importlib.import_module("kernels.occupancy")
+
+
 def _load_kernels():
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("TRITON_INTERPRET=1 is set: unset it, kernels must be compiled for a GPU target")
@@ -92,6 +101,9 @@ def _specialize(fn, values, constexprs):
             signature[name], consts[name] = "constexpr", constexprs[name]
             continue
         value = values[name]
+        if fn.params[i].do_not_specialize and isinstance(value, int) and not isinstance(value, bool):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"  # neither a constant nor aligned
+            continue
         if isinstance(value, dict):  # a pointer
             signature[name] = "*" + value["ptr"]
             if value["align16"]:
@@ -112,13 +124,16 @@ def _specialize(fn, values, constexprs):
     return signature, consts, attrs
 
 
-def specialization(job) -> str:
+def specialization(job, fn=None) -> str:
     """What the JIT specializes beyond dtype and config, in words: flags on, integers equal to 1,
-    integers not divisible by 16, unaligned pointers."""
+    integers not divisible by 16, unaligned pointers (not the arguments ``fn`` does not specialize on)."""
+    unspecialized = {p.name for p in fn.params if p.do_not_specialize} if fn is not None else set()
     flags = [k.replace("HAS_", "").lower() for k, v in sorted(job["constexprs"].items())
              if v is True]
     ints = []
     for name, value in job["values"].items():
+        if name in unspecialized:
+            continue
         if isinstance(value, dict):
             if not value["align16"]:
                 ints.append(f"{name} unaligned")
@@ -146,13 +161,11 @@ def _resources(cubin: bytes):
 
 
 def resident_programs(registers: int, warps: int, shared: int, target: str) -> int:
-    """Programs one SM holds at once: registers (allocated per warp in units of 256), warps, shared memory
-    (1 KB of it reserved per block)."""
-    _, _, smem_per_sm = TARGETS[target]
-    per_warp = -(-registers * 32 // 256) * 256
-    by_registers = REGISTERS_PER_SM // (per_warp * warps)
-    by_shared = smem_per_sm // (shared + 1024)
-    return min(by_registers, MAX_WARPS_PER_SM // warps, by_shared)
+    """Programs one SM of ``target`` holds at once: ``occupancy.resident_programs``, the launcher's own
+    arithmetic (registers allocated per warp in units of 256, warps, blocks, shared memory with 1 KB
+    reserved per block)."""
+    occupancy = _occupancy()
+    return occupancy.resident_programs(registers, warps, shared, getattr(occupancy, TARGETS[target][2]))
 
 
 def compile_one(job):
@@ -168,7 +181,7 @@ def compile_one(job):
     capability, smem_limit, _ = TARGETS[job["target"]]
     options = {k: job[k] for k in ("num_warps", "num_stages", "maxnreg") if job.get(k) is not None}
     row = {k: job.get(k) for k in ("kernel", "config", "spec", "launches", "dtype", "target", "default",
-                                    "assumed_programs")}
+                                    "sizing")}
     row.update(triton=triton.__version__, warps=job.get("num_warps") or 4)
     try:
         compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
@@ -180,8 +193,8 @@ def compile_one(job):
     row.update(registers=registers, spill_bytes=stack + local, shared=compiled.metadata.shared,
                shared_limit=smem_limit)
     row["programs"] = resident_programs(registers, row["warps"], row["shared"], job["target"])
-    row["fits"] = (row["spill_bytes"] == 0 and row["shared"] <= smem_limit
-                   and row["assumed_programs"] in (None, row["programs"]))
+    row["fits"] = (row["spill_bytes"] == 0 and row["shared"] <= smem_limit and row["programs"] >= 1
+                   and row["sizing"] in (None, "compiled"))
     return row
 
 
@@ -191,6 +204,22 @@ def _config_name(constexprs, warps, stages, maxnreg=None):
     precision = constexprs.get("DOT_PRECISION")
     return (kw + (f",{precision}" if precision else "") + f" w{warps} s{stages}"
             + (f" r{maxnreg}" if maxnreg else ""))
+
+
+def _job_key(fn, target, launch):
+    """What makes a compiled kernel: the specialization of the launch's arguments, its constexprs and config."""
+    signature, consts, attrs = _specialize(fn, launch["values"], launch["constexprs"])
+    return json.dumps([launch["kernel"], target, signature, consts, sorted(map(str, attrs.items())),
+                       launch["num_warps"], launch["num_stages"], launch["maxnreg"]], sort_keys=True)
+
+
+def _sizing(fn, target, launch, key):
+    """For a token-major launch: "compiled" where the launcher sized its splits from the kernel this launch
+    runs (the recorded lookup specializes as the launch does), else "another kernel"; None otherwise."""
+    if launch["kernel"] not in TOKEN_MAJOR:
+        return None
+    sized = launch.get("sized_from")
+    return "compiled" if sized is not None and _job_key(fn, target, sized) == key else "another kernel"
 
 
 def fused_jobs(targets=tuple(TARGETS)):
@@ -204,20 +233,18 @@ def fused_jobs(targets=tuple(TARGETS)):
             for dtype in scenario.dtypes:
                 for launch in launches.record(scenario, dtype, target, fused):
                     fn = _jit_fn(getattr(fused, launch["kernel"]))
-                    signature, consts, attrs = _specialize(fn, launch["values"], launch["constexprs"])
-                    key = json.dumps([launch["kernel"], target, signature, consts, sorted(map(str, attrs.items())),
-                                      launch["num_warps"], launch["num_stages"], launch["maxnreg"]], sort_keys=True)
+                    key = _job_key(fn, target, launch)
+                    sizing = _sizing(fn, target, launch, key)
                     if key in by_key:
                         job = by_key[key]
                         if scenario.name not in job["launches"]:
                             job["launches"].append(scenario.name)
-                        assumed = {job["assumed_programs"], launch["assumed_programs"]} - {None}
-                        assert len(assumed) <= 1, (key, assumed)  # one split sizing per kernel and dtype
-                        job["assumed_programs"] = assumed.pop() if assumed else None
+                        if sizing != "compiled":
+                            job["sizing"] = sizing
                         continue
-                    job = dict(launch, family="fused", launches=[scenario.name])
-                    del job["scenario"]
-                    job["spec"] = specialization(job)
+                    job = dict(launch, family="fused", launches=[scenario.name], sizing=sizing)
+                    del job["scenario"], job["sized_from"]
+                    job["spec"] = specialization(job, fn)
                     job["config"] = _config_name(launch["constexprs"], launch["num_warps"], launch["num_stages"],
                                                  launch["maxnreg"])
                     job["default"] = None
@@ -241,7 +268,7 @@ def row_jobs(targets=tuple(TARGETS), dtypes=DTYPES):
                 job = dict(family="rows", kernel=kernel, config=f"BLOCK={block} w{warps} s3", dtype=dtype,
                            target=target, default=True, values=values, constexprs=constexprs, num_warps=warps,
                            num_stages=None,
-                           launches=["one tile"], assumed_programs=None)
+                           launches=["one tile"], sizing=None)
                 job["spec"] = specialization(job)
                 out.append(job)
     return out
@@ -277,10 +304,12 @@ def markdown(rows):
         "launches are recorded from their launchers at the shapes of `benchmarks/launches.py` (`launches`), "
         "one row per config the autotuner's pruning keeps; the row kernels at one example tile. `specialization` "
         "lists the constexpr flags on and the integer arguments the JIT specializes (equal to 1: a constant; "
-        "not a multiple of 16). Registers per thread; spill bytes per thread (stack frame); shared memory per "
-        "block against the card's limit (227 KB sm_90, 163 KB sm_80); programs one SM holds and, in "
-        "parentheses, the number the launcher's vocabulary-split sizing assumed (none where the grid is within "
-        "one wave of SMs: each program has an SM to itself). No GPU was used.",
+        "not a multiple of 16; the split count is not specialized on). Registers per thread; spill bytes per "
+        "thread (stack frame); shared memory per block against the card's limit (227 KB sm_90, 163 KB sm_80); "
+        "programs one SM holds (`kernels/occupancy.py`), and \"sizes splits\" where the launcher sizes the "
+        "vocabulary splits in waves of SMs x this number, read from this same specialization compiled before "
+        "the launch (token-major kernels on CUDA; the recorded lookup specializes as the launch does). No GPU "
+        "was used.",
         "",
         "| kernel | dtype | config | specialization | launches | target | triton | registers | spill bytes "
         "| shared KB | programs/SM | fits |",
@@ -293,9 +322,9 @@ def markdown(rows):
         if "error" in r:
             lines.append(f"{head} error: {r['error']} | | | | **no** |")
             continue
-        assumed = f" ({r['assumed_programs']})" if r.get("assumed_programs") is not None else ""
+        sizing = {None: "", "compiled": " (sizes splits)"}.get(r.get("sizing"), f" (splits sized from {r['sizing']})")
         lines.append(f"{head} {r['registers']} | {r['spill_bytes']} | {r['shared'] / 1024:.0f} | "
-                     f"{r['programs']}{assumed} | {'yes' if r['fits'] else '**no**'} |")
+                     f"{r['programs']}{sizing} | {'yes' if r['fits'] else '**no**'} |")
     return "\n".join(lines) + "\n"
 
 

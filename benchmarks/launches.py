@@ -8,6 +8,12 @@ the autotuner could run). ``benchmarks/kernels.py`` compiles every distinct spec
 ahead of time. So the compiled set follows the launcher's code: a new flag, token block or
 split rule changes what is compiled without anyone copying it here.
 
+The token-major kernels' launchers size their vocabulary splits from the kernel they are
+about to launch (on CUDA they compile it first and read its occupancy:
+``fused_linear_logps._resident_programs``). Here that lookup is recorded too (``sized_from``
+of each launch, sized meanwhile with the fallback counts ``RESIDENT_PROGRAMS``), so the
+compile tool can check that the kernel the splits were sized from is the kernel that runs.
+
 ``SCENARIOS`` are the launches real users make: Llama-3-8B's head with every optional
 feature on and with DPO's flags (none; gradient filtering on, which is what sends a
 Llama-sized head to the fused backward), a token count that is not a multiple of 16, one
@@ -74,6 +80,8 @@ def _value(x):
     if isinstance(x, torch.Tensor):
         aligned = (x.storage_offset() * x.element_size()) % 16 == 0  # allocations themselves are aligned
         return {"ptr": TRITON_TYPES[str(x.dtype).replace("torch.", "")], "align16": aligned}
+    if isinstance(x, torch.dtype):  # a placeholder pointer (Triton's warmup: an aligned MockTensor)
+        return {"ptr": TRITON_TYPES[str(x).replace("torch.", "")], "align16": True}
     if x is None or isinstance(x, (bool, int, float, str)):
         return x
     raise TypeError(f"unexpected launch argument {x!r}")
@@ -82,13 +90,14 @@ def _value(x):
 class _Recorder:
     """Stands in for one kernel in the launcher's module: ``kernel[grid](...)`` records, runs nothing."""
 
-    def __init__(self, name, kernel, log, sizing, sms):
-        self.name, self.kernel, self.log, self.sizing, self.sms = name, kernel, log, sizing, sms
+    def __init__(self, name, kernel, log, lookups):
+        self.name, self.kernel, self.log, self.lookups = name, kernel, log, lookups
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self._record(grid, args, kwargs)
 
-    def _record(self, grid, args, kwargs):
+    def entries(self, grid, args, kwargs):
+        """The launch ``kernel[grid](*args, **kwargs)`` as JSON, once per config the autotuner's pruning keeps."""
         from triton.runtime.autotuner import Autotuner
 
         fn = _jit_fn(self.kernel)
@@ -99,17 +108,15 @@ class _Recorder:
             self.kernel.nargs = None
         else:
             configs = [None]
-        # programs per SM the launcher's split sizing assumed for this grid (token-major kernels)
-        assumed = self.sizing.pop() if self.name in TOKEN_MAJOR and self.sizing else None
+        out = []
         for config in configs:
             tuned = dict(config.kwargs) if config is not None else {}
             meta = dict(named, **tuned)
             launch_grid = list(grid(meta) if callable(grid) else grid)
             launch_grid += [1] * (3 - len(launch_grid))
-            programs = launch_grid[0] * launch_grid[1] * launch_grid[2]
             constexprs = {k: v for k, v in meta.items() if k in fn.arg_names and fn.params[
                 fn.arg_names.index(k)].is_constexpr}
-            self.log.append(dict(
+            out.append(dict(
                 kernel=self.name,
                 values={k: _value(v) for k, v in named.items() if k not in constexprs},
                 constexprs=constexprs,
@@ -117,34 +124,44 @@ class _Recorder:
                 num_stages=config.num_stages if config is not None else 3,
                 maxnreg=getattr(config, "maxnreg", None) if config is not None else None,
                 grid=launch_grid,
-                # A grid within one wave of SMs gives each program an SM of its own: the split sizing's
-                # programs per SM play no part there, so no occupancy is required of it.
-                assumed_programs=assumed if programs > self.sms else None,
             ))
+        return out
+
+    def _record(self, grid, args, kwargs):
+        entries = self.entries(grid, args, kwargs)
+        # The compiled kernels the launcher sized this grid from (token-major kernels: one lookup
+        # right before each launch), to be checked against the kernels the launch runs.
+        sized_from = self.lookups.pop() if self.name in TOKEN_MAJOR and self.lookups else None
+        for i, entry in enumerate(entries):
+            entry["sized_from"] = sized_from[i] if sized_from and i < len(sized_from) else None
+            self.log.append(entry)
 
 
 def record(scenario: Scenario, dtype: str, target: str, fused):
     """Every launch ``fused``'s launchers make for ``scenario`` in ``dtype`` on a ``target`` card."""
     import torch
 
-    log, sizing = [], []
+    log, lookups = [], []
     saved = {}
     names = [n for n in dir(fused) if n.endswith("_kernel") and hasattr(getattr(fused, n), "__getitem__")]
+    fallback = fused._resident_programs
 
     def multiprocessors(device):
         return SMS[target]
 
-    def splits_for_waves(token_blocks, vocab_tiles, slots, *args, **kwargs):
-        sizing.append(slots // SMS[target] if slots % SMS[target] == 0 else slots / SMS[target])
-        return original_splits(token_blocks, vocab_tiles, slots, *args, **kwargs)
+    def resident_programs(kernel, name, element_size, device, args, kwargs):
+        # On CUDA the launcher compiles this launch's kernel here and reads its occupancy; recorded
+        # instead (a _Recorder stands in for the kernel), sized with the fallback counts. The split
+        # count is not specialized on, so the grid it gives changes no compiled kernel.
+        lookups.append(kernel.entries((1,), args, kwargs))
+        return fallback(kernel, name, element_size, device, args, kwargs)
 
-    original_splits = fused.splits_for_waves
     try:
         for name in names:
             saved[name] = getattr(fused, name)
-            setattr(fused, name, _Recorder(name, saved[name], log, sizing, SMS[target]))
+            setattr(fused, name, _Recorder(name, saved[name], log, lookups))
         saved["_multiprocessors"], fused._multiprocessors = fused._multiprocessors, multiprocessors
-        saved["splits_for_waves"], fused.splits_for_waves = original_splits, splits_for_waves
+        saved["_resident_programs"], fused._resident_programs = fallback, resident_programs
         meta = dict(device="meta")
         dt = getattr(torch, TORCH_DTYPES[dtype])
         n, h, v = scenario.tokens, scenario.hidden, scenario.vocab

@@ -35,13 +35,14 @@ Offsets that scale with N*V, N*H or V*H are computed in int64.
 """
 
 import os
+import warnings
 
 import triton
 import triton.language as tl
 from triton.runtime.autotuner import Autotuner
 
-from . import stats_layout
-from .launch import launch
+from . import occupancy, stats_layout
+from .launch import compiled_kernels, launch
 from .logsoftmax_gather import (  # the statistics layout as Triton constexprs, defined once there
     STAT_ARGMAX, STAT_MAX, STAT_SQEXP, STAT_SUMEXP, STAT_TARGET, STAT_ZEXP, STAT_ZSUM, _post_process, split_lse,
 )
@@ -67,14 +68,15 @@ UPCAST_DOT_OPERANDS = tl.constexpr(INTERPRETED)
 # Configurations per operand element size (2: bf16/fp16, 4: fp32; float64 operands are loaded
 # as such and multiplied in float32: they get the float32 tiles). The token-major kernels
 # (forward, grad_hidden) get their token block from the launcher, which sizes the vocabulary
-# splits in waves of SMs x the programs one SM holds of their tile (``RESIDENT_PROGRAMS``):
-# so they have one config per element size, the one the grid is sized for (another tile or
-# warp count would run a grid sized for someone else's occupancy, and could not win).
-# grad_weight's grid does not depend on occupancy: its list is tuned. Every launch the
-# launchers make at real shapes (benchmarks/launches.py: flags on and off, n = 1, n not a
-# multiple of 16, one split, GPT-2, Gemma-2 with softcap) compiles with no register spills,
-# within the card's shared memory and at the occupancy the split sizing assumes, for sm_80
-# and sm_90 with Triton 3.6 and 3.9 (tests/test_kernel_compile.py, benchmarks/KERNELS.md).
+# splits in waves of SMs x the programs one SM holds of the kernel that launch runs
+# (``_resident_programs``): so they have one config per element size, the one the grid is sized
+# from (another tile or warp count would run a grid sized for someone else's occupancy, and
+# could not win). grad_weight's grid does not depend on occupancy: its list is tuned. Every
+# launch the launchers make at real shapes (benchmarks/launches.py: flags on and off, n = 1, n
+# not a multiple of 16, one split, GPT-2, Gemma-2 with softcap) compiles with no register
+# spills and within the card's shared memory, for sm_80 and sm_90 with Triton 3.6 and 3.9, and
+# its splits are sized from that compiled specialization (tests/test_kernel_compile.py,
+# benchmarks/KERNELS.md).
 # Big tiles spill: 128 x 128 x 64 with 8 warps needs more than 255 registers per thread, and
 # float32 operands multiply in IEEE float32 (FLOAT32_DOT_PRECISION "ieee": FMA units, operands held
 # in registers), so float32 tiles are smaller: 64 tokens x 32 vocabulary columns x 16 of H in the
@@ -99,20 +101,27 @@ _VOCAB_MAJOR = {  # (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages): grad_weight, pro
     4: [(64, 64, 16, 8, 3), (32, 64, 16, 8, 3)],
     8: [(64, 64, 16, 8, 3)],
 }
-# Programs of a token-major tile one SM holds at once, limited by registers (65536 per SM):
-# 16-bit tiles (8 warps; 146-255 registers in the launches of KERNELS.md that fill a wave) one;
-# float32 tiles (4 warps) three in the forward (capped at 168 registers), two in grad_hidden
-# (allowed 255: on sm_80 ptxas otherwise picks 128 or 168 itself and spills). Vocabulary splits
-# are sized for waves of SMs x this (tests/test_kernel_compile.py checks it against every
-# compiled launch).
+# Programs of a token-major tile one SM holds at once where no compiled kernel says (the
+# interpreter; benchmarks/launches.py's recordings on meta tensors). On CUDA the launcher reads
+# the kernel it is about to launch instead (``_resident_programs``): registers per thread are
+# ptxas's choice, below a cap but not at it, and differ by specialization and Triton version
+# (KERNELS.md: GPT-2's bf16 grad_hidden takes 128 registers on sm_80 with Triton 3.9, two
+# programs per SM where these say one, 170 with Triton 3.6; n = 1 fits 2-4). These are the
+# counts of the other launches: 16-bit tiles (8 warps, 138-255 registers) one; float32 tiles
+# (4 warps) three in the forward (capped at 168 registers), two in grad_hidden (allowed 255: on
+# sm_80 ptxas otherwise picks 128 or 168 itself and spills).
 RESIDENT_PROGRAMS = {"forward": {2: 1, 4: 3, 8: 3}, "grad_hidden": {2: 1, 4: 2, 8: 2}}
+# The split count is an ordinary integer argument, not specialized on (equal to 1 it would be a
+# constant, and ptxas allocates that specialization differently): so the kernel compiled to size
+# the splits is the one that runs, whatever split count it chooses.
+SPLIT_COUNT_ARGS = ["num_splits"]
 # Register caps (maxnreg) per kernel and element size, where ptxas's own choice is wrong:
-# - float32 forward: three programs of 4 warps per SM need <= 168 registers (a cap, so that no
-#   launch's specialization takes a few more and runs two programs where the splits assume three);
+# - float32 forward: at most 168 registers, so that three programs of 4 warps fit an SM (ptxas
+#   takes 128-168 under the cap; the split sizing reads what it took);
 # - float32 grad_hidden: as grad_weight below, on sm_80 ptxas held it at 128-168 registers and
-#   spilled up to 16 bytes (and ran 3-4 programs where the splits assume two);
+#   spilled up to 16 bytes;
 # - float32 grad_weight: uncapped, ptxas held it at 168 registers on sm_80 and spilled 16 bytes
-#   (Triton 3.6 and 3.9); allowed 255 it spills nothing (occupancy is not assumed there: its
+#   (Triton 3.6 and 3.9); allowed 255 it spills nothing (occupancy plays no part there: its
 #   grid is one program per vocabulary block).
 MAX_REGISTERS = {"forward": {4: 168, 8: 168}, "grad_hidden": {4: 255, 8: 255}, "grad_weight": {4: 255, 8: 255}}
 INTERPRETER_TILE = (32, 64, 32, 1, 1)  # numpy runs one program at a time: one small tile, no tuning
@@ -361,7 +370,7 @@ def _store_stats(out, n, row_ok, m, sum_exp, z_exp, sq_exp, z_sum, arg, target):
 
 @_autotune(configs=_tuned(_TOKEN_MAJOR["forward"], _token_major_config, "forward"),
            key=["H", "V", "n_bucket", "BLOCK_N"], prune=_prune_to_element_size(_TOKEN_MAJOR["forward"]))
-@triton.jit
+@triton.jit(do_not_specialize=SPLIT_COUNT_ARGS)
 def _forward_kernel(
     h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr, labels_ptr, partial_ptr,
     n, V, H, num_splits, n_bucket, scale, softcap, inv_temperature,
@@ -447,7 +456,7 @@ def _merge_splits_kernel(partial_ptr, stats_ptr, n, num_splits, BLOCK: tl.conste
 @_autotune(configs=_tuned(_TOKEN_MAJOR["grad_hidden"], _token_major_config, "grad_hidden"),
            key=["H", "V", "n_bucket", "BLOCK_N"], prune=_prune_to_element_size(_TOKEN_MAJOR["grad_hidden"]),
            reset_to_zero=["dh_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=SPLIT_COUNT_ARGS)
 def _grad_hidden_kernel(
     h_ptr, stride_hn, stride_hk, w_ptr, stride_wv, stride_wk, b_ptr,
     labels_ptr, lse_ptr, grad_logp_ptr, entropy_ptr, grad_entropy_ptr, dh_ptr,
@@ -562,12 +571,45 @@ def splits_for_waves(token_blocks: int, vocab_tiles: int, slots: int, max_splits
     return good[0] if good else max(candidates, key=lambda s: wave_fill(token_blocks, s, vocab_tiles, slots))
 
 
-def _vocab_splits(kernel: str, n: int, vocab: int, block_n: int, element_size: int, device, requested) -> int:
-    """Splits sized for the token block and kernel that run; each split at least 512 columns."""
+def _sm_limits(device) -> occupancy.SMLimits:
+    return occupancy.limits_of(torch.cuda.get_device_properties(device))
+
+
+_FALLBACK_WARNED = set()
+
+
+def _resident_programs(kernel, name: str, element_size: int, device, args, kwargs) -> int:
+    """Programs of the launch ``kernel[grid](*args, **kwargs)`` one SM holds at once.
+
+    On CUDA: of the kernel that launch runs, compiled (or found in Triton's cache) now, before the
+    launch (``launch.compiled_kernels``), its registers, warps and shared memory counted against the
+    device's limits by ``occupancy.resident_programs`` (what benchmarks/KERNELS.md reports for every
+    launch). ``args`` holds placeholders for the split buffer (a dtype: an aligned pointer, as every
+    fresh allocation is) and the split count (not specialized on: ``SPLIT_COUNT_ARGS``), so the
+    kernel looked up is the one launched. Elsewhere (CPU tensors, or the interpreter whatever the
+    device: nothing is compiled), or where this Triton's compiled kernel does not say,
+    ``RESIDENT_PROGRAMS`` (the latter with a warning).
+    """
+    if device.type == "cuda" and not INTERPRETED:
+        limits = _sm_limits(device)
+        counts = [occupancy.of_compiled(compiled, limits) for compiled in compiled_kernels(kernel, *args, **kwargs)]
+        if counts and None not in counts:
+            return max(1, min(counts))
+        if name not in _FALLBACK_WARNED:
+            _FALLBACK_WARNED.add(name)
+            warnings.warn(f"dpo_fast: Triton {triton.__version__} did not report the registers of the compiled "
+                          f"fused {name} kernel; its vocabulary splits are sized for RESIDENT_PROGRAMS instead")
+    return RESIDENT_PROGRAMS[name][element_size]
+
+
+def _vocab_splits(kernel, name: str, n: int, vocab: int, block_n: int, element_size: int, device, requested,
+                  args, kwargs) -> int:
+    """Splits sized for the token block and compiled kernel that run (``_resident_programs`` of the launch
+    ``kernel[grid](*args, **kwargs)``); each split at least 512 columns."""
     if requested is not None:
         return max(1, min(int(requested), vocab))
-    block_v = _TOKEN_MAJOR[kernel][element_size][0][0]
-    slots = _multiprocessors(device) * RESIDENT_PROGRAMS[kernel][element_size]
+    block_v = _TOKEN_MAJOR[name][element_size][0][0]
+    slots = _multiprocessors(device) * _resident_programs(kernel, name, element_size, device, args, kwargs)
     return splits_for_waves(triton.cdiv(max(n, 1), block_n), triton.cdiv(vocab, block_v), slots,
                             max_splits=min(64, triton.cdiv(vocab, 512)))
 
@@ -594,12 +636,16 @@ def forward_stats(hidden, weight, bias, labels, *, scale=1.0, softcap=None, inv_
     if n == 0:
         return torch.empty(NUM_STATS, 0, dtype=torch.float32, device=hidden.device)
     block_n = token_block(hidden.element_size(), n)
-    splits = _vocab_splits("forward", n, vocab, block_n, hidden.element_size(), hidden.device, num_splits)
-    partial = torch.empty(splits, NUM_STATS, n, dtype=torch.float32, device=hidden.device)
     c = _common(hidden, weight, bias, scale, softcap, inv_temperature)
-    launch(_forward_kernel, (triton.cdiv(n, block_n), splits),
-           *c["args"], labels, partial, n, vocab, hidden_size, splits, _token_bucket(n), *c["transform"],
-           BLOCK_N=block_n, **c["consts"])
+    consts = dict(BLOCK_N=block_n, **c["consts"])
+
+    def arguments(partial, splits):
+        return (*c["args"], labels, partial, n, vocab, hidden_size, splits, _token_bucket(n), *c["transform"])
+
+    splits = _vocab_splits(_forward_kernel, "forward", n, vocab, block_n, hidden.element_size(), hidden.device,
+                           num_splits, arguments(torch.float32, 2), consts)
+    partial = torch.empty(splits, NUM_STATS, n, dtype=torch.float32, device=hidden.device)
+    launch(_forward_kernel, (triton.cdiv(n, block_n), splits), *arguments(partial, splits), **consts)
     if splits == 1:
         return partial[0]
     stats = torch.empty(NUM_STATS, n, dtype=torch.float32, device=hidden.device)
@@ -642,14 +688,18 @@ def backward(hidden, weight, bias, labels, lse, grad_logp, *, entropy=None, grad
 
     if need_hidden:
         block_n = token_block(hidden.element_size(), n)
-        splits = _vocab_splits("grad_hidden", n, vocab, block_n, hidden.element_size(), device, num_splits)
+        hidden_consts = dict(BLOCK_N=block_n, **consts)
+
+        def arguments(acc, splits):
+            return (*c["args"], *row_args, acc, n, vocab, hidden_size, splits, _token_bucket(n), *tail)
+
+        splits = _vocab_splits(_grad_hidden_kernel, "grad_hidden", n, vocab, block_n, hidden.element_size(), device,
+                               num_splits, arguments(torch.float32, 2), hidden_consts)
         # Every split needs its own float32 rows; stay within the workspace (one split always runs).
         splits = max(1, min(splits, workspace_bytes // max(1, 4 * n * hidden_size)))
         direct = splits == 1 and hidden.dtype == torch.float32
         acc = grad_hidden if direct else torch.zeros(splits, n, hidden_size, dtype=torch.float32, device=device)
-        launch(_grad_hidden_kernel, (triton.cdiv(n, block_n), splits),
-               *c["args"], *row_args, acc, n, vocab, hidden_size, splits, _token_bucket(n), *tail, BLOCK_N=block_n,
-               **consts)
+        launch(_grad_hidden_kernel, (triton.cdiv(n, block_n), splits), *arguments(acc, splits), **hidden_consts)
         if not direct:
             total = acc[0]
             for split in range(1, splits):  # fixed order: deterministic

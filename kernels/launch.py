@@ -11,7 +11,9 @@ its input and before the op that reads its output, as any torch op would. On CPU
 (Triton's interpreter) there is nothing to enter.
 
 Launchers call ``launch(kernel, grid, *args, **kwargs)`` instead of ``kernel[grid](...)``;
-``tests/test_launch_device.py`` checks that no kernel is launched any other way.
+``tests/test_launch_device.py`` checks that no kernel is launched any other way. A launcher
+that sizes its grid from the kernel it is about to run gets that kernel, compiled and loaded
+but not run, from :func:`compiled_kernels`, under the same device.
 """
 
 import contextlib
@@ -53,6 +55,32 @@ def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)`` with the device of the tensor arguments current."""
     with device_context(device_of(kernel, args)):
         return kernel[grid](*args, **kwargs)
+
+
+def compiled_kernels(kernel, *args, **kwargs) -> list:
+    """The kernels ``launch(kernel, grid, *args, **kwargs)`` would run, compiled (or found in Triton's cache)
+    and loaded on the tensors' device, not run: one per config the autotuner's pruning keeps.
+
+    Triton's ``warmup`` (the JIT's own launch path with ``warmup=True``: the same specialization and cache
+    key as the launch; a ``torch.dtype`` stands for a pointer argument, aligned); ``_init_handles`` loads
+    the binary, which sets ``n_regs`` (Triton's fused-softmax tutorial reads occupancy the same way).
+    Empty where this Triton does not offer that (then the caller falls back to its own numbers).
+    """
+    warmup = getattr(kernel, "warmup", None)
+    if warmup is None:
+        return []
+    with device_context(device_of(kernel, args)):
+        found = warmup(*args, grid=(1,), **kwargs)
+        out = []
+        for compiled in found if isinstance(found, (list, tuple)) else [found]:
+            if hasattr(compiled, "result"):  # Triton's asynchronous compile mode hands back futures
+                compiled = compiled.result()
+            init = getattr(compiled, "_init_handles", None)
+            if compiled is None or init is None:
+                return []
+            init()
+            out.append(compiled)
+        return out
 
 
 def _name(kernel) -> str:

@@ -8,8 +8,10 @@ config the autotuner's pruning keeps), compiles each distinct specialization wit
 memory and the programs one SM holds. Under the interpreter nothing compiles, so these are
 the only checks of what the GPU will run: spills cost local-memory traffic on every tile,
 shared memory over the card's limit is an OutOfResources at launch, and a kernel that fits
-a different number of programs per SM than the vocabulary-split sizing assumed leaves waves
-part empty.
+a different number of programs per SM than the vocabulary-split sizing used leaves waves
+part empty (so the launcher sizes the splits from the compiled kernel itself, with the
+arithmetic of ``kernels/occupancy.py`` that this table uses; ``tests/test_occupancy.py``
+tests that arithmetic and the launcher's use of it on CPU).
 
 The installed Triton compiles live; ``DPO_FAST_TRITON_PYTHONS`` (interpreters separated by
 ``:``, e.g. a venv with the GPU image's Triton 3.6) adds others. ``benchmarks/KERNELS.md``
@@ -76,7 +78,8 @@ def test_launches_cover_the_specializations_real_calls_make(jobs):
         for kernel in ("_forward_kernel", "_grad_hidden_kernel"):
             for dtype in ("bf16", "fp32"):
                 found = specs[(kernel, dtype, target)]
-                assert any("n=1" in s for s in found) and any("num_splits=1" in s for s in found)
+                assert any("n=1" in s for s in found)
+                assert not any("num_splits" in s for s in found)  # never specialized: SPLIT_COUNT_ARGS
                 assert any("V%16!=0" in s for s in found) and any(s.startswith("softcap;") for s in found)
     assert {"_merge_splits_kernel", "_row_stats_kernel", "_row_grad_kernel"} <= {j["kernel"] for j in jobs}
 
@@ -116,19 +119,20 @@ def test_no_spills_and_shared_memory_within_the_card(rows):
     assert all(0 < r["registers"] <= table.MAX_REGISTERS for r in rows)
 
 
-def test_occupancy_is_what_the_split_sizing_assumed(rows):
-    """Token-major kernels: the SM holds exactly the programs per SM their grid was sized for (grids
-    within one wave of SMs, e.g. n = 1, give each program an SM of its own and assume nothing)."""
-    sized = [r for r in rows if r["kernel"] in launches.TOKEN_MAJOR and r["assumed_programs"] is not None]
-    # float16's launches here (Llama at 8191-8192 tokens: 128 token blocks, one split) fit one wave of 132 SMs
-    assert {(r["kernel"], r["dtype"], r["target"]) for r in sized} >= {
-        (k, d, t) for k in launches.TOKEN_MAJOR for d in ("bf16", "fp32") for t in table.TARGETS}
-    wrong = [f"{_label(r)}: {r['registers']} registers -> {r['programs']} programs/SM, sized for "
-             f"{r['assumed_programs']}" for r in sized if r["programs"] != r["assumed_programs"]
-             and not any(_known_occupancy_miss(r["kernel"], r["dtype"], label, r["target"], r["triton"],
-                                               r["spill_bytes"], r["programs"], r["assumed_programs"])
-                         for label in r["launches"])]
+def test_occupancy_is_what_the_split_sizing_uses(rows, jobs):
+    """Token-major kernels: the launcher sizes the vocabulary splits from the kernel each launch runs
+    (compiled before the launch: ``fused_linear_logps._resident_programs``), with the arithmetic this table
+    uses. Every recorded lookup specializes as its launch does (the split count and the split buffer
+    change no compiled kernel), so the programs per SM each row reports are the ones its grid was sized for."""
+    token_major = [j for j in jobs if j["kernel"] in launches.TOKEN_MAJOR]
+    assert {(j["kernel"], j["dtype"], j["target"]) for j in token_major} >= {
+        (k, d, t) for k in launches.TOKEN_MAJOR for d in table.DTYPES for t in table.TARGETS}
+    wrong = [f"{j['kernel']} {j['dtype']} [{j['spec']}] {j['target']}: sized from {j['sizing']}"
+             for j in token_major if j["sizing"] != "compiled"]
     assert not wrong, "\n".join(wrong)
+    assert all(r["sizing"] == "compiled" and r["programs"] >= 1 for r in rows if r["kernel"] in launches.TOKEN_MAJOR)
+    # one function for the table and the launcher
+    assert Path(table._occupancy().__file__).resolve() == Path(fused.occupancy.__file__).resolve()
 
 
 def test_resident_programs_counts_registers_warps_and_shared_memory():
@@ -141,52 +145,48 @@ def test_resident_programs_counts_registers_warps_and_shared_memory():
 
 @pytest.mark.parametrize("tokens", [1024, 1100, 1536, 2048, 3000, 4096, 6000, 8192, 16384, 65536])
 @pytest.mark.parametrize("vocab", [32000, 128256, 151936, 256000])
-def test_token_major_grids_fill_the_waves_of_an_h100(tokens, vocab):
-    """The launcher's vocabulary splits, sized for the token block that runs and the programs per SM
-    the compiled kernels hold (checked above), fill >= 90% of the waves of 132 SMs."""
-    sms = launches.SMS["sm_90"]
-    for kernel in ("forward", "grad_hidden"):
-        for size in (2, 4):
-            block_n, block_v = fused.TOKEN_BLOCK[size], fused._TOKEN_MAJOR[kernel][size][0][0]
-            token_blocks, vocab_tiles = triton.cdiv(tokens, block_n), triton.cdiv(vocab, block_v)
-            slots = sms * fused.RESIDENT_PROGRAMS[kernel][size]
-            splits = fused.splits_for_waves(token_blocks, vocab_tiles, slots,
-                                            max_splits=min(64, triton.cdiv(vocab, 512)))
-            fill = fused.wave_fill(token_blocks, splits, vocab_tiles, slots)
-            assert fill >= 0.9, (kernel, size, splits, fill)
+def test_token_major_grids_fill_the_waves(tokens, vocab):
+    """The launcher's vocabulary splits, sized for the token block that runs and the programs per SM of
+    the compiled kernel (1-4 across KERNELS.md's launches), fill >= 90% of the waves of 132 (H100) and
+    108 (A100) SMs."""
+    for sms in launches.SMS.values():
+        for kernel in ("forward", "grad_hidden"):
+            for size in (2, 4):
+                for programs in (1, 2, 3, 4):
+                    block_n, block_v = fused.TOKEN_BLOCK[size], fused._TOKEN_MAJOR[kernel][size][0][0]
+                    token_blocks, vocab_tiles = triton.cdiv(tokens, block_n), triton.cdiv(vocab, block_v)
+                    splits = fused.splits_for_waves(token_blocks, vocab_tiles, sms * programs,
+                                                    max_splits=min(64, triton.cdiv(vocab, 512)))
+                    fill = fused.wave_fill(token_blocks, splits, vocab_tiles, sms * programs)
+                    assert fill >= 0.9, (sms, kernel, size, programs, splits, fill)
 
 
-# Known misses, named so that any other one fails: no spills, but ptxas (Triton 3.9 only) holds these
-# specializations at 128 registers, so the SM keeps more programs than the vocabulary splits were sized
-# for (more resident programs: correct results, a wave fill below the sizing's). A register cap cannot
-# raise register use; fixing it means sizing the splits from the compiled kernel. Open in issue 18 item 9.
-OCCUPANCY_ABOVE_ASSUMED = {
-    ("_forward_kernel", "fp32", "llama-one-split", "sm_90", "3.9"),
-    ("_grad_hidden_kernel", "bf16", "gpt2", "sm_80", "3.9"),
-}
+def test_kernels_md_programs_are_within_the_waves_checked(rows):
+    """The programs per SM of every token-major launch, compiled here and in KERNELS.md (both Tritons), are
+    among those the wave test above covers."""
+    listed = [int(cells[10].split()[0]) for cells in _kernels_md_cells() if cells[0] in launches.TOKEN_MAJOR]
+    assert listed and set(listed) <= {1, 2, 3, 4}
+    assert {r["programs"] for r in rows if r["kernel"] in launches.TOKEN_MAJOR} <= {1, 2, 3, 4}
 
 
-def _known_occupancy_miss(kernel, dtype, launches_label, target, version, spills, programs, assumed) -> bool:
-    return (spills == 0 and programs > assumed
-            and (kernel, dtype, launches_label, target, version.rsplit(".", 1)[0]) in OCCUPANCY_ABOVE_ASSUMED)
+def _kernels_md_cells():
+    for line in (ROOT / "benchmarks" / "KERNELS.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 12 and cells[0].startswith("_"):
+            yield cells
 
 
 def _kernels_md_rows():
     out = {}
-    for line in (ROOT / "benchmarks" / "KERNELS.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 12 and cells[0].startswith("_"):
-            kernel, dtype, config, spec, launched, target, version = cells[:7]
-            programs, _, assumed = cells[10].partition(" (")
-            known = bool(assumed) and _known_occupancy_miss(kernel, dtype, launched, target, version, int(cells[8]),
-                                                            int(programs), int(assumed.rstrip(")")))
-            out[(kernel, dtype, config, spec, target, version.rsplit(".", 1)[0])] = cells[11] == "yes" or known
+    for cells in _kernels_md_cells():
+        kernel, dtype, config, spec, launched, target, version = cells[:7]
+        out[(kernel, dtype, config, spec, target, version.rsplit(".", 1)[0])] = cells[11] == "yes"
     return out
 
 
 def test_kernels_md_lists_every_launch_as_fitting_for_both_tritons(jobs):
     """Every launch the launchers make today is in benchmarks/KERNELS.md, compiled by Triton 3.6 and 3.9
-    on sm_80 and sm_90 with no spills, within shared memory and at the assumed occupancy."""
+    on sm_80 and sm_90 with no spills, within shared memory, token-major splits sized from the kernel itself."""
     listed = _kernels_md_rows()
     missing = []
     for job in jobs:
