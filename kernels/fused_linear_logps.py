@@ -592,13 +592,18 @@ def _resident_programs(kernel, name: str, element_size: int, device, args, kwarg
     """
     if device.type == "cuda" and not INTERPRETED:
         limits = _sm_limits(device)
-        counts = [occupancy.of_compiled(compiled, limits) for compiled in compiled_kernels(kernel, *args, **kwargs)]
+        why = "did not report the registers of"
+        try:
+            counts = [occupancy.of_compiled(compiled, limits)
+                      for compiled in compiled_kernels(kernel, *args, **kwargs)]
+        except Exception as exc:  # a Triton whose warmup differs must cost a grid shape, never the call
+            counts, why = [], f"could not look up ({type(exc).__name__}: {exc}) the registers of"
         if counts and None not in counts:
             return max(1, min(counts))
         if name not in _FALLBACK_WARNED:
             _FALLBACK_WARNED.add(name)
-            warnings.warn(f"dpo_fast: Triton {triton.__version__} did not report the registers of the compiled "
-                          f"fused {name} kernel; its vocabulary splits are sized for RESIDENT_PROGRAMS instead")
+            warnings.warn(f"dpo_fast: Triton {triton.__version__} {why} the compiled fused {name} kernel; its "
+                          "vocabulary splits are sized for RESIDENT_PROGRAMS instead")
     return RESIDENT_PROGRAMS[name][element_size]
 
 

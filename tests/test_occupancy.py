@@ -146,6 +146,19 @@ def test_cuda_without_a_register_count_falls_back_with_a_warning(monkeypatch):
         assert fused._resident_programs("k", "grad_hidden", 2, cuda, (), {}) == 1
 
 
+def test_a_lookup_that_raises_falls_back_with_a_warning(monkeypatch):
+    """A Triton whose warmup API differs costs the grid its best shape, never the training step."""
+    _on_a_fake_h100(monkeypatch, [])
+
+    def broken(kernel, *args, **kwargs):
+        raise TypeError("warmup() got an unexpected keyword argument 'grid'")
+
+    monkeypatch.setattr(fused, "compiled_kernels", broken)
+    monkeypatch.setattr(fused, "_FALLBACK_WARNED", set())
+    with pytest.warns(UserWarning, match="could not look up.*TypeError.*RESIDENT_PROGRAMS"):
+        assert fused._resident_programs("k", "forward", 4, torch.device("cuda", 0), (), {}) == 3
+
+
 def test_no_lookup_off_cuda_or_under_the_interpreter(monkeypatch):
     lookups = _on_a_fake_h100(monkeypatch, [_compiled(128, 4, 0)])
     assert fused._resident_programs("k", "forward", 4, torch.device("cpu"), (), {}) == 3
