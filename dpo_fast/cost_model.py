@@ -151,11 +151,11 @@ class PairChunkRun:
         return self.piece_limit > 0
 
     def weight_units(self) -> int:
-        """float32 [V, H] unit sums a split pair keeps until its loss is known."""
+        """float32 [V, H] unit sums a split pair keeps until its loss is known: one per side with tokens,
+        one in all when ``merged``."""
         if not self.split:
             return 0
-        sides = sum(1 for side in self.sides if side)
-        return min(sides, 1) if self.merged else sides
+        return 1 if self.merged else max(1, sum(1 for side in self.sides if side))
 
     def rounds(self) -> List[int]:
         """Rows of each GEMM round (a whole chunk is one; a split pair one per piece)."""
@@ -223,7 +223,7 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
             row_bytes += sum(chunk.sides) * H * (4 + e)  # unit grad_hidden scaled and cast in one pass
             if shape.trainable_head:  # one pass: read A (and B, and the running sum), write the result
                 last = chunk is ordered[-1]
-                row_bytes += (4 * (max(chunk.weight_units(), 1) + have_sum) + (e if last else 4)) * shape.vh
+                row_bytes += (4 * (chunk.weight_units() + have_sum) + (e if last else 4)) * shape.vh
         have_sum = have_sum or shape.trainable_head
     accumulators = 0 if single or not shape.trainable_head else 1
     if shape.trainable_head and not single and e < 4 and not ordered[-1].split:
@@ -243,7 +243,7 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
     phases, have_running = [0.0], False
     for chunk in ordered:
         if chunk.split:
-            units = max(chunk.weight_units(), 1) if shape.trainable_head else 0
+            units = chunk.weight_units() if shape.trainable_head else 0
             if units and e == 4 and not have_running:
                 units -= 1  # a float32 head's first merged buffer is grad_weight itself (returned)
             phases.append(units * 4 * shape.vh + (running if have_running else 0) + 4 * sum(chunk.sides) * H)
@@ -264,7 +264,7 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
         rounds_total = sum(len(c.rounds()) for c in chunks)
         route = f"whole pairs, {rounds_total} GEMM rounds" + (f" ({split_count} pair split)" if split_count else "")
         fp32 = max(1 if accumulators and e < 4 else 0,
-                   max((max(c.weight_units(), 1) + (1 if i > 0 else 0) for i, c in enumerate(ordered) if c.split),
+                   max((c.weight_units() + (1 if i > 0 else 0) for i, c in enumerate(ordered) if c.split),
                        default=0))
         route += f", {fp32} fp32 [V,H]" if fp32 and shape.trainable_head else ""
     return Cost(route, shape.floor_flops(), gemm_s, row_bytes, hbm + row_bytes, memory)
