@@ -6,7 +6,7 @@ check says; the whole stage keeps to ``--budget-s`` (120 s in gpu.sh), checks th
 past it print SKIP.
 
 - ``float32_gemm_out``: ``torch.mm``/``torch.addmm`` with 16-bit operands and ``out_dtype=float32``
-  (the chunked path's logits and grad_weight GEMMs) on this image's torch, bf16 and fp16, against
+  (the chunked path's logits and grad_weight GEMMs; ``addmm`` also with ``beta=0`` and an ``alpha``) on this image's torch, bf16 and fp16, against
   float64; and what dpo-fast's own probe (``float32_gemm_out``, in ``dpo_fast.gemm`` or ``planner``)
   decided. FAIL when the library would call a GEMM that refuses or rounds to 16 bits.
 - ``row_offsets_2_31``: the row kernels (``token_logps_from_logits``, impl="chunked", forward and
@@ -21,6 +21,10 @@ past it print SKIP.
   vocabulary splits from (``kernels/occupancy.py`` on the compiled kernel they launch; bf16 and float32)
   against the driver's own count (``cuOccupancyMaxActiveBlocksPerMultiprocessor`` on the same kernels).
   FAIL on a difference, or where the launcher fell back to its fixed counts.
+- ``kept_gradient_route``: one bf16 pair split with its gradient kept (``planner.Chunk.keep_gradient``: its
+  GEMMs scaled by a host ``alpha``, grad_weight written in bf16 by one GEMM) against the same call on the
+  one-chunk route, sigmoid (one scale) and orpo (two scales, a float32 sum): loss, log-probs, grad_hidden
+  and grad_weight (the route forced: the planner's choice of it is priced and tested on CPU).
 - ``non_current_device``: with two GPUs, a head on cuda:1 while cuda:0 is current (impl chunked and
   fused, forward and backward) against the same call on cuda:0; cuda:0 stays current.
 
@@ -40,7 +44,7 @@ import time
 # accuracy is the precision policy's call (README, "GPU notes"); this check holds it to float32 accuracy.
 FLOAT32_FACTOR = 4.0
 PER_CHECK_S = {"float32_gemm_out": 30, "row_offsets_2_31": 50, "float32_tf32": 60, "autotune_bit_identical": 60,
-               "split_sizing_occupancy": 45, "non_current_device": 45}
+               "split_sizing_occupancy": 45, "kept_gradient_route": 30, "non_current_device": 45}
 
 
 def _rel(actual, expected) -> float:
@@ -102,7 +106,9 @@ def float32_gemm_out(dry_run):
             torch.mm(a, b, out_dtype=torch.float32, out=out)
             acc = torch.ones(m, n, device=device, dtype=torch.float32)
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            err = max(_rel(out, exact), _rel(acc, exact + 1))
+            fresh = torch.full((m, n), float("nan"), device=device, dtype=torch.float32)  # beta=0 ignores it
+            torch.addmm(fresh, a, b, beta=0, alpha=0.5, out_dtype=torch.float32, out=fresh)
+            err = max(_rel(out, exact), _rel(acc, exact + 1), _rel(fresh, 0.5 * exact))
             # float32 accumulation and output: ~1e-6; a 16-bit result would be ~1e-3.
             works, what = err < 1e-4, f"works, err {err:.1e}" if err < 1e-4 else f"WRONG, err {err:.1e}"
         except Exception as exc:  # noqa: BLE001 - the refusal is the finding
@@ -274,6 +280,48 @@ def split_sizing_occupancy(dry_run):
     return ("PASS" if ok else "FAIL"), f"{torch.cuda.get_device_name()}: " + "; ".join(parts)
 
 
+def kept_gradient_route(dry_run):
+    import dataclasses
+
+    import torch
+    import dpo_fast
+    from dpo_fast import planner
+
+    device = _device(dry_run)
+    seq, hidden_size, vocab = (40, 32, 300) if dry_run else (2048, 2048, 64000)
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, seq, hidden_size, generator=gen).to(device, torch.bfloat16)
+    w = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size ** 0.5).to(device, torch.bfloat16)
+    labels = torch.randint(0, vocab, (2, seq), generator=gen).to(device)
+    labels[1, -seq // 8:] = -100  # a shorter rejected side
+    original = planner.plan_loss
+
+    def kept_plan(*args, **kwargs):  # the executor is under test here; the planner's choice is priced on CPU
+        plan = original(*args, **kwargs)
+        scale = (kwargs.get("rejected_scales") or [None])[0]
+        chunk = planner.Chunk(0, 1, seq // 3, rejected_scale=scale, keep_gradient=True)
+        return dataclasses.replace(plan, route="whole-pairs", chunks=(chunk,))
+
+    parts, ok = [], True
+    for loss_type in ("sigmoid", "orpo"):
+        results = []
+        for forced in (True, False):
+            planner.plan_loss = kept_plan if forced else original
+            try:
+                hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+                out = dpo_fast.dpo_loss(hh, ww, labels, impl="chunked", loss_type=loss_type, memory_budget=1 << 40)
+                results.append((out.loss, out.chosen_logps, out.rejected_logps,
+                                *torch.autograd.grad(out.loss, (hh, ww))))
+            finally:
+                planner.plan_loss = original
+        errs = [_rel(a, b) for a, b in zip(*results)]
+        # Both routes compute float32 logits and round each gradient once to bf16: equal up to summation order.
+        ok &= max(errs[:3]) <= 1e-5 and max(errs[3:]) <= 2 * torch.finfo(torch.bfloat16).eps
+        parts.append(f"{loss_type}: kept pair in 6 pieces vs one chunk: loss/logps/grad_hidden/grad_weight err "
+                     + "/".join(f"{e:.1e}" for e in [errs[0], max(errs[1:3]), *errs[3:]]))
+    return ("PASS" if ok else "FAIL"), "; ".join(parts)
+
+
 def non_current_device(dry_run):
     import torch
     import dpo_fast
@@ -310,7 +358,7 @@ def non_current_device(dry_run):
 
 
 CHECKS = {f.__name__: f for f in (float32_gemm_out, row_offsets_2_31, float32_tf32, autotune_bit_identical,
-                                  split_sizing_occupancy, non_current_device)}
+                                  split_sizing_occupancy, kept_gradient_route, non_current_device)}
 
 
 # ----------------------------------------------------------------------------------------

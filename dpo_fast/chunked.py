@@ -19,13 +19,13 @@ float64 throughout (tiles, statistics, accumulators: ``TorchRows.stats_dtype``);
 rows compute in float32, so the public functions refuse float64 for them (``api.resolve_impl``).
 """
 
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import planner
 from .function import refuse_second_order
-from .gemm import addmm_fp32, mm_float32, write_fp32  # noqa: F401  (re-exported)
+from .gemm import addmm_fp32, mm_float32, scaled_mm, write_fp32  # noqa: F401  (re-exported)
 from .precision import ieee_float32_matmul
 from .planner import Chunk, plan_tiles  # noqa: F401  (tile sizes live in the planner; re-exported)
 from .rows import HAS_TRITON, KEPT_ONLY, TorchRows, finish_stats, init_stats
@@ -79,11 +79,15 @@ def _matmul_float32(hidden_chunk, weight_block, bias_block, out):
 class Workspace:
     """Reused buffers that hold every logits tile (and, for float16 inputs, its gradient tile)."""
 
-    def __init__(self, numel: int, input_dtype, device, with_gradient: bool = False):
+    def __init__(self, numel: int, input_dtype, device, with_gradient: bool = False,
+                 gradient_numel: Optional[int] = None):
+        """``gradient_numel``: elements of the 16-bit gradient tile when it serves smaller tiles than the
+        logits (default ``numel``)."""
         self.input_dtype = input_dtype
         self.buffer = torch.empty(numel, dtype=logits_dtype(input_dtype), device=device)
         separate = with_gradient and self.buffer.dtype != input_dtype
-        self.grad_buffer = torch.empty(numel, dtype=input_dtype, device=device) if separate else None
+        self.grad_buffer = (torch.empty(numel if gradient_numel is None else gradient_numel, dtype=input_dtype,
+                                        device=device) if separate else None)
 
     def logits(self, hidden_chunk, weight_block, bias_block) -> torch.Tensor:
         rows, cols = hidden_chunk.shape[0], weight_block.shape[0]
@@ -315,7 +319,10 @@ class _PairRun:
         self.lengths = lengths  # per sequence, on the device (spans holds the same on the host)
         # Split pairs first: the first one's merged weight gradient becomes the running sum.
         self.chunks = sorted(chunks, key=lambda c: not c.split)
-        self.single_gemm = len(chunks) == 1 and not chunks[0].split
+        # grad_weight written by one GEMM in the head's dtype: one chunk of whole pairs, or one kept pair
+        # with one scale (cost_model.whole_pair_route prices the same)
+        self.single_gemm = len(chunks) == 1 and (not chunks[0].split or (chunks[0].keep_gradient
+                                                                         and chunks[0].rejected_scale is not None))
         self.fused_merge = HAS_TRITON and rows.name == "triton"  # one-pass merge kernel (kernels/scale.py)
         self.need_hidden, self.need_weight, self.need_bias = needs[:3]
         self.need_refs = needs[4:6]
@@ -330,14 +337,18 @@ class _PairRun:
         self.grad_refs = [torch.zeros(self.pairs, dtype=self.stats_dtype, device=device) if need else None
                           for need in self.need_refs]
         self.grad_weight = None  # the float32 sum (or, for one chunk of whole pairs, the result itself)
-        # One workspace for the largest chunk (or piece), reused by every other.
+        # One workspace for the largest chunk (or piece), reused by every other; kept pairs write their
+        # gradient rows into their own buffer, so the gradient tile serves the other chunks only.
+        tiled = [_chunk_tokens(c, spans) for c in chunks if not c.keep_gradient]
         self.workspace = Workspace(max(_chunk_tokens(c, spans) for c in chunks) * vocab, hidden.dtype, device,
-                                   with_gradient=True)
+                                   with_gradient=bool(tiled), gradient_numel=max(tiled, default=0) * vocab)
 
     def run(self):
         """Every chunk, then the gradients to save."""
         for i, chunk in enumerate(self.chunks):
-            if chunk.split:
+            if chunk.keep_gradient:
+                self.kept_pair(chunk)
+            elif chunk.split:
                 self.split_pair(chunk, last=i == len(self.chunks) - 1)
             else:
                 self.whole_pairs(chunk)
@@ -362,14 +373,15 @@ class _PairRun:
                        ignore_index=KEPT_ONLY, transform=self.transform)
         return tile
 
-    def _add_weight_grad(self, a, b):
-        """grad_weight (+)= a @ b: the first product writes the float32 sum (beta=0, no zero-fill)."""
+    def _add_weight_grad(self, a, b, alpha: float = 1.0):
+        """grad_weight (+)= alpha a @ b: the first product writes the float32 sum (beta=0, no zero-fill)."""
         if self.single_gemm:  # one GEMM sums every token in float32 inside cuBLAS
-            self.grad_weight = torch.mm(a, b)
+            self.grad_weight = torch.mm(a, b) if alpha == 1.0 else scaled_mm(a, b, alpha, a.new_empty(
+                a.shape[0], b.shape[1]))
         elif self.grad_weight is None:
-            self.grad_weight = write_fp32(self._new_weight_sum(), a, b)
+            self.grad_weight = write_fp32(self._new_weight_sum(), a, b, alpha)
         else:
-            addmm_fp32(self.grad_weight, a, b)
+            addmm_fp32(self.grad_weight, a, b, alpha)
 
     def _new_weight_sum(self) -> torch.Tensor:
         return torch.empty(self.weight.shape, dtype=self.sum_dtype, device=self.weight.device)
@@ -484,6 +496,71 @@ class _PairRun:
             self.grad_weight = _merge_scaled(unit_weight, [g[0].to(self.sum_dtype), g[1].to(self.sum_dtype)],
                                              self.grad_weight, out_dtype, self.fused_merge)
             del unit_weight
+
+    def kept_pair(self, chunk: Chunk):
+        """One pair in pieces whose gradient rows wait whole (``Chunk.keep_gradient``), then its gradient
+        GEMMs with the pair's scale as ``alpha``: no ``[V, H]`` unit sum, merge or scale pass.
+
+        Each piece's gradient pass writes ``dL/dz`` for ``g = 1`` on the chosen side and ``g = k`` on
+        the rejected side where ``g_r = k g_c`` is known (``rejected_scale``), into its rows of one
+        ``[tokens, V]`` buffer in the input dtype. Once the pair's loss gives ``g``, a single-scale pair
+        runs one grad_weight and one grad_hidden GEMM over all its rows (``alpha = g`` of the side whose
+        rows are unscaled), otherwise one per side. ``alpha`` is a host number for cuBLAS: the two
+        scales are read to the host, one synchronization per kept pair (its GEMMs wait on its loss anyway).
+        """
+        p, spans, vocab = chunk.first, self.spans, self.weight.shape[0]
+        sides = (spans[p], spans[self.pairs + p])
+        device = self.hidden.device
+        tokens = sum(e - s for s, e in sides)
+        merged = chunk.rejected_scale is not None
+        owner = 0 if sides[0][1] > sides[0][0] else 1  # the side whose rows carry g = 1 when merged
+        gradient = torch.empty(tokens, vocab, dtype=self.hidden.dtype, device=device)
+        sums, offset = [], 0
+        for side, (s0, s1) in enumerate(sides):
+            total = torch.zeros((), dtype=self.stats_dtype, device=device)
+            factor = chunk.rejected_scale if merged and side != owner else 1.0
+            for t0, t1 in _even_pieces(s0, s1, chunk.piece_tokens):
+                h, labels = self.hidden[t0:t1], self.labels[t0:t1]
+                logits, finished = self._logps(h, labels, [(t0, t1)])
+                total = total + finished.logps.detach().sum()
+                upstream = torch.full_like(finished.logps, factor, dtype=self.stats_dtype)
+                self.rows.grad(logits, labels, finished.lse, upstream, gradient[offset:offset + t1 - t0],
+                               vocab_start=0, ignore_index=KEPT_ONLY, transform=self.transform)
+                offset += t1 - t0
+            sums.append(total.reshape(1))
+        g = self._pair_loss(p, p + 1, sums[0], sums[1])
+        scales = torch.cat([g[0], g[1]]).double().tolist()  # the host read
+        ranges, offset = [], 0  # (side, start, end, first row in the gradient buffer) of each side with tokens
+        for side, (s0, s1) in enumerate(sides):
+            if s1 > s0:
+                ranges.append((side, s0, s1, offset))
+            offset += s1 - s0
+        if merged:
+            alpha = scales[owner]
+            contiguous = len(ranges) == 1 or ranges[0][2] == ranges[1][1]
+            start, end = ranges[0][1], ranges[-1][2]
+            h = (self.hidden[start:end] if contiguous
+                 else torch.cat([self.hidden[s0:s1] for _, s0, s1, _ in ranges]))
+            if self.need_weight:
+                self._add_weight_grad(gradient.t(), h, alpha)
+            if self.need_bias:
+                self.grad_bias += gradient.sum(dim=0, dtype=self.sum_dtype) * alpha
+            if self.need_hidden:
+                if contiguous:
+                    scaled_mm(gradient, self.weight, alpha, self.grad_hidden[start:end])
+                else:  # into the gathered rows (free after the weight GEMM), then to their places
+                    scaled_mm(gradient, self.weight, alpha, h)
+                    for _, s0, s1, at in ranges:
+                        self.grad_hidden[s0:s1] = h[at:at + s1 - s0]
+            return
+        for side, s0, s1, at in ranges:
+            alpha, rows = scales[side], gradient[at:at + s1 - s0]
+            if self.need_weight:
+                self._add_weight_grad(rows.t(), self.hidden[s0:s1], alpha)
+            if self.need_bias:
+                self.grad_bias += rows.sum(dim=0, dtype=self.sum_dtype) * alpha
+            if self.need_hidden:
+                scaled_mm(rows, self.weight, alpha, self.grad_hidden[s0:s1])
 
     def finish(self):
         grad_weight = self.grad_weight

@@ -82,9 +82,10 @@ class Cost:
     memory_bytes: float  # loss-attributable memory: beyond the inputs and the returned gradients
     exact: bool = True
     note: str = ""
+    host_s: float = 0.0  # the device idle while the host reads a value back (HOST_READ_SECONDS each)
 
     def seconds(self, card: Card = DEFAULT_CARD) -> float:
-        return self.gemm_s + self.row_bytes / (card.tbps * 1e12)
+        return self.gemm_s + self.host_s + self.row_bytes / (card.tbps * 1e12)
 
     def bound(self, shape: Shape, card: Card = DEFAULT_CARD) -> float:
         """Paper time as a multiple of the floor (6NHV at peak)."""
@@ -126,6 +127,12 @@ def weight_accumulators(element_size: int, trainable_head: bool, chunks: int, sp
     return (1 if merged else 2) + (main if accumulator_before_split else 0)
 
 
+# A value read back to the host in the middle of a call (a kept split pair's scales, which cuBLAS takes as
+# a host alpha): the queue drains, then the device waits for the host's next launches. Priced so that
+# a route with such reads wins only where they are a rounding error (tiny shapes keep the route
+# without them, and the one read per call of ``layout.py``).
+HOST_READ_SECONDS = 50e-6
+
 # Bytes per kept token of the small per-token work every route does besides the tiles: the
 # statistics rows (zero-fill, fold, copy, finish), labels, sequence sums and the pair losses.
 # Counted from the traced ops (tests/test_cost_trace.py), where they are about 1% of the total.
@@ -145,6 +152,8 @@ class PairChunkRun:
     sides: Tuple[int, int] = (0, 0)
     piece_limit: int = 0
     merged: bool = False
+    kept: bool = False  # split pair whose gradient tiles wait whole ([tokens, V]) instead of [V, H] sums
+    contiguous: bool = False  # a kept pair's rows are one range of the batch (a batch of one pair)
 
     @property
     def split(self) -> bool:
@@ -152,10 +161,17 @@ class PairChunkRun:
 
     def weight_units(self) -> int:
         """float32 [V, H] unit sums a split pair keeps until its loss is known: one per side with tokens,
-        one in all when ``merged``."""
-        if not self.split:
+        one in all when ``merged``, none when ``kept``."""
+        if not self.split or self.kept:
             return 0
         return 1 if self.merged else max(1, sum(1 for side in self.sides if side))
+
+    def kept_gemms(self) -> List[int]:
+        """Rows of each gradient GEMM pair (grad_weight, grad_hidden) a kept pair runs once its loss is
+        known: one over the whole pair when ``merged`` (one scale), else one per side with tokens."""
+        if self.merged:
+            return [self.tokens]
+        return [side for side in self.sides if side]
 
     def rounds(self) -> List[int]:
         """Rows of each GEMM round (a whole chunk is one; a split pair one per piece)."""
@@ -184,7 +200,15 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
     g_c A + g_r B (+ the running sum) in one pass of a Triton kernel (reading each float32
     [V, H] once), written in the head's dtype when no chunk follows; a ``merged`` split pair
     summed its rejected pieces into A (``alpha`` of their GEMMs, which then accumulate) and
-    merges g_c A (+ the running sum): one float32 [V, H] fewer to hold and to read. Otherwise the float32
+    merges g_c A (+ the running sum): one float32 [V, H] fewer to hold and to read. A ``kept`` split
+    pair runs no gradient GEMM per piece: each piece's gradient pass writes its rows of one
+    ``[tokens, V]`` gradient buffer (the rejected rows times the known ratio when ``merged``), and
+    once the pair's loss is known the gradient GEMMs run over the whole pair with its scale as
+    ``alpha`` (:meth:`PairChunkRun.kept_gemms`; a host number: one read of the scales per kept
+    pair, ``HOST_READ_SECONDS``); grad_hidden is written in the input dtype; a
+    merged pair alone in the batch writes grad_weight in the head's dtype with its one GEMM, and
+    a merged pair whose rows are not one range gathers them and copies its grad_hidden rows back
+    (as a gathered chunk). Otherwise the float32
     sum is cast to the head's dtype once at the end (none for a float32 head). ``grad_loss``
     of 1 (``loss.backward()``) costs nothing; ``gathered_input``: the kept tokens are gathered
     from padded hidden states (N H copied; backward zero-fills the padded gradient and scatters).
@@ -192,7 +216,9 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
     N, H, V, e = shape.tokens, shape.hidden, shape.vocab, shape.element_size
     g = gradient_tile_bytes(e) or LOGIT_BYTES  # bytes per element of the tile the gradient GEMMs read
     single = len(chunks) == 1 and not chunks[0].split
-    sum_bytes = e if single else 4  # the float32 sum (or the float32 head's grad_weight itself)
+    # grad_weight written by one GEMM in the head's dtype: one chunk of whole pairs, or one kept merged pair
+    direct = single or (len(chunks) == 1 and chunks[0].kept and chunks[0].merged)
+    sum_bytes = e if direct else 4  # the float32 sum (or the float32 head's grad_weight itself)
     gemm_s = hbm = row_bytes = 0.0
 
     staged_gemms = []  # float32 results of 16-bit operands where no float32-output GEMM exists
@@ -208,6 +234,18 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
     have_sum = False
     for chunk in ordered:
         rounds = chunk.rounds()
+        if chunk.kept:
+            for r in rounds:
+                gemm(r, V, H, e, LOGIT_BYTES, False)  # logits
+                row_bytes += r * V * (LOGIT_BYTES + LOGIT_BYTES + e)  # stats pass; gradient pass into the buffer
+            for i, r in enumerate(chunk.kept_gemms()):
+                if shape.trainable_head:  # the first product writes the sum (beta=0) unless one already exists
+                    gemm(V, H, r, e, sum_bytes, have_sum or i > 0)
+                gemm(r, H, V, e, e, False)  # grad_hidden, in the input dtype
+            if chunk.merged and not chunk.contiguous:
+                row_bytes += 4 * chunk.tokens * H * e  # rows gathered, grad_hidden rows copied back
+            have_sum = have_sum or shape.trainable_head
+            continue
         for i, r in enumerate(rounds):
             gemm(r, V, H, e, LOGIT_BYTES, False)  # logits (both operands in the input dtype)
             row_bytes += r * V * (LOGIT_BYTES + LOGIT_BYTES + g)  # stats pass; gradient pass
@@ -225,8 +263,9 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
                 last = chunk is ordered[-1]
                 row_bytes += (4 * (chunk.weight_units() + have_sum) + (e if last else 4)) * shape.vh
         have_sum = have_sum or shape.trainable_head
-    accumulators = 0 if single or not shape.trainable_head else 1
-    if shape.trainable_head and not single and e < 4 and not ordered[-1].split:
+    accumulators = 0 if direct or not shape.trainable_head else 1
+    merged_last = ordered[-1].split and not ordered[-1].kept  # its merge wrote the head's dtype
+    if shape.trainable_head and not direct and e < 4 and not merged_last:
         row_bytes += (4 + e) * shape.vh  # the float32 sum cast to the head's dtype once
     if gathered_input:
         row_bytes += 2 * N * H * e  # kept rows gathered
@@ -237,12 +276,16 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
     # unit sums, one when merged; float32 grad_hidden rows of the pair; the running sum if one exists) and the
     # whole-chunk phase (the running sum, the gathered rows of the largest gathered chunk).
     largest = max((r for c in chunks for r in c.rounds()), default=0)
-    memory = largest * V * (LOGIT_BYTES + gradient_tile_bytes(e)) + STATS_BYTES_PER_TOKEN * N
+    largest_tiled = max((r for c in chunks if not c.kept for r in c.rounds()), default=0)  # a separate gradient tile
+    memory = largest * V * LOGIT_BYTES + largest_tiled * V * gradient_tile_bytes(e) + STATS_BYTES_PER_TOKEN * N
     # A 16-bit head's running sum is float32 loss memory; a float32 head sums into grad_weight itself.
-    running = 4 * shape.vh if (shape.trainable_head and not single and e < 4) else 0
+    running = 4 * shape.vh if (shape.trainable_head and not direct and e < 4) else 0
     phases, have_running = [0.0], False
     for chunk in ordered:
-        if chunk.split:
+        if chunk.kept:  # the pair's gradient buffer (and its gathered rows), beside the running sum
+            gathered_rows = chunk.tokens * H * e if chunk.merged and not chunk.contiguous else 0
+            phases.append(chunk.tokens * V * e + gathered_rows + running)
+        elif chunk.split:
             units = chunk.weight_units() if shape.trainable_head else 0
             if units and e == 4 and not have_running:
                 units -= 1  # a float32 head's first merged buffer is grad_weight itself (returned)
@@ -262,12 +305,15 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
     else:
         split_count = sum(c.split for c in chunks)
         rounds_total = sum(len(c.rounds()) for c in chunks)
-        route = f"whole pairs, {rounds_total} GEMM rounds" + (f" ({split_count} pair split)" if split_count else "")
+        kept = ", gradient kept" if any(c.kept for c in chunks) else ""
+        route = f"whole pairs, {rounds_total} GEMM rounds" + (f" ({split_count} pair split{kept})" if split_count else "")
         fp32 = max(1 if accumulators and e < 4 else 0,
                    max((c.weight_units() + (1 if i > 0 else 0) for i, c in enumerate(ordered) if c.split),
                        default=0))
         route += f", {fp32} fp32 [V,H]" if fp32 and shape.trainable_head else ""
-    return Cost(route, shape.floor_flops(), gemm_s, row_bytes, hbm + row_bytes, memory)
+    host_reads = sum(1 for c in chunks if c.kept)
+    return Cost(route, shape.floor_flops(), gemm_s, row_bytes, hbm + row_bytes, memory,
+                host_s=HOST_READ_SECONDS * host_reads)
 
 
 def _gemm_seconds(m, n, k, a_bytes, b_bytes, out_bytes, accumulate, card):

@@ -58,7 +58,11 @@ def _probe(device: str, dtype: torch.dtype) -> bool:
         acc = torch.ones(8, 8, dtype=torch.float32, device=device)
         # alpha as addmm_fp32 passes it (a split pair's rejected side, scaled by its gradient ratio)
         torch.addmm(acc, a.t(), b.t(), alpha=-2.0, out_dtype=torch.float32, out=acc)
-        works = bool(torch.equal(out, expected)) and bool(torch.equal(acc, 1 - 2 * (a.t().float() @ b.t().float())))
+        # and as write_fp32 does (beta=0 over whatever the buffer held: a kept pair's first scaled product)
+        fresh = torch.full((16, 16), float("nan"), dtype=torch.float32, device=device)
+        torch.addmm(fresh, a, b, beta=0, alpha=0.5, out_dtype=torch.float32, out=fresh)
+        works = (bool(torch.equal(out, expected)) and bool(torch.equal(acc, 1 - 2 * (a.t().float() @ b.t().float())))
+                 and bool(torch.equal(fresh, 0.5 * expected)))
     except _REFUSALS as exc:
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         works = False
@@ -81,9 +85,23 @@ def mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Ten
     return out
 
 
-def write_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``out = a @ b`` into a float32 (or same-dtype) ``out``: the GEMM writes it (beta=0), no zero-fill first."""
-    return mm_float32(a, b, out)
+def write_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``out = alpha * (a @ b)`` into a float32 (or same-dtype) ``out``: the GEMM writes it (beta=0, so
+    whatever ``out`` held is ignored), no zero-fill first."""
+    if alpha == 1.0:
+        return mm_float32(a, b, out)
+    if a.dtype == out.dtype and b.dtype == out.dtype:
+        return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
+    if float32_gemm_out(out.device, a.dtype):
+        return torch.addmm(out, a, b, beta=0, alpha=alpha, out_dtype=torch.float32, out=out)
+    _staged(a, b, out, accumulate=False, alpha=alpha)
+    return out
+
+
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = alpha * (a @ b)`` with ``out`` in the operands' dtype: one GEMM (beta=0), the product
+    scaled in its float32 accumulator and rounded once."""
+    return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
 
 
 def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
@@ -99,8 +117,8 @@ def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float
 
 def _staged(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool, alpha: float = 1.0) -> None:
     """``out (+)= alpha * (a @ b)`` through float32 copies of blocks, blocked as ``cost_model.staging_blocks``
-    says (``alpha`` other than 1 only when accumulating)."""
-    assert accumulate or alpha == 1
+    says; every write of a product is an ``addmm`` (beta=0 where it does not accumulate), so ``alpha`` is
+    applied by the GEMM."""
     m, k = a.shape
     n = b.shape[1]
     blocks = cm.staging_blocks(m, n, k)
@@ -110,14 +128,15 @@ def _staged(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
             if accumulate or k0 > 0:
                 out.addmm_(a32, b32, alpha=alpha)
             else:
-                torch.mm(a32, b32, out=out)
+                torch.addmm(out, a32, b32, beta=0, alpha=alpha, out=out)
             del a32, b32
         return
     if blocks.along == "n":  # a staged whole, b a block of columns at a time
         a32 = a.float()
         if blocks.step >= n:  # one block: straight into ``out``
             b32 = b.float()
-            out.addmm_(a32, b32, alpha=alpha) if accumulate else torch.mm(a32, b32, out=out)
+            out.addmm_(a32, b32, alpha=alpha) if accumulate else torch.addmm(out, a32, b32, beta=0, alpha=alpha,
+                                                                             out=out)
             return
         for c0 in range(0, n, blocks.step):
             b32 = b[:, c0:c0 + blocks.step].float()
@@ -125,7 +144,7 @@ def _staged(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
             if accumulate:
                 target.addmm_(a32, b32, alpha=alpha)
             else:
-                target.copy_(a32 @ b32)
+                target.copy_(torch.mm(a32, b32).mul_(alpha) if alpha != 1 else a32 @ b32)
             del b32
         return
     b32 = b.float()  # "m": b staged whole, a a block of rows at a time
@@ -134,5 +153,6 @@ def _staged(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
         if accumulate:
             out[r0:r0 + blocks.step].addmm_(a32, b32, alpha=alpha)
         else:
-            torch.mm(a32, b32, out=out[r0:r0 + blocks.step])
+            target = out[r0:r0 + blocks.step]
+            torch.addmm(target, a32, b32, beta=0, alpha=alpha, out=target)
         del a32

@@ -10,6 +10,9 @@ every buffer it allocates) and the fastest one whose memory fits the budget wins
   buffers until the pair's loss gives their scale, or in one where the loss depends on the
   pair only through one weighted margin (``losses.rejected_gradient_ratio``: the rejected
   side is summed into the chosen side's buffer times the known ratio of their gradients);
+  or, where it fits, with its gradient kept whole (``Chunk.keep_gradient``: a ``[tokens, V]``
+  gradient buffer in the input dtype instead of the ``[V, H]`` units, its gradient GEMMs run
+  once the loss is known, so no unit sum, merge or separate cast);
 - **two-pass** (8NHV): per-token statistics forward, recomputed tiles backward; always fits.
 
 Budget floor: no tile is smaller than ``MIN_TILE_TOKENS`` tokens by ``MIN_VOCAB_BLOCK``
@@ -168,12 +171,16 @@ class Chunk:
     large for a chunk, run in pieces of at most that many tokens. ``rejected_scale`` (split pairs):
     ``dL/dS_r / dL/dS_c`` of the pair, known before it runs (``losses.rejected_gradient_ratio``):
     its rejected unit gradients are summed into the chosen side's float32 ``[V, H]`` buffer times
-    this, so one buffer waits for the pair's loss instead of two. None: two buffers."""
+    this, so one buffer waits for the pair's loss instead of two. None: two buffers.
+    ``keep_gradient`` (split pairs): no ``[V, H]`` unit buffer at all; each piece's gradient pass
+    writes its rows of a ``[tokens, V]`` buffer (rejected rows times ``rejected_scale`` where
+    there is one) and the pair's gradient GEMMs run once its loss gives their scale (``alpha``)."""
 
     first: int
     last: int
     piece_tokens: int = 0
     rejected_scale: Optional[float] = None
+    keep_gradient: bool = False
 
     @property
     def split(self) -> bool:
@@ -189,16 +196,17 @@ class Plan:
 
 
 def _group_pairs(pair_tokens: Sequence[int], limit: int,
-                 rejected_scales: Optional[Sequence[Optional[float]]] = None) -> List[Chunk]:
+                 rejected_scales: Optional[Sequence[Optional[float]]] = None, keep_gradient: bool = False) -> List[Chunk]:
     """Consecutive pairs into chunks of at most ``limit`` tokens; a larger pair becomes a split chunk
-    (carrying its ``rejected_scales`` entry)."""
+    (carrying its ``rejected_scales`` entry and ``keep_gradient``)."""
     chunks, first, used = [], 0, 0
     for p, tokens in enumerate(pair_tokens):
         if tokens > limit:
             if p > first:
                 chunks.append(Chunk(first, p))
             chunks.append(Chunk(p, p + 1, piece_tokens=limit,
-                                rejected_scale=None if rejected_scales is None else rejected_scales[p]))
+                                rejected_scale=None if rejected_scales is None else rejected_scales[p],
+                                keep_gradient=keep_gradient))
             first, used = p + 1, 0
             continue
         if used + tokens > limit and p > first:
@@ -219,7 +227,8 @@ def _whole_pair_cost(shape: cm.Shape, sides, chunks: List[Chunk], staged: bool, 
     for c in chunks:
         if c.split:
             runs.append(cm.PairChunkRun(sum(sides[c.first]), sides=tuple(sides[c.first]), piece_limit=c.piece_tokens,
-                                        merged=c.rejected_scale is not None))
+                                        merged=c.rejected_scale is not None, kept=c.keep_gradient,
+                                        contiguous=len(sides) == 1))
         else:
             runs.append(cm.PairChunkRun(sum(a + b for a, b in sides[c.first:c.last]), gathered=not every_pair))
     cost = cm.whole_pair_route(shape, runs, gathered_input=gathered_input, card=card, float32_gemm_out=not staged)
@@ -272,9 +281,9 @@ def plan_loss(pair_tokens: Sequence[int], vocab: int, hidden_size: int, input_dt
     if cost.memory_bytes <= memory_budget:
         candidates.append(Plan("whole-pairs", cost, tuple(one), accumulate=False))
     else:
-        for limit in _chunk_limits(shape, pair_tokens, sides, memory_budget, staged, card, gathered_input,
-                                   rows_workspace, rejected_scales):
-            chunks = _group_pairs(pair_tokens, limit, rejected_scales)
+        for limit, keep in _chunk_limits(shape, pair_tokens, sides, memory_budget, staged, card, gathered_input,
+                                         rows_workspace, rejected_scales):
+            chunks = _group_pairs(pair_tokens, limit, rejected_scales, keep)
             cost = _whole_pair_cost(shape, sides, chunks, staged, card, gathered_input, rows_workspace)
             candidates.append(Plan("whole-pairs", cost, tuple(chunks), accumulate=trainable_head and e < 4))
     fitting = [p for p in candidates if p.cost.memory_bytes <= memory_budget] or [two_pass]
@@ -292,21 +301,26 @@ def _largest_fitting(fits, low: int, high: int) -> int:
 
 
 def _chunk_limits(shape: cm.Shape, pair_tokens, sides, memory_budget: int, staged: bool, card,
-                  gathered_input: bool, rows_workspace: int = 0, rejected_scales=None) -> List[int]:
-    """Chunk sizes worth pricing: the largest that splits no pair, and the largest that splits some.
+                  gathered_input: bool, rows_workspace: int = 0, rejected_scales=None) -> List[Tuple[int, bool]]:
+    """(chunk size, keep_gradient) worth pricing: the largest size that splits no pair, and the largest
+    that splits some, with split pairs' gradients in ``[V, H]`` unit sums and kept whole.
 
     Within each regime memory grows with the chunk (the tile), so each is found by bisection;
-    across them it does not (splitting adds float32 [V, H] buffers), hence two searches.
+    across them it does not (splitting adds float32 [V, H] buffers or a pair's gradient), hence
+    one search per regime.
     """
-    def fits(limit):
-        chunks = _group_pairs(pair_tokens, limit, rejected_scales)
+    def fits(limit, keep=False):
+        chunks = _group_pairs(pair_tokens, limit, rejected_scales, keep)
         cost = _whole_pair_cost(shape, sides, chunks, staged, card, gathered_input, rows_workspace)
         return cost.memory_bytes <= memory_budget
 
     longest = max(pair_tokens)
     whole = _largest_fitting(fits, max(longest, MIN_TILE_TOKENS), max(longest, min(MAX_CHUNK_TOKENS, shape.tokens)))
-    split = _largest_fitting(fits, MIN_TILE_TOKENS, min(longest - 1, MAX_CHUNK_TOKENS))
-    return [limit for limit in (whole, split) if limit]
+    limits = [(whole, False)]
+    for keep in (False, True):
+        split = _largest_fitting(lambda limit: fits(limit, keep), MIN_TILE_TOKENS, min(longest - 1, MAX_CHUNK_TOKENS))
+        limits.append((split, keep))
+    return [(limit, keep) for limit, keep in limits if limit]
 
 
 def choose_impl(impl: str, device: torch.device, triton_available: bool, why_not: Optional[str] = None) -> str:

@@ -94,6 +94,33 @@ def test_dpo_routes_are_priced_as_traced(name):
     assert ops.get("zeros", 0) + ops.get("zero_", 0) + ops.get("new_zeros", 0) < 0.005 * trace.bytes
 
 
+# Split pairs whose gradient is kept whole (planner.Chunk.keep_gradient): (pairs, tokens per sequence, hidden,
+# prompt tokens, budget MiB, loss, rejected tokens masked). The host read that keeps tiny shapes off this route
+# is priced 0 here, so the planner takes it where its bytes are fewer.
+KEPT_ROUTES = {
+    "one pair, one scale (grad_weight in bf16 by one GEMM)": (1, 250, 64, 0, 4.5, "sigmoid", 0),
+    "one pair, two scales (float32 sum, cast)": (1, 250, 128, 0, 6.5, "orpo", 30),
+    "three pairs, one scale (rows gathered)": (3, 200, 128, 20, 5.75, "sigmoid", 0),
+    "three pairs, two scales": (3, 200, 128, 20, 5.75, "orpo", 0),
+}
+
+
+@pytest.mark.parametrize("name", list(KEPT_ROUTES))
+def test_kept_gradient_routes_are_priced_as_traced(name, monkeypatch):
+    pairs, seq, hidden, prompt, mib, loss_type, masked = KEPT_ROUTES[name]
+    monkeypatch.setattr(cm, "HOST_READ_SECONDS", 0.0)
+    h, w, labels = _batch(pairs, seq, hidden, 4096, torch.bfloat16, prompt)
+    if masked:
+        labels[pairs, -masked:] = -100
+    plan, trace, memory = _traced_dpo(h, w, labels, int(mib * 2**20), loss_type=loss_type)
+    assert plan.route == "whole-pairs" and all(c.keep_gradient for c in plan.chunks if c.split), plan
+    assert all((c.rejected_scale is None) == (loss_type == "orpo") for c in plan.chunks if c.split)
+    assert ("fp32" not in plan.cost.route) == (pairs == 1 and loss_type == "sigmoid")
+    _assert_priced(plan.cost, trace, memory)
+    ops = trace.by_name()
+    assert ops.get("zeros", 0) + ops.get("zero_", 0) + ops.get("new_zeros", 0) < 0.005 * trace.bytes
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "orpo"])
 def test_split_pair_then_whole_chunks_is_priced_as_traced(loss_type):
     """A long pair split in pieces (its merge becomes the running sum), then short pairs in one chunk; the split
