@@ -74,9 +74,10 @@ frameworks: $(VERL_STAMP) $(LF_STAMP)
 GPU_ARITH_TESTS ?= tests/test_fused.py tests/test_confident_tokens.py tests/test_logits_path.py
 
 # One worker per core, at most four (pytest-xdist); a test module stays on one worker (--dist loadfile), so the
-# ranks a module spawns once and the kernels it compiles once serve all its tests.
+# ranks a module spawns once and the kernels it compiles once serve all its tests. tests/ uses no
+# pytest-benchmark fixture (benchmarks/ does): the plugin stays off, or every worker warns that it is disabled.
 TEST_WORKERS ?= auto
-PYTEST_PARALLEL := -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile -p no:benchmark
 
 test: install frameworks
 	$(PYTHON) -m pytest tests -q -ra $(PYTEST_PARALLEL)

@@ -108,25 +108,6 @@ def gradient_tile_bytes(element_size: int) -> int:
     return element_size if element_size < LOGIT_BYTES else 0
 
 
-def weight_accumulators(element_size: int, trainable_head: bool, chunks: int, split_pairs: int,
-                        accumulator_before_split: bool, merged: bool = False) -> int:
-    """float32 [V, H] buffers alive at once on the whole-pair route.
-
-    One chunk writes grad_weight with a single GEMM (float32 inside cuBLAS): none. Several
-    chunks of a 16-bit head add into one float32 accumulator (a float32 head adds into
-    grad_weight itself). A pair split into pieces keeps its chosen and rejected unit
-    gradients apart until the pair's loss gives their scales: two more; one more when
-    ``merged`` (a single-margin loss: the rejected side summed into the chosen side's buffer
-    times the known ratio of their gradients).
-    """
-    if not trainable_head:
-        return 0
-    main = 1 if (chunks > 1 or split_pairs) and element_size < 4 else 0
-    if not split_pairs:
-        return main
-    return (1 if merged else 2) + (main if accumulator_before_split else 0)
-
-
 # A value read back to the host in the middle of a call (a kept split pair's scales, which cuBLAS takes as
 # a host alpha): the queue drains, then the device waits for the host's next launches. Priced so that
 # a route with such reads wins only where they are a rounding error (tiny shapes keep the route
@@ -328,8 +309,7 @@ def _gemm_traffic(m, n, k, a_bytes, b_bytes, out_bytes, accumulate):
 
 
 def whole_pairs(shape: Shape, chunk_tokens: int, chunks: int, split_pairs: int = 0, split_tokens: int = 0,
-                accumulator_before_split: bool = False, card: Card = DEFAULT_CARD,
-                float32_gemm_out: bool = True, merged: bool = False) -> Cost:
+                card: Card = DEFAULT_CARD, float32_gemm_out: bool = True, merged: bool = False) -> Cost:
     """Uniform chunks of ``chunk_tokens`` (and ``split_pairs`` pairs of ``split_tokens`` run in pieces of
     that size, ``merged`` as :class:`PairChunkRun`): :func:`whole_pair_route` for a batch described by
     counts only (the peers' pricing)."""

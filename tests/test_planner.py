@@ -70,17 +70,24 @@ def test_whole_pair_plans_stay_in_budget_and_cover_every_pair(budget, pair_token
         assert plan.cost.flops == pytest.approx(_floor(sum(pair_tokens), 4096, 128256))
 
 
-def test_accumulators_by_head_dtype():
-    # several chunks: a 16-bit head sums in float32 [V, H]; a float32 head sums into grad_weight; frozen: none
-    assert cm.weight_accumulators(2, True, chunks=4, split_pairs=0, accumulator_before_split=False) == 1
-    assert cm.weight_accumulators(4, True, chunks=4, split_pairs=0, accumulator_before_split=False) == 0
-    assert cm.weight_accumulators(2, False, chunks=4, split_pairs=1, accumulator_before_split=True) == 0
-    assert cm.weight_accumulators(2, True, chunks=1, split_pairs=0, accumulator_before_split=False) == 0
-    assert cm.weight_accumulators(2, True, chunks=8, split_pairs=1, accumulator_before_split=False) == 2
-    assert cm.weight_accumulators(2, True, chunks=8, split_pairs=2, accumulator_before_split=True) == 3
-    # a single-margin loss sums both sides of a split pair in one buffer
-    assert cm.weight_accumulators(2, True, chunks=8, split_pairs=1, accumulator_before_split=False, merged=True) == 1
-    assert cm.weight_accumulators(2, True, chunks=8, split_pairs=2, accumulator_before_split=True, merged=True) == 2
+def test_float32_weight_buffers_by_head_dtype():
+    """float32 [V, H] buffers the route holds, as its label and memory give them: several chunks of a 16-bit head
+    sum in one (a float32 head sums into grad_weight itself; a frozen head has none; one chunk writes it with one
+    GEMM); a split pair adds two unit sums, one for a single-margin loss, none when its gradient is kept."""
+    def route(e=2, trainable=True, chunks=4, split=0, **kw):
+        shape = cm.Shape(8192, 4096, 128256, e, trainable)
+        return cm.whole_pairs(shape, 8192 // chunks if not split else 1024, chunks, split, 4096 if split else 0, **kw)
+
+    def buffers(cost):
+        label = cost.route.split(", ")[-1]
+        return int(label.split()[0]) if label.endswith("fp32 [V,H]") else 0
+
+    assert buffers(route()) == 1 and buffers(route(e=4)) == 0 and buffers(route(trainable=False)) == 0
+    assert buffers(route(chunks=1)) == 0
+    assert buffers(route(split=1)) == 2 and buffers(route(split=1, merged=True)) == 1
+    # memory: each unit sum is 4 V H bytes
+    vh = 4096 * 128256
+    assert route(split=1).memory_bytes - route(split=1, merged=True).memory_bytes == pytest.approx(4 * vh)
 
 
 def _split_cost(pair_tokens, limit, scales, keep, budget_shape=LLAMA):
