@@ -11,7 +11,10 @@ cuBLAS GEMM into a reused buffer and folded by the row kernels (``rows.py``).
 - Whole pairs (6NHV, :class:`PairChunkLoss`): when the loss of a pair depends on that
   pair alone, a chunk's full-vocabulary logits are computed once, the pair losses and
   their gradients are taken inside the chunk, and the tile becomes the softmax gradient
-  before the two gradient GEMMs; across chunks grad_weight is summed in float32.
+  before the two gradient GEMMs; across chunks grad_weight is summed in float32. A pair
+  longer than a chunk runs in pieces: unit gradients summed per group of pieces into float32
+  ``[V, H]`` buffers and scaled once its loss is known, or its gradient rows kept whole and
+  its GEMMs run then, scaled by ``alpha`` (``planner.Chunk``).
 
 Which route, and the tile and chunk sizes, come from ``planner.py``. Logits tiles are
 float32 for 16-bit inputs (``logits_dtype``). float64 inputs on PyTorch rows compute in
@@ -262,7 +265,10 @@ class PairChunkLoss(torch.autograd.Function):
     linear in ``g``, so this is exact. Where the chunk carries ``rejected_scale = k``
     (``g_r = k g_c`` whatever the sums: a single-margin loss, ``losses.rejected_gradient_ratio``)
     the rejected pieces are summed into the chosen side's buffer with ``alpha = k`` and the merge
-    scales that one buffer by ``g_c`` (exact for ``g_c = 0`` too). Memory: what
+    scales that one buffer by ``g_c`` (exact for ``g_c = 0`` too). ``Chunk.group_tokens``: the unit
+    GEMMs run once per group of pieces, on its gradient rows gathered in one buffer.
+    ``Chunk.keep_gradient``: no unit buffers; the pair's gradient rows wait whole and its GEMMs
+    run with the pair's scales once they are known (:meth:`_PairRun.kept_pair`). Memory: what
     ``planner.plan_loss`` priced.
 
     ``chunk_loss(first, last, chosen, rejected, ref_chosen, ref_rejected)`` returns pairs
@@ -337,9 +343,9 @@ class _PairRun:
         self.grad_refs = [torch.zeros(self.pairs, dtype=self.stats_dtype, device=device) if need else None
                           for need in self.need_refs]
         self.grad_weight = None  # the float32 sum (or, for one chunk of whole pairs, the result itself)
-        # One workspace for the largest chunk (or piece), reused by every other; kept pairs write their
-        # gradient rows into their own buffer, so the gradient tile serves the other chunks only.
-        tiled = [_chunk_tokens(c, spans) for c in chunks if not c.keep_gradient]
+        # One workspace for the largest chunk (or piece), reused by every other; kept and grouped split pairs
+        # write their gradient rows into a buffer of their own, so the gradient tile serves the others only.
+        tiled = [_chunk_tokens(c, spans) for c in chunks if not c.keep_gradient and not c.group_tokens]
         self.workspace = Workspace(max(_chunk_tokens(c, spans) for c in chunks) * vocab, hidden.dtype, device,
                                    with_gradient=bool(tiled), gradient_numel=max(tiled, default=0) * vocab)
 
@@ -367,8 +373,10 @@ class _PairRun:
             offset += end - start
         return logits, finish_stats(chunk_stats, labels, self.weight.shape[0], ignore_index=KEPT_ONLY)
 
-    def _gradient_tile(self, logits, labels, lse, grad_logps):
-        tile = self.workspace.gradient_tile(logits)  # the logits tile itself unless inputs are 16-bit
+    def _gradient_tile(self, logits, labels, lse, grad_logps, out=None):
+        """The tile's softmax gradient for ``grad_logps``, written into ``out`` (rows of a kept or grouped
+        pair's buffer) or the workspace's gradient tile (the logits tile itself unless inputs are 16-bit)."""
+        tile = self.workspace.gradient_tile(logits) if out is None else out
         self.rows.grad(logits, labels, lse, grad_logps.to(self.stats_dtype).contiguous(), tile, vocab_start=0,
                        ignore_index=KEPT_ONLY, transform=self.transform)
         return tile
@@ -457,14 +465,26 @@ class _PairRun:
         owner = 0 if sides[0][1] > sides[0][0] else 1  # the side whose first piece writes the merged buffer
         unit_bias = [torch.zeros(vocab, dtype=self.sum_dtype, device=device) if self.need_bias else None
                      for _ in sides]
+        # Gradient rows of a group of pieces wait in one buffer (``Chunk.group_tokens``); without groups
+        # a group is one piece and its rows are the workspace's gradient tile.
+        group_limit = chunk.group_tokens or chunk.piece_tokens
+        group_rows = None
+        if chunk.group_tokens:
+            longest = max((g1 - g0 for s0, s1 in sides for g0, g1 in _even_pieces(s0, s1, group_limit)), default=0)
+            group_rows = torch.empty(longest, vocab, dtype=self.hidden.dtype, device=device)
         sums, offset = [], 0
         for side, (s0, s1) in enumerate(sides):
             total = torch.zeros((), dtype=self.stats_dtype, device=device)
-            for t0, t1 in _even_pieces(s0, s1, chunk.piece_tokens):
-                h, labels = self.hidden[t0:t1], self.labels[t0:t1]
-                logits, finished = self._logps(h, labels, [(t0, t1)])
-                total = total + finished.logps.detach().sum()
-                tile = self._gradient_tile(logits, labels, finished.lse, torch.ones_like(finished.logps))
+            for t0, t1 in _even_pieces(s0, s1, group_limit):  # a group: its pieces, then its gradient GEMMs
+                for p0, p1 in _even_pieces(t0, t1, chunk.piece_tokens):
+                    labels = self.labels[p0:p1]
+                    logits, finished = self._logps(self.hidden[p0:p1], labels, [(p0, p1)])
+                    total = total + finished.logps.detach().sum()
+                    tile = self._gradient_tile(logits, labels, finished.lse, torch.ones_like(finished.logps),
+                                               None if group_rows is None else group_rows[p0 - t0:p1 - t0])
+                if group_rows is not None:
+                    tile = group_rows[:t1 - t0]
+                h = self.hidden[t0:t1]
                 if self.need_hidden:
                     rows_out = unit_hidden[offset:offset + t1 - t0]
                     if tile.dtype == rows_out.dtype:
@@ -523,9 +543,8 @@ class _PairRun:
                 h, labels = self.hidden[t0:t1], self.labels[t0:t1]
                 logits, finished = self._logps(h, labels, [(t0, t1)])
                 total = total + finished.logps.detach().sum()
-                upstream = torch.full_like(finished.logps, factor, dtype=self.stats_dtype)
-                self.rows.grad(logits, labels, finished.lse, upstream, gradient[offset:offset + t1 - t0],
-                               vocab_start=0, ignore_index=KEPT_ONLY, transform=self.transform)
+                self._gradient_tile(logits, labels, finished.lse, torch.full_like(finished.logps, factor),
+                                    gradient[offset:offset + t1 - t0])
                 offset += t1 - t0
             sums.append(total.reshape(1))
         g = self._pair_loss(p, p + 1, sums[0], sums[1])
@@ -622,7 +641,9 @@ def _chunk_tokens(chunk: Chunk, spans) -> int:
     if not chunk.split:
         return tokens
     sides = (spans[chunk.first], spans[pairs + chunk.first])
-    return max((t1 - t0 for s0, s1 in sides for t0, t1 in _even_pieces(s0, s1, chunk.piece_tokens)), default=0)
+    group_limit = chunk.group_tokens or chunk.piece_tokens
+    return max((p1 - p0 for s0, s1 in sides for t0, t1 in _even_pieces(s0, s1, group_limit)
+                for p0, p1 in _even_pieces(t0, t1, chunk.piece_tokens)), default=0)
 
 
 def _segment_sums(values: torch.Tensor, lengths: List[int]) -> torch.Tensor:

@@ -135,6 +135,7 @@ class PairChunkRun:
     merged: bool = False
     kept: bool = False  # split pair whose gradient tiles wait whole ([tokens, V]) instead of [V, H] sums
     contiguous: bool = False  # a kept pair's rows are one range of the batch (a batch of one pair)
+    group_limit: int = 0  # split pair with unit sums: gradient rows of up to this many tokens per GEMM (0: a piece)
 
     @property
     def split(self) -> bool:
@@ -154,11 +155,19 @@ class PairChunkRun:
             return [self.tokens]
         return [side for side in self.sides if side]
 
+    def groups(self) -> List[List[List[int]]]:
+        """A split pair's sides, each a list of groups (rows whose gradient GEMMs run together), each a list
+        of its pieces (rows of one logits GEMM): a side is cut evenly into groups of at most ``group_limit``
+        rows, each group evenly into pieces of at most ``piece_limit`` (no ``group_limit``: a group per piece;
+        chunked._PairRun.split_pair cuts the same)."""
+        cut = self.group_limit or self.piece_limit
+        return [[even_pieces(group, self.piece_limit) for group in even_pieces(side, cut)] for side in self.sides]
+
     def rounds(self) -> List[int]:
-        """Rows of each GEMM round (a whole chunk is one; a split pair one per piece)."""
+        """Rows of each logits GEMM (a whole chunk is one; a split pair one per piece)."""
         if not self.split:
             return [self.tokens]
-        return [n for side in self.sides for n in even_pieces(side, self.piece_limit)]
+        return [n for side in self.groups() for group in side for n in group]
 
 
 def even_pieces(rows: int, limit: int) -> List[int]:
@@ -227,17 +236,28 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
                 row_bytes += 4 * chunk.tokens * H * e  # rows gathered, grad_hidden rows copied back
             have_sum = have_sum or shape.trainable_head
             continue
-        for i, r in enumerate(rounds):
+        if not chunk.split:
+            r = chunk.tokens
             gemm(r, V, H, e, LOGIT_BYTES, False)  # logits (both operands in the input dtype)
             row_bytes += r * V * (LOGIT_BYTES + LOGIT_BYTES + g)  # stats pass; gradient pass
             if shape.trainable_head:
-                first = i == 0 or (chunk.split and not chunk.merged
-                                   and i == len(even_pieces(chunk.sides[0], chunk.piece_limit)))
-                accumulate = (chunk.split and not first) or (not chunk.split and have_sum)
-                gemm(V, H, r, g, sum_bytes if not single else e, accumulate)
-            gemm(r, H, V, g, 4 if chunk.split else e, False)  # grad_hidden: the weight read once
+                gemm(V, H, r, g, sum_bytes if not single else e, have_sum)
+            gemm(r, H, V, g, e, False)  # grad_hidden: the weight read once
             if chunk.gathered:
                 row_bytes += 4 * r * H * e  # rows copied in (torch.cat) and grad_hidden rows copied back
+        else:  # per group: its pieces' logits and row passes, then its unit gradient GEMMs
+            buffer_written = [False, False]  # the chosen and rejected unit sums (one when merged)
+            for side, groups in enumerate(chunk.groups()):
+                for pieces in groups:
+                    for r in pieces:
+                        gemm(r, V, H, e, LOGIT_BYTES, False)
+                        row_bytes += r * V * (LOGIT_BYTES + LOGIT_BYTES + g)
+                    rows = sum(pieces)
+                    if shape.trainable_head:
+                        slot = 0 if chunk.merged else side
+                        gemm(V, H, rows, g, sum_bytes, buffer_written[slot])
+                        buffer_written[slot] = True
+                    gemm(rows, H, V, g, 4, False)  # unit grad_hidden rows, float32
         if chunk.split:
             row_bytes += sum(chunk.sides) * H * (4 + e)  # unit grad_hidden scaled and cast in one pass
             if shape.trainable_head:  # one pass: read A (and B, and the running sum), write the result
@@ -257,7 +277,9 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
     # unit sums, one when merged; float32 grad_hidden rows of the pair; the running sum if one exists) and the
     # whole-chunk phase (the running sum, the gathered rows of the largest gathered chunk).
     largest = max((r for c in chunks for r in c.rounds()), default=0)
-    largest_tiled = max((r for c in chunks if not c.kept for r in c.rounds()), default=0)  # a separate gradient tile
+    # the workspace's separate gradient tile serves whole chunks and ungrouped pieces; kept and grouped
+    # split pairs write their gradient rows into a buffer of their own
+    largest_tiled = max((r for c in chunks if not c.kept and not c.group_limit for r in c.rounds()), default=0)
     memory = largest * V * LOGIT_BYTES + largest_tiled * V * gradient_tile_bytes(e) + STATS_BYTES_PER_TOKEN * N
     # A 16-bit head's running sum is float32 loss memory; a float32 head sums into grad_weight itself.
     running = 4 * shape.vh if (shape.trainable_head and not direct and e < 4) else 0
@@ -270,7 +292,9 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
             units = chunk.weight_units() if shape.trainable_head else 0
             if units and e == 4 and not have_running:
                 units -= 1  # a float32 head's first merged buffer is grad_weight itself (returned)
-            phases.append(units * 4 * shape.vh + (running if have_running else 0) + 4 * sum(chunk.sides) * H)
+            group_rows = max((sum(p) for side in chunk.groups() for p in side), default=0) if chunk.group_limit else 0
+            phases.append(units * 4 * shape.vh + (running if have_running else 0) + 4 * sum(chunk.sides) * H
+                          + group_rows * V * e)
         else:
             phases.append(running + (chunk.tokens * H * e if chunk.gathered else 0))
         have_running = True
@@ -286,8 +310,9 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
     else:
         split_count = sum(c.split for c in chunks)
         rounds_total = sum(len(c.rounds()) for c in chunks)
-        kept = ", gradient kept" if any(c.kept for c in chunks) else ""
-        route = f"whole pairs, {rounds_total} GEMM rounds" + (f" ({split_count} pair split{kept})" if split_count else "")
+        how = (", gradient kept" if any(c.kept for c in chunks) else "") + \
+            (", rows grouped" if any(c.group_limit for c in chunks) else "")
+        route = f"whole pairs, {rounds_total} GEMM rounds" + (f" ({split_count} pair split{how})" if split_count else "")
         fp32 = max(1 if accumulators and e < 4 else 0,
                    max((c.weight_units() + (1 if i > 0 else 0) for i, c in enumerate(ordered) if c.split),
                        default=0))

@@ -174,13 +174,18 @@ class Chunk:
     this, so one buffer waits for the pair's loss instead of two. None: two buffers.
     ``keep_gradient`` (split pairs): no ``[V, H]`` unit buffer at all; each piece's gradient pass
     writes its rows of a ``[tokens, V]`` buffer (rejected rows times ``rejected_scale`` where
-    there is one) and the pair's gradient GEMMs run once its loss gives their scale (``alpha``)."""
+    there is one) and the pair's gradient GEMMs run once its loss gives their scale (``alpha``).
+    ``group_tokens`` (split pairs with unit sums): each side is cut into groups of at most that many
+    rows and each group into pieces; a group's gradient rows (16-bit: half a float32 logits row) wait in
+    one buffer and its unit GEMMs run once per group, so the float32 ``[V, H]`` accumulate has a deep
+    enough inner dimension to stay compute-bound where the budget allows only short logits tiles."""
 
     first: int
     last: int
     piece_tokens: int = 0
     rejected_scale: Optional[float] = None
     keep_gradient: bool = False
+    group_tokens: int = 0  # unit sums: gradient rows of up to this many tokens per gradient GEMM (0: one piece)
 
     @property
     def split(self) -> bool:
@@ -196,9 +201,10 @@ class Plan:
 
 
 def _group_pairs(pair_tokens: Sequence[int], limit: int,
-                 rejected_scales: Optional[Sequence[Optional[float]]] = None, keep_gradient: bool = False) -> List[Chunk]:
+                 rejected_scales: Optional[Sequence[Optional[float]]] = None, keep_gradient: bool = False,
+                 group_tokens: int = 0) -> List[Chunk]:
     """Consecutive pairs into chunks of at most ``limit`` tokens; a larger pair becomes a split chunk
-    (carrying its ``rejected_scales`` entry and ``keep_gradient``)."""
+    (carrying its ``rejected_scales`` entry, ``keep_gradient`` and ``group_tokens``)."""
     chunks, first, used = [], 0, 0
     for p, tokens in enumerate(pair_tokens):
         if tokens > limit:
@@ -206,7 +212,7 @@ def _group_pairs(pair_tokens: Sequence[int], limit: int,
                 chunks.append(Chunk(first, p))
             chunks.append(Chunk(p, p + 1, piece_tokens=limit,
                                 rejected_scale=None if rejected_scales is None else rejected_scales[p],
-                                keep_gradient=keep_gradient))
+                                keep_gradient=keep_gradient, group_tokens=group_tokens))
             first, used = p + 1, 0
             continue
         if used + tokens > limit and p > first:
@@ -228,7 +234,7 @@ def _whole_pair_cost(shape: cm.Shape, sides, chunks: List[Chunk], staged: bool, 
         if c.split:
             runs.append(cm.PairChunkRun(sum(sides[c.first]), sides=tuple(sides[c.first]), piece_limit=c.piece_tokens,
                                         merged=c.rejected_scale is not None, kept=c.keep_gradient,
-                                        contiguous=len(sides) == 1))
+                                        contiguous=len(sides) == 1, group_limit=c.group_tokens))
         else:
             runs.append(cm.PairChunkRun(sum(a + b for a, b in sides[c.first:c.last]), gathered=not every_pair))
     cost = cm.whole_pair_route(shape, runs, gathered_input=gathered_input, card=card, float32_gemm_out=not staged)
@@ -281,9 +287,9 @@ def plan_loss(pair_tokens: Sequence[int], vocab: int, hidden_size: int, input_dt
     if cost.memory_bytes <= memory_budget:
         candidates.append(Plan("whole-pairs", cost, tuple(one), accumulate=False))
     else:
-        for limit, keep in _chunk_limits(shape, pair_tokens, sides, memory_budget, staged, card, gathered_input,
-                                         rows_workspace, rejected_scales):
-            chunks = _group_pairs(pair_tokens, limit, rejected_scales, keep)
+        for limit, keep, group in _chunk_limits(shape, pair_tokens, sides, memory_budget, staged, card,
+                                                gathered_input, rows_workspace, rejected_scales):
+            chunks = _group_pairs(pair_tokens, limit, rejected_scales, keep, group)
             cost = _whole_pair_cost(shape, sides, chunks, staged, card, gathered_input, rows_workspace)
             candidates.append(Plan("whole-pairs", cost, tuple(chunks), accumulate=trainable_head and e < 4))
     fitting = [p for p in candidates if p.cost.memory_bytes <= memory_budget] or [two_pass]
@@ -300,27 +306,39 @@ def _largest_fitting(fits, low: int, high: int) -> int:
     return low
 
 
-def _chunk_limits(shape: cm.Shape, pair_tokens, sides, memory_budget: int, staged: bool, card,
-                  gathered_input: bool, rows_workspace: int = 0, rejected_scales=None) -> List[Tuple[int, bool]]:
-    """(chunk size, keep_gradient) worth pricing: the largest size that splits no pair, and the largest
-    that splits some, with split pairs' gradients in ``[V, H]`` unit sums and kept whole.
+# Logits tiles tried under a group of gradient rows (split pairs with unit sums): at 256-1024 rows a bf16
+# logits GEMM nears the FLOP-per-byte balance of the cards in cost_model.CARDS (each piece re-reads the weight).
+GROUPED_PIECE_TOKENS = (256, 512, 1024)
 
-    Within each regime memory grows with the chunk (the tile), so each is found by bisection;
-    across them it does not (splitting adds float32 [V, H] buffers or a pair's gradient), hence
-    one search per regime.
+
+def _chunk_limits(shape: cm.Shape, pair_tokens, sides, memory_budget: int, staged: bool, card,
+                  gathered_input: bool, rows_workspace: int = 0, rejected_scales=None) -> List[Tuple[int, bool, int]]:
+    """(chunk size, keep_gradient, group_tokens) worth pricing: the largest size that splits no pair; the
+    largest that splits some, with split pairs' gradients in ``[V, H]`` unit sums and kept whole; and unit
+    sums with their gradient rows grouped, for each of ``GROUPED_PIECE_TOKENS``, the largest group that fits.
+
+    Within each regime memory grows with the chunk (the tile) or the group, so each is found by bisection;
+    across them it does not (splitting adds float32 [V, H] buffers or a pair's gradient), hence one search
+    per regime.
     """
-    def fits(limit, keep=False):
-        chunks = _group_pairs(pair_tokens, limit, rejected_scales, keep)
+    def fits(limit, keep=False, group=0):
+        chunks = _group_pairs(pair_tokens, limit, rejected_scales, keep, group)
         cost = _whole_pair_cost(shape, sides, chunks, staged, card, gathered_input, rows_workspace)
         return cost.memory_bytes <= memory_budget
 
     longest = max(pair_tokens)
     whole = _largest_fitting(fits, max(longest, MIN_TILE_TOKENS), max(longest, min(MAX_CHUNK_TOKENS, shape.tokens)))
-    limits = [(whole, False)]
+    limits = [(whole, False, 0)]
     for keep in (False, True):
         split = _largest_fitting(lambda limit: fits(limit, keep), MIN_TILE_TOKENS, min(longest - 1, MAX_CHUNK_TOKENS))
-        limits.append((split, keep))
-    return [(limit, keep) for limit, keep in limits if limit]
+        limits.append((split, keep, 0))
+    longest_side = max(max(side) for side in sides)
+    for piece in GROUPED_PIECE_TOKENS:
+        if piece < longest_side:  # a group of pieces needs a side longer than one piece
+            group = _largest_fitting(lambda g: fits(piece, False, g), piece + 1, longest_side)
+            if group:
+                limits.append((piece, False, group))
+    return [(limit, keep, group) for limit, keep, group in limits if limit]
 
 
 def choose_impl(impl: str, device: torch.device, triton_available: bool, why_not: Optional[str] = None) -> str:

@@ -121,6 +121,26 @@ def test_kept_gradient_routes_are_priced_as_traced(name, monkeypatch):
     assert ops.get("zeros", 0) + ops.get("zero_", 0) + ops.get("new_zeros", 0) < 0.005 * trace.bytes
 
 
+# Split pairs with unit sums whose gradient rows are grouped (planner.Chunk.group_tokens: logits pieces of 256
+# rows, one unit GEMM per group): (tokens per sequence, hidden, budget MiB, loss, rejected tokens masked).
+GROUPED_ROUTES = {
+    "one scale": (600, 256, 10.0, "sigmoid", 0),
+    "two scales": (600, 256, 15.25, "orpo", 30),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUPED_ROUTES))
+def test_grouped_unit_routes_are_priced_as_traced(name):
+    seq, hidden, mib, loss_type, masked = GROUPED_ROUTES[name]
+    h, w, labels = _batch(1, seq, hidden, 4096, torch.bfloat16)
+    if masked:
+        labels[1, -masked:] = -100
+    plan, trace, memory = _traced_dpo(h, w, labels, int(mib * 2**20), loss_type=loss_type)
+    (chunk,) = plan.chunks
+    assert chunk.split and not chunk.keep_gradient and chunk.group_tokens > chunk.piece_tokens, plan
+    _assert_priced(plan.cost, trace, memory)
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "orpo"])
 def test_split_pair_then_whole_chunks_is_priced_as_traced(loss_type):
     """A long pair split in pieces (its merge becomes the running sum), then short pairs in one chunk; the split

@@ -149,6 +149,24 @@ def test_kept_gradient_beats_trl_at_its_memory_with_several_pairs():
     assert plan.cost.memory_bytes <= trl.memory_bytes and plan.cost.bound(shape) < 0.8 * trl.bound(shape)
 
 
+@pytest.mark.parametrize("model,hidden,vocab,scale,most", [("llama3-8b", 4096, 128256, -1.0, 1.15),
+                                                              ("gemma2-2b", 2304, 256000, -1.0, 1.47)])
+def test_grouped_rows_at_trl_memory(model, hidden, vocab, scale, most):
+    """1 x 8192 at TRL 1.16's loss memory: short logits pieces (the float32 [V, H] unit sum takes most of it) with
+    their bf16 gradient rows grouped, so the unit accumulate's inner dimension is a group, not a piece:
+    compute-bound where ungrouped pieces made it memory-bound (Gemma-2-2B: ungrouped 1.70x, two-pass 1.57x
+    tied TRL)."""
+    shape = cm.Shape(16384, hidden, vocab, 2)
+    trl = cm.trl_chunked(shape)
+    plan = _plan([16384], int(trl.memory_bytes), vocab=vocab, hidden_size=hidden, rejected_scales=[scale])
+    (chunk,) = plan.chunks
+    assert chunk.group_tokens > chunk.piece_tokens and plan.cost.memory_bytes <= trl.memory_bytes
+    assert plan.cost.bound(shape) <= most < trl.bound(shape)
+    ungrouped = _split_cost([16384], chunk.piece_tokens, [scale], False,
+                            budget_shape=dict(hidden_size=hidden, vocab=vocab))
+    assert plan.cost.seconds() < ungrouped.seconds()
+
+
 def test_host_reads_keep_tiny_shapes_off_the_kept_route(monkeypatch):
     """A kept pair reads its scales to the host once: priced at cost_model.HOST_READ_SECONDS, which the kept
     route saves only at real sizes. Tiny pairs keep the route without reads, unless the read is free."""
@@ -384,6 +402,9 @@ KEPT_LAYOUTS = {
     "one pair": (1, (planner.Chunk(0, 1, 9, keep_gradient=True),)),
     "kept-kept": (2, (planner.Chunk(0, 1, 7, keep_gradient=True), planner.Chunk(1, 2, 5, keep_gradient=True))),
     "whole-kept": (2, (planner.Chunk(0, 1), planner.Chunk(1, 2, 16, keep_gradient=True))),
+    # unit sums, gradient rows grouped (Chunk.group_tokens): groups of 2-3 pieces, a ragged last group
+    "grouped": (1, (planner.Chunk(0, 1, 4, group_tokens=10),)),
+    "grouped-whole": (2, (planner.Chunk(0, 1, 3, group_tokens=7), planner.Chunk(1, 2))),
 }
 
 
@@ -395,9 +416,9 @@ KEPT_LAYOUTS = {
 def test_kept_pairs_match_the_oracle(layout, loss_type, impl, dtype, device, monkeypatch):
     """Split pairs whose gradient rows wait whole (``Chunk.keep_gradient``), then their GEMMs scaled by the pair's
     loss: one scale (rejected rows written times the known ratio) or two (orpo); alone in the batch (grad_weight
-    written by one GEMM in the head's dtype), beside other kept pairs or whole chunks (the float32 sum). Loss,
-    log-probs and the gradients of hidden, weight, bias and reference log-probs against float64; bf16 no further
-    from it than naive bf16."""
+    written by one GEMM in the head's dtype), beside other kept pairs or whole chunks (the float32 sum). And
+    split pairs with unit sums whose rows are grouped (``Chunk.group_tokens``). Loss, log-probs and the gradients
+    of hidden, weight, bias and reference log-probs against float64; bf16 no further from it than naive bf16."""
     pairs, chunks = KEPT_LAYOUTS[layout]
     torch.manual_seed(len(layout) + len(loss_type))
     h, w, b, labels = make_batch(pairs, 24, 16, 96, dtype=dtype, device=device, bias=True)
@@ -422,7 +443,7 @@ def test_kept_pairs_match_the_oracle(layout, loss_type, impl, dtype, device, mon
     oracle = reference.dpo_loss(h64, w64, labels, bias=b64, ref_chosen_logps=rc64, ref_rejected_logps=rr64,
                                 cfg=dpo_fast.objective.LossConfig(names, weights, **cfg))
     (plan,) = plans
-    assert [c.keep_gradient for c in plan.chunks] == [c.keep_gradient for c in chunks]
+    assert [dataclasses.replace(c, rejected_scale=None) for c in plan.chunks] == list(chunks)
     assert all((c.rejected_scale is None) == (loss_type == "orpo") for c in plan.chunks if c.split)
     want = _grads_or_zeros(oracle.loss, (h64, w64, b64, rc64, rr64))
     assert all(g.dtype == x.dtype for g, x in zip(ours, (h, w, b, ref_c, ref_r)))
@@ -437,8 +458,12 @@ def test_kept_pairs_match_the_oracle(layout, loss_type, impl, dtype, device, mon
     naive = reference.dpo_loss(h, w, labels, bias=b, dtype=None, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
                                cfg=dpo_fast.objective.LossConfig(names, weights, **cfg))
     base = _grads_or_zeros(naive.loss, (h, w, b, ref_c, ref_r))
+    # The bias gradient is a column sum of bf16 gradient rows that largely cancel: rows rounded at unit scale and
+    # then scaled (every split route, grouped or not, the same bits) can land one bf16 step (2^-8) of the
+    # largest entry away where naive's rounding of the scaled rows happened to be luckier (ipo: 4.9e-3 vs 2.3e-3).
+    margins = {"bias": torch.finfo(torch.bfloat16).eps}
     for name, got, n, x in zip(("hidden", "weight", "bias", "ref_chosen", "ref_rejected"), ours, base, want):
-        assert rel_err(got, x) <= rel_err(n, x) + 2e-3, (name, rel_err(got, x), rel_err(n, x))
+        assert rel_err(got, x) <= rel_err(n, x) + margins.get(name, 2e-3), (name, rel_err(got, x), rel_err(n, x))
 
 
 def test_kept_pair_with_a_zero_gradient_is_exact(device, monkeypatch):
