@@ -13,6 +13,7 @@ overlap. The floor is 6NHV at peak: the three GEMMs any exact method runs.
 Words: N kept tokens, H hidden size, V vocabulary rows, ``e`` bytes per input element.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -155,13 +156,12 @@ class PairChunkRun:
             return [self.tokens]
         return [side for side in self.sides if side]
 
-    def groups(self) -> List[List[List[int]]]:
+    def groups(self) -> Tuple[Tuple[Tuple[int, ...], ...], ...]:
         """A split pair's sides, each a list of groups (rows whose gradient GEMMs run together), each a list
         of its pieces (rows of one logits GEMM): a side is cut evenly into groups of at most ``group_limit``
         rows, each group evenly into pieces of at most ``piece_limit`` (no ``group_limit``: a group per piece;
         chunked._PairRun.split_pair cuts the same)."""
-        cut = self.group_limit or self.piece_limit
-        return [[even_pieces(group, self.piece_limit) for group in even_pieces(side, cut)] for side in self.sides]
+        return _groups(tuple(self.sides), self.group_limit or self.piece_limit, self.piece_limit)
 
     def rounds(self) -> List[int]:
         """Rows of each logits GEMM (a whole chunk is one; a split pair one per piece)."""
@@ -170,11 +170,23 @@ class PairChunkRun:
         return [n for side in self.groups() for group in side for n in group]
 
 
+# The planner prices a few hundred candidate cuts per call (bisections over chunk, piece and group sizes):
+# the cuts are cached, as each candidate's GEMMs are within one pricing (whole_pair_route).
+@functools.lru_cache(maxsize=1 << 16)
+def _even_cut(rows: int, limit: int) -> Tuple[int, ...]:
+    count = -(-rows // limit) if rows > 0 else 0
+    return tuple(rows * (i + 1) // count - rows * i // count for i in range(count))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _groups(sides: Tuple[int, ...], group_limit: int, piece_limit: int):
+    return tuple(tuple(_even_cut(group, piece_limit) for group in _even_cut(side, group_limit)) for side in sides)
+
+
 def even_pieces(rows: int, limit: int) -> List[int]:
     """Sizes of the fewest pieces of at most ``limit`` rows that cover ``rows``, equal within one row
     (chunked._even_pieces cuts the same)."""
-    count = -(-rows // limit) if rows > 0 else 0
-    return [rows * (i + 1) // count - rows * i // count for i in range(count)]
+    return list(_even_cut(rows, limit))
 
 
 def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_input: bool = False,
@@ -212,11 +224,17 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
     gemm_s = hbm = row_bytes = 0.0
 
     staged_gemms = []  # float32 results of 16-bit operands where no float32-output GEMM exists
+    priced = {}  # (m, n, k, a_bytes, out_bytes, accumulate) -> (seconds, bytes): a split pair repeats its GEMMs
 
     def gemm(m, n, k, a_bytes, out_bytes, accumulate):
         nonlocal gemm_s, hbm
-        gemm_s += _gemm_seconds(m, n, k, a_bytes, e, out_bytes, accumulate, card)
-        hbm += _gemm_traffic(m, n, k, a_bytes, e, out_bytes, accumulate)
+        key = (m, n, k, a_bytes, out_bytes, accumulate)
+        if key not in priced:
+            priced[key] = (_gemm_seconds(m, n, k, a_bytes, e, out_bytes, accumulate, card),
+                           _gemm_traffic(m, n, k, a_bytes, e, out_bytes, accumulate))
+        seconds, traffic = priced[key]
+        gemm_s += seconds
+        hbm += traffic
         if not float32_gemm_out and e < 4 and out_bytes == 4:
             staged_gemms.append((m, n, k, 1))
 

@@ -332,9 +332,12 @@ def _chunk_limits(shape: cm.Shape, pair_tokens, sides, memory_budget: int, stage
     for keep in (False, True):
         split = _largest_fitting(lambda limit: fits(limit, keep), MIN_TILE_TOKENS, min(longest - 1, MAX_CHUNK_TOKENS))
         limits.append((split, keep, 0))
+    ungrouped = limits[1][0]  # pieces at least this long fit ungrouped: a group of shorter ones may be deeper
     longest_side = max(max(side) for side in sides)
     for piece in GROUPED_PIECE_TOKENS:
-        if piece < longest_side:  # a group of pieces needs a side longer than one piece
+        # a group of pieces needs a side longer than one piece, and pays only where ungrouped pieces are shorter
+        # than the accumulate's compute-bound depth (MAX_CHUNK_TOKENS)
+        if piece < longest_side and (ungrouped == 0 or piece < ungrouped < MAX_CHUNK_TOKENS):
             group = _largest_fitting(lambda g: fits(piece, False, g), piece + 1, longest_side)
             if group:
                 limits.append((piece, False, group))
