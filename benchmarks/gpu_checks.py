@@ -27,6 +27,11 @@ past it print SKIP.
   and grad_weight (the route forced: the planner's choice of it is priced and tested on CPU).
 - ``non_current_device``: with two GPUs, a head on cuda:1 while cuda:0 is current (impl chunked and
   fused, forward and backward) against the same call on cuda:0; cuda:0 stays current.
+- ``stream_overlap``: a measurement for issue 19's open item (the row passes hidden behind the next
+  chunk's GEMMs on a second stream): the statistics pass over a float32 [2048, 128256] logits tile and
+  the next tile's logits GEMM (bf16, H 4096), each alone and both at once on two streams (CUDA events,
+  medians). PASS with the times and the share of the shorter one hidden; the cost model assumes none
+  until this says how much.
 
 ``--dry-run`` runs every check on CPU (Triton's interpreter) at tiny shapes, all in one process, to
 prove the script; its figures mean nothing about a GPU. Usage: ``python -m benchmarks.gpu_checks [--dry-run]
@@ -44,7 +49,8 @@ import time
 # accuracy is the precision policy's call (README, "GPU notes"); this check holds it to float32 accuracy.
 FLOAT32_FACTOR = 4.0
 PER_CHECK_S = {"float32_gemm_out": 30, "row_offsets_2_31": 50, "float32_tf32": 60, "autotune_bit_identical": 60,
-               "split_sizing_occupancy": 45, "kept_gradient_route": 30, "non_current_device": 45}
+               "split_sizing_occupancy": 45, "kept_gradient_route": 30, "non_current_device": 45,
+               "stream_overlap": 30}
 
 
 def _rel(actual, expected) -> float:
@@ -357,8 +363,75 @@ def non_current_device(dry_run):
     return ("PASS" if ok else "FAIL"), "cuda:0 current; " + "; ".join(parts)
 
 
+def _median_ms(run, repeats=15):
+    """Median CUDA-event time of ``run()`` (which records its own start and end events: returns them)."""
+    times = []
+    for _ in range(repeats):
+        start, end = run()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def stream_overlap(dry_run):
+    import torch
+    from dpo_fast.gemm import mm_float32
+    from dpo_fast.rows import KEPT_ONLY, TritonRows, init_stats
+    from dpo_fast.transform import LogitTransform
+
+    if dry_run:
+        return "SKIP", "dry run: no CUDA streams to overlap"
+    device = torch.device("cuda")
+    tokens, hidden_size, vocab = 2048, 4096, 128256
+    h = torch.randn(tokens, hidden_size, device=device).to(torch.bfloat16)
+    w = (torch.randn(vocab, hidden_size, device=device) / hidden_size ** 0.5).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (tokens,), device=device)
+    tile, next_tile = (torch.empty(tokens, vocab, device=device) for _ in range(2))
+    mm_float32(h, w.t(), tile)
+    stats = init_stats(tokens, device)
+    rows, transform = TritonRows(), LogitTransform()
+    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+
+    def gemm():
+        mm_float32(h, w.t(), next_tile)
+
+    def row_pass():
+        rows.stats(tile, labels, stats, vocab_start=0, ignore_index=KEPT_ONLY, transform=transform)
+
+    def alone(work):
+        def run():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            work()
+            end.record()
+            return start, end
+        return run
+
+    def together():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(main)
+        side.wait_event(start)
+        with torch.cuda.stream(side):
+            row_pass()
+            side_done = torch.cuda.Event()
+            side_done.record(side)
+        gemm()
+        main.wait_event(side_done)
+        end.record(main)
+        return start, end
+
+    for work in (gemm, row_pass):  # compile and warm up
+        work()
+    torch.cuda.synchronize()
+    t_gemm, t_rows, t_both = _median_ms(alone(gemm)), _median_ms(alone(row_pass)), _median_ms(together)
+    hidden = (t_gemm + t_rows - t_both) / min(t_gemm, t_rows)
+    return "PASS", (f"logits GEMM [{tokens}x{vocab}, H {hidden_size}] {t_gemm:.3f} ms, stats pass on its float32 tile "
+                    f"{t_rows:.3f} ms, both on two streams {t_both:.3f} ms: {100 * hidden:.0f}% of the shorter hidden")
+
+
 CHECKS = {f.__name__: f for f in (float32_gemm_out, row_offsets_2_31, float32_tf32, autotune_bit_identical,
-                                  split_sizing_occupancy, kept_gradient_route, non_current_device)}
+                                  split_sizing_occupancy, kept_gradient_route, non_current_device,
+                                  stream_overlap)}
 
 
 # ----------------------------------------------------------------------------------------
