@@ -466,6 +466,25 @@ def test_kept_pairs_match_the_oracle(layout, loss_type, impl, dtype, device, mon
         assert rel_err(got, x) <= rel_err(n, x) + margins.get(name, 2e-3), (name, rel_err(got, x), rel_err(n, x))
 
 
+@pytest.mark.parametrize("layout", ["kept-kept", "grouped-whole"])
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_kept_and_grouped_pairs_with_a_frozen_input(layout, frozen, device, monkeypatch):
+    """A frozen head (or hidden states that need no gradient): the kept and grouped pairs skip that side's GEMMs
+    and the other gradient still matches float64."""
+    pairs, chunks = KEPT_LAYOUTS[layout]
+    torch.manual_seed(5)
+    h, w, _, labels = make_batch(pairs, 24, 16, 96, device=device)
+    h, w = (h, w.detach()) if frozen == "weight" else (h.detach(), w)
+    _force_chunks(monkeypatch, chunks)
+    out = dpo_fast.dpo_loss(h, w, labels, impl="torch")
+    leaf = h if frozen == "weight" else w
+    h64, w64 = h.detach().double(), w.detach().double()
+    leaf64 = (h64 if frozen == "weight" else w64).requires_grad_()
+    oracle = reference.dpo_loss(h64, w64, labels)
+    assert rel_err(out.loss, oracle.loss) < 1e-5
+    assert rel_err(_grads(out.loss, (leaf,))[0], _grads(oracle.loss, (leaf64,))[0]) < 1e-5
+
+
 def test_kept_pair_with_a_zero_gradient_is_exact(device, monkeypatch):
     """hinge past its margin: alpha = g = 0 makes both gradient GEMMs of the kept pair write exact zeros."""
     h, w, _, labels = make_batch(1, 24, 16, 96, device=device)
