@@ -261,7 +261,7 @@ def cuda_code_path(tracer: OpTracer):
     from dpo_fast import api, gemm, planner, rows
     from dpo_fast.chunked import ChunkedEngine
 
-    from dpo_fast import chunked
+    from dpo_fast import whole_pairs
 
     def merge_kernel(out, a, g_a, b, g_b, running):  # kernels/scale.merge_scaled: one read of each, one write
         tracer.launch("triton merge_scaled", sum(tensor_bytes(t) for t in (a, b, running) if t is not None),
@@ -283,18 +283,18 @@ def cuda_code_path(tracer: OpTracer):
                                   0 if one else tensor_bytes(t))
                     t.mul_(grad_loss.float())
 
-    saved = (planner.float32_gemm_out, gemm.float32_gemm_out, api.torch_engine, chunked._merge_kernel,
-             chunked.scale_by_grad_loss)
+    saved = (planner.float32_gemm_out, gemm.float32_gemm_out, api.torch_engine, whole_pairs._merge_kernel,
+             whole_pairs.scale_by_grad_loss)
     planner.float32_gemm_out = gemm.float32_gemm_out = lambda device, dtype: dtype in (torch.float16, torch.bfloat16)
     api.torch_engine = lambda budget, metrics=True, batch_invariant=False: ChunkedEngine(
         TracedRows(rows.TorchRows(rows.TorchRows.slab_for_budget(budget), metrics), tracer), budget,
         batch_invariant=batch_invariant)
-    chunked._merge_kernel, chunked.scale_by_grad_loss = merge_kernel, scale_by_grad_loss
+    whole_pairs._merge_kernel, whole_pairs.scale_by_grad_loss = merge_kernel, scale_by_grad_loss
     try:
         yield
     finally:
-        (planner.float32_gemm_out, gemm.float32_gemm_out, api.torch_engine, chunked._merge_kernel,
-         chunked.scale_by_grad_loss) = saved
+        (planner.float32_gemm_out, gemm.float32_gemm_out, api.torch_engine, whole_pairs._merge_kernel,
+         whole_pairs.scale_by_grad_loss) = saved
 
 
 def trace_call(fn, *leaves: Optional[torch.Tensor]):

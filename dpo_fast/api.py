@@ -10,7 +10,7 @@ import torch
 from . import validation as check
 from . import planner
 from . import context_parallel as cp
-from .chunked import ChunkedEngine, PairChunkLoss, rows_workspace
+from .chunked import ChunkedEngine, rows_workspace
 from .distributed import gathers_head, two_pass_only, wrap_engine
 from .function import TokenLogpsFunction
 from .layout import TokenLayout, build_layout
@@ -20,6 +20,7 @@ from .objective import DPOOutput, LossConfig, batch_loss, dpo_output, pair_terms
 from .rows import KEPT_ONLY, TokenStats, TorchRows, TritonRows, finish_stats, triton_cpu_problem, triton_runs_on
 from .torch_path import torch_engine
 from .transform import LogitTransform
+from .whole_pairs import PairChunkLoss
 
 
 # torch.compile: dpo_fast/ops.py (which sits above this module) registers here a custom-op twin of

@@ -160,7 +160,7 @@ class PairChunkRun:
         """A split pair's sides, each a list of groups (rows whose gradient GEMMs run together), each a list
         of its pieces (rows of one logits GEMM): a side is cut evenly into groups of at most ``group_limit``
         rows, each group evenly into pieces of at most ``piece_limit`` (no ``group_limit``: a group per piece;
-        chunked._PairRun.split_pair cuts the same)."""
+        whole_pairs._PairRun.split_pair cuts the same)."""
         return _groups(tuple(self.sides), self.group_limit or self.piece_limit, self.piece_limit)
 
     def rounds(self) -> List[int]:
@@ -185,13 +185,13 @@ def _groups(sides: Tuple[int, ...], group_limit: int, piece_limit: int):
 
 def even_pieces(rows: int, limit: int) -> List[int]:
     """Sizes of the fewest pieces of at most ``limit`` rows that cover ``rows``, equal within one row
-    (chunked._even_pieces cuts the same)."""
+    (whole_pairs._even_pieces cuts the same)."""
     return list(_even_cut(rows, limit))
 
 
 def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_input: bool = False,
                      card: Card = DEFAULT_CARD, float32_gemm_out: bool = True) -> Cost:
-    """Whole pairs per chunk (6NHV), op by op as ``chunked._PairRun`` runs them (split pairs first).
+    """Whole pairs per chunk (6NHV), op by op as ``whole_pairs._PairRun`` runs them (split pairs first).
 
     Per GEMM round of r rows: the logits GEMM (r H + V H operands, r V float32 written), the
     statistics pass (reads the tile), the gradient pass (reads it, writes the 16-bit gradient

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dpo_fast
-from dpo_fast import chunked, planner, reference
+from dpo_fast import chunked, planner, reference, whole_pairs
 from dpo_fast.losses import LOSSES
 from dpo_fast.objective import LossConfig
 from dpo_fast.transform import LogitTransform
@@ -105,8 +105,8 @@ def test_whole_pair_route_equals_two_pass_route(impl, device, monkeypatch):
     # Pairs longer than the 16-token tile floor, so that a chunk per pair can cost less memory than one chunk.
     h, w, _, labels = make_batch(3, 24, 16, 64, device=device)
     calls = []
-    original = chunked.PairChunkLoss.forward
-    monkeypatch.setattr(chunked.PairChunkLoss, "forward",
+    original = whole_pairs.PairChunkLoss.forward
+    monkeypatch.setattr(whole_pairs.PairChunkLoss, "forward",
                         staticmethod(lambda *a: calls.append(1) or original(*a)))
     whole = dpo_fast.dpo_loss(h, w, labels, impl=impl)  # fits the default budget: 6NHV
     assert calls, "the whole-pair route was not taken"
