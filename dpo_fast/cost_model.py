@@ -185,7 +185,7 @@ def _groups(sides: Tuple[int, ...], group_limit: int, piece_limit: int):
 
 def even_pieces(rows: int, limit: int) -> List[int]:
     """Sizes of the fewest pieces of at most ``limit`` rows that cover ``rows``, equal within one row
-    (whole_pairs._even_pieces cuts the same)."""
+    (whole_pairs._even_pieces cuts by it)."""
     return list(_even_cut(rows, limit))
 
 
@@ -241,9 +241,8 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
     ordered = sorted(chunks, key=lambda c: not c.split)
     have_sum = False
     for chunk in ordered:
-        rounds = chunk.rounds()
         if chunk.kept:
-            for r in rounds:
+            for r in chunk.rounds():
                 gemm(r, V, H, e, LOGIT_BYTES, False)  # logits
                 row_bytes += r * V * (LOGIT_BYTES + LOGIT_BYTES + e)  # stats pass; gradient pass into the buffer
             for i, r in enumerate(chunk.kept_gemms()):
@@ -259,7 +258,7 @@ def whole_pair_route(shape: Shape, chunks: Sequence[PairChunkRun], gathered_inpu
             gemm(r, V, H, e, LOGIT_BYTES, False)  # logits (both operands in the input dtype)
             row_bytes += r * V * (LOGIT_BYTES + LOGIT_BYTES + g)  # stats pass; gradient pass
             if shape.trainable_head:
-                gemm(V, H, r, g, sum_bytes if not single else e, have_sum)
+                gemm(V, H, r, g, sum_bytes, have_sum)
             gemm(r, H, V, g, e, False)  # grad_hidden: the weight read once
             if chunk.gathered:
                 row_bytes += 4 * r * H * e  # rows copied in (torch.cat) and grad_hidden rows copied back

@@ -85,23 +85,23 @@ def mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Ten
     return out
 
 
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = alpha * (a @ b)`` with ``out`` in the operands' dtype: one GEMM (beta=0), the product
+    scaled in its float32 accumulator and rounded once."""
+    return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
+
+
 def write_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``out = alpha * (a @ b)`` into a float32 (or same-dtype) ``out``: the GEMM writes it (beta=0, so
     whatever ``out`` held is ignored), no zero-fill first."""
     if alpha == 1.0:
         return mm_float32(a, b, out)
     if a.dtype == out.dtype and b.dtype == out.dtype:
-        return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
+        return scaled_mm(a, b, alpha, out)
     if float32_gemm_out(out.device, a.dtype):
         return torch.addmm(out, a, b, beta=0, alpha=alpha, out_dtype=torch.float32, out=out)
     _staged(a, b, out, accumulate=False, alpha=alpha)
     return out
-
-
-def scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor) -> torch.Tensor:
-    """``out = alpha * (a @ b)`` with ``out`` in the operands' dtype: one GEMM (beta=0), the product
-    scaled in its float32 accumulator and rounded once."""
-    return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
 
 
 def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
@@ -144,7 +144,7 @@ def _staged(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
             if accumulate:
                 target.addmm_(a32, b32, alpha=alpha)
             else:
-                target.copy_(torch.mm(a32, b32).mul_(alpha) if alpha != 1 else a32 @ b32)
+                target.copy_(scaled_mm(a32, b32, alpha, a32.new_empty(m, b32.shape[1])))
             del b32
         return
     b32 = b.float()  # "m": b staged whole, a a block of rows at a time

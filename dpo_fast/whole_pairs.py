@@ -13,6 +13,7 @@ from typing import Callable, List, Sequence, Tuple
 
 import torch
 
+from . import cost_model as cm
 from .chunked import Workspace, _accumulator_dtype
 from .function import refuse_second_order
 from .gemm import addmm_fp32, mm_float32, scaled_mm, write_fp32
@@ -423,10 +424,11 @@ def _merge_kernel(out, a, g_a, b, g_b, running):
 
 
 def _even_pieces(start: int, end: int, limit: int):
-    """[start, end) cut into the fewest pieces of at most ``limit`` rows, of equal size (within one row)."""
-    count = -(-(end - start) // limit) if end > start else 0
-    for i in range(count):
-        yield start + (end - start) * i // count, start + (end - start) * (i + 1) // count
+    """[start, end) cut into the pieces ``cost_model.even_pieces`` prices (the fewest of at most ``limit``
+    rows, of equal size within one row), as (start, end) ranges."""
+    for size in cm.even_pieces(end - start, limit):
+        yield start, start + size
+        start += size
 
 
 def _chunk_tokens(chunk: Chunk, spans) -> int:
